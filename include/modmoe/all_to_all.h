@@ -1,0 +1,69 @@
+// Stage 2: expert-parallel dispatch and combine (docs/contract.md, "Stage 2"). One process
+// per GPU; every rank constructs an AllToAll over the same communicator.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "modmoe/tensor.h"
+
+struct ncclComm;  // ncclComm_t without including nccl.h
+
+namespace modmoe {
+
+enum class AllToAllBackend : uint8_t {
+  NvLink,  // one-sided: senders store straight into peers' receive buffers (CUDA IPC)
+  Nccl,    // ncclSend/ncclRecv groups; also works across nodes
+};
+
+const char* all_to_all_backend_name(AllToAllBackend backend);
+
+struct AllToAllConfig {
+  AllToAllBackend backend = AllToAllBackend::NvLink;
+  int ep_size = 1;
+  int ep_rank = 0;
+  int num_experts = 0;  // E, global; rank r owns [r*E/ep_size, (r+1)*E/ep_size)
+  int top_k = 0;
+  int max_tokens_per_rank = 0;               // upper bound of T on any rank
+  size_t max_payload_bytes_per_token = 0;    // sum of the row bytes of all dispatch payloads
+  int64_t hidden = 0;                        // combine row length
+  int num_sms = 0;                           // SMs the NvLink kernels may use; 0 = default
+  double timeout_s = 10.0;                   // every wait gives up after this, with an error
+
+  void validate() const;
+};
+
+struct DispatchResult {
+  // [ep_size, runtime_max_tokens_per_rank, k] int32. Row [r, i] is the i-th token received
+  // from rank r, in source token order; padding rows are -1.
+  TensorView topk_ids;
+  // One view per payload, [ep_size, runtime_max_tokens_per_rank, *], in the order given.
+  std::vector<TensorView> payloads;
+  // [ep_size] int32 on the device: tokens received from each rank, checked <= max_tokens.
+  TensorView recv_counts;
+};
+
+class AllToAll {
+ public:
+  virtual ~AllToAll() = default;
+
+  // topk_ids: [T, k] int32 global ids on this rank. payloads: per-token [T, *] views (hidden,
+  // topk_weights, scales, lora_id, ...). T <= runtime_max_tokens_per_rank <= max_tokens.
+  virtual DispatchResult dispatch(const TensorView& topk_ids,
+                                  const std::vector<TensorView>& payloads,
+                                  int runtime_max_tokens_per_rank, Stream stream) = 0;
+
+  // [ep_size, runtime_max_tokens_per_rank, H] bf16 view inside the workspace: the experts
+  // stage can write its output here and combine reads it without a copy.
+  virtual TensorView combine_buffer(int runtime_max_tokens_per_rank) = 0;
+
+  // payload: [ep_size, runtime_max_tokens_per_rank, H] bf16 (combine_buffer() or any other).
+  // out: [T, H] bf16; per token, the fp32 sum of the rows it sent, in rank order, cast once.
+  virtual void combine(const TensorView& payload, const TensorView& out,
+                       int runtime_max_tokens_per_rank, Stream stream) = 0;
+};
+
+// Collective: every rank of `comm` calls it with the same config but its own ep_rank.
+std::unique_ptr<AllToAll> create_all_to_all(const AllToAllConfig& config, ncclComm* comm);
+
+}  // namespace modmoe
