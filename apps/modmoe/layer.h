@@ -1,0 +1,64 @@
+// One synthetic MoE layer of a preset: seeded weights, tokens and router logits, on the CPU or
+// a GPU. Shared by `modmoe demo` and the benchmarks.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/host_tensor.h"
+#include "core/presets.h"
+#include "modmoe/modmoe.h"
+#ifdef MODMOE_WITH_CUDA
+#include "cuda/device/device_tensor.h"
+#endif
+
+namespace modmoe::app {
+
+// A tensor owned on the host or on a GPU.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(DType dtype, const std::vector<int64_t>& shape, Device device);
+  const TensorView& view() const { return view_; }
+  operator const TensorView&() const { return view_; }  // NOLINT
+
+ private:
+  std::shared_ptr<HostTensor> host_;
+#ifdef MODMOE_WITH_CUDA
+  std::shared_ptr<DeviceTensor> dev_;
+#endif
+  TensorView view_;
+};
+
+// Copies any view (host or device, contiguous) into a new host tensor.
+HostTensor to_host(const TensorView& t);
+
+// Stream ids of the synthetic tensors (synth.h), so a check can regenerate any of them.
+enum SynthStream : uint64_t { kW13 = 1, kW2, kW13Bias, kW2Bias, kHidden, kLogits, kRouteBias };
+
+struct Layer {
+  Preset preset;
+  ExpertMap map;
+  Device device;
+  uint64_t seed = 0;
+  Buffer w13, w2, w13_bias, w2_bias;  // canonical GateUp layout
+  ExpertWeights weights;
+  ExpertsOptions options;
+  Buffer route_bias;  // [E] fp32, DeepSeekV3-style methods only
+
+  // Allocates and fills the weights of experts [map.local_expert_offset, + num_local_experts).
+  // `progress` prints a line per tenth done when the fill is large.
+  Layer(const Preset& preset, const ExpertMap& map, Device device, uint64_t seed, bool progress);
+  // Host weights of the listed local experts only, regenerated from the seed: what a sampled
+  // check on the CPU needs.
+  ExpertWeights host_subset(const std::vector<int>& local_experts, std::vector<HostTensor>& keep) const;
+};
+
+struct Batch {
+  Buffer hidden;  // [T, H] bf16
+  Buffer logits;  // [T, E] fp32
+  Batch(const Layer& layer, int64_t num_tokens, uint64_t batch_seed);
+};
+
+}  // namespace modmoe::app

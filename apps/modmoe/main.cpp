@@ -1,0 +1,52 @@
+// The `modmoe` command: demo, info (and, as they land, bench and ep-demo).
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "core/presets.h"
+#include "modmoe/modmoe.h"
+
+namespace modmoe::app {
+int run_demo(const std::vector<std::string>& argv);
+int run_info(const std::vector<std::string>& argv);
+}  // namespace modmoe::app
+
+namespace {
+
+void usage() {
+  std::printf(
+      "modmoe %s: Mixture-of-Experts kernels\n\n"
+      "usage:\n"
+      "  modmoe demo [--preset NAME] [--tokens T] [--seed S] [--json] [--cpu]\n"
+      "      one MoE layer of a preset with seeded synthetic weights: routing, permute, the\n"
+      "      modular experts and the monolithic fused_moe, with times, a parity check and an\n"
+      "      accuracy check. Without a GPU it runs the CPU reference on a scaled-down preset.\n"
+      "  modmoe info\n"
+      "      the build, the compiled architectures and the GPUs\n\n"
+      "presets:",
+      modmoe::version());
+  for (const auto& p : modmoe::presets()) std::printf(" %s", p.name.c_str());
+  std::printf("\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h" ||
+      std::string(argv[1]) == "help") {
+    usage();
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  const std::vector<std::string> rest(argv + 2, argv + argc);
+  try {
+    if (cmd == "demo") return modmoe::app::run_demo(rest);
+    if (cmd == "info") return modmoe::app::run_info(rest);
+    std::fprintf(stderr, "modmoe: unknown command '%s'\n\n", cmd.c_str());
+    usage();
+    return 2;
+  } catch (const modmoe::Error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,139 @@
+#include "reference/ep_sim.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "modmoe/error.h"
+
+namespace modmoe::reference {
+namespace {
+
+// A view of rows [first, first + count) along dimension 0.
+TensorView rows(const TensorView& t, int64_t first, int64_t count) {
+  TensorView v = t;
+  v.data = static_cast<char*>(t.data) + first * t.strides[0] * static_cast<int64_t>(dtype_bytes(t.dtype));
+  v.shape[0] = count;
+  return v;
+}
+
+}  // namespace
+
+ExpertWeights slice_experts(const ExpertWeights& w, int64_t first, int64_t count) {
+  ExpertWeights s = w;
+  s.w13 = rows(w.w13, first, count);
+  s.w2 = rows(w.w2, first, count);
+  if (w.w13_bias.defined()) s.w13_bias = rows(w.w13_bias, first, count);
+  if (w.w2_bias.defined()) s.w2_bias = rows(w.w2_bias, first, count);
+  return s;
+}
+
+EpPlan ep_plan(const std::vector<EpRankTokens>& ranks, int num_experts, int ep_size, int max_tokens) {
+  MODMOE_CHECK(ep_size >= 1 && static_cast<int>(ranks.size()) == ep_size, "ep_plan: ",
+               ranks.size(), " ranks given: expected ep_size = ", ep_size);
+  MODMOE_CHECK(num_experts % ep_size == 0, "argument 'num_experts' = ", num_experts,
+               ": expected a multiple of ep_size (", ep_size, ")");
+  EpPlan p;
+  p.ep_size = ep_size;
+  p.num_experts = num_experts;
+  p.max_tokens = max_tokens;
+  p.sent.assign(ep_size, std::vector<std::vector<int>>(ep_size));
+  p.slot.assign(ep_size, std::vector<std::vector<int>>(ep_size));
+  for (int s = 0; s < ep_size; ++s) {
+    const TensorView& ids = ranks[s].topk_ids;
+    const int64_t t_count = ids.size(0), k = ids.size(1);
+    for (int r = 0; r < ep_size; ++r) p.slot[s][r].assign(static_cast<size_t>(t_count), -1);
+    for (int64_t t = 0; t < t_count; ++t) {
+      for (int64_t j = 0; j < k; ++j) {
+        const int id = ids.ptr<int32_t>()[t * k + j];
+        if (id < 0 || id >= num_experts) continue;  // padding or invalid ids go nowhere
+        const int r = p.owner(id);
+        if (p.slot[s][r][t] >= 0) continue;  // once per distinct rank
+        p.slot[s][r][t] = static_cast<int>(p.sent[s][r].size());
+        p.sent[s][r].push_back(static_cast<int>(t));
+      }
+    }
+    for (int r = 0; r < ep_size; ++r) {
+      MODMOE_CHECK(static_cast<int>(p.sent[s][r].size()) <= max_tokens, "all-to-all overflow: rank ",
+                   s, " sends ", p.sent[s][r].size(), " tokens to rank ", r,
+                   ": expected at most max_tokens = ", max_tokens);
+    }
+  }
+  return p;
+}
+
+std::vector<EpReceived> ep_dispatch(const EpPlan& plan, const std::vector<EpRankTokens>& ranks) {
+  const int ep = plan.ep_size;
+  const int64_t h = ranks[0].hidden.size(1), k = ranks[0].topk_ids.size(1), m = plan.max_tokens;
+  std::vector<EpReceived> out(static_cast<size_t>(ep));
+  for (int r = 0; r < ep; ++r) {
+    EpReceived& rx = out[r];
+    rx.hidden.reset(DType::BF16, {ep, m, h});
+    rx.topk_ids.reset(DType::I32, {ep, m, k});
+    rx.topk_weights.reset(DType::F32, {ep, m, k});
+    std::fill_n(rx.topk_ids.data<int32_t>(), rx.topk_ids.numel(), -1);
+    rx.recv_counts.assign(static_cast<size_t>(ep), 0);
+    for (int s = 0; s < ep; ++s) {
+      const auto& list = plan.sent[s][r];
+      rx.recv_counts[s] = static_cast<int>(list.size());
+      for (size_t i = 0; i < list.size(); ++i) {
+        const int64_t t = list[i], dst = s * m + static_cast<int64_t>(i);
+        std::memcpy(rx.hidden.data<uint16_t>() + dst * h, ranks[s].hidden.ptr<uint16_t>() + t * h, h * 2);
+        std::memcpy(rx.topk_ids.data<int32_t>() + dst * k, ranks[s].topk_ids.ptr<int32_t>() + t * k, k * 4);
+        std::memcpy(rx.topk_weights.data<float>() + dst * k, ranks[s].topk_weights.ptr<float>() + t * k, k * 4);
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<HostTensor> ep_combine(const EpPlan& plan, const std::vector<EpRankTokens>& ranks,
+                                   const std::vector<HostTensor>& payloads) {
+  const int ep = plan.ep_size;
+  const int64_t m = plan.max_tokens;
+  std::vector<HostTensor> out;
+  for (int s = 0; s < ep; ++s) {
+    const int64_t t_count = ranks[s].hidden.size(0), h = ranks[s].hidden.size(1);
+    out.emplace_back(DType::BF16, std::vector<int64_t>{t_count, h});
+    std::vector<float> acc(static_cast<size_t>(h));
+    for (int64_t t = 0; t < t_count; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int r = 0; r < ep; ++r) {
+        const int slot = plan.slot[s][r][t];
+        if (slot < 0) continue;
+        const uint16_t* row = payloads[r].data<uint16_t>() + (s * m + slot) * h;
+        for (int64_t c = 0; c < h; ++c) acc[c] += bf16_bits_to_float(row[c]);
+      }
+      uint16_t* dst = out.back().data<uint16_t>() + t * h;
+      for (int64_t c = 0; c < h; ++c) dst[c] = float_to_bf16_bits(acc[c]);
+    }
+  }
+  return out;
+}
+
+std::vector<HostTensor> ep_moe_layer(const std::vector<EpRankTokens>& ranks,
+                                     const ExpertWeights& all_weights, int num_experts,
+                                     int ep_size, int max_tokens, const ExpertsOptions& options) {
+  const EpPlan plan = ep_plan(ranks, num_experts, ep_size, max_tokens);
+  const std::vector<EpReceived> rx = ep_dispatch(plan, ranks);
+  const int64_t h = all_weights.hidden(), k = ranks[0].topk_ids.size(1);
+  const int64_t rows_total = static_cast<int64_t>(ep_size) * max_tokens;
+  std::vector<HostTensor> payloads;
+  for (int r = 0; r < ep_size; ++r) {
+    const ExpertMap map = ExpertMap::for_rank(num_experts, ep_size, r);
+    payloads.emplace_back(DType::BF16, std::vector<int64_t>{ep_size, max_tokens, h});
+    ExpertsInputs in;
+    in.hidden = make_view(rx[r].hidden.view().data, DType::BF16, {rows_total, h});
+    in.topk_ids = make_view(rx[r].topk_ids.view().data, DType::I32, {rows_total, k});
+    in.topk_weights = make_view(rx[r].topk_weights.view().data, DType::F32, {rows_total, k});
+    ExpertsOutputs out;
+    // Zero copy: the experts write straight into the combine payload.
+    out.out = make_view(payloads.back().view().data, DType::BF16, {rows_total, h});
+    ExpertsOptions opts = options;
+    opts.do_finalize = true;
+    experts(in, slice_experts(all_weights, map.local_expert_offset, map.num_local_experts), map,
+            opts, out);
+  }
+  return ep_combine(plan, ranks, payloads);
+}
+
+}  // namespace modmoe::reference

@@ -1,0 +1,25 @@
+# ctest script: install the main build into a prefix, build tests/consumer against it with
+# find_package(modmoe), and run the example.
+file(REMOVE_RECURSE ${BUILD_DIR})
+execute_process(COMMAND ${CMAKE_COMMAND} --install ${MAIN_BUILD_DIR} --prefix ${BUILD_DIR}/prefix
+                RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "install failed: ${rc}")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/consumer -B ${BUILD_DIR}/build
+                        -DCMAKE_PREFIX_PATH=${BUILD_DIR}/prefix RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "configuring the consumer failed: ${rc}")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} --build ${BUILD_DIR}/build RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "building the consumer failed: ${rc}")
+endif()
+execute_process(COMMAND ${BUILD_DIR}/build/example RESULT_VARIABLE rc OUTPUT_VARIABLE out)
+message("${out}")
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "the example failed: ${rc}")
+endif()
+if(NOT out MATCHES "example: ok")
+  message(FATAL_ERROR "the example did not print 'example: ok'")
+endif()
