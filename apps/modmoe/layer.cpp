@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <unistd.h>
 #include <cstdio>
 
 #include "core/synth_fill.h"
@@ -42,17 +43,20 @@ namespace {
 void fill_experts(const TensorView& t, const ExpertMap& map, uint64_t seed, uint64_t stream,
                   float scale, bool progress, const char* what) {
   const int64_t per_expert = t.numel() / t.size(0);
+  // Only fills of a gigabyte or more take long enough to be worth a progress line.
+  progress = progress && t.nbytes() >= (size_t{1} << 30) && t.size(0) >= 10;
+  const char* end = isatty(fileno(stderr)) ? "\r" : "\n";
   for (int64_t e = 0; e < t.size(0); ++e) {
     TensorView slice = t.select0(e);
     const uint64_t expert_stream = stream * 4096 + static_cast<uint64_t>(map.local_expert_offset + e);
     synth::fill(slice, seed, expert_stream, scale);
-    if (progress && t.size(0) >= 10 && (e + 1) % (t.size(0) / 10) == 0) {
-      std::fprintf(stderr, "  generating %s: %lld/%lld experts (%.1f GB)\r", what,
+    if (progress && (e + 1) % (t.size(0) / 10) == 0) {
+      std::fprintf(stderr, "  generating %s: %lld/%lld experts (%.1f GB)%s", what,
                    static_cast<long long>(e + 1), static_cast<long long>(t.size(0)),
-                   1e-9 * static_cast<double>(per_expert * (e + 1)) * 2.0);
+                   1e-9 * static_cast<double>(per_expert * (e + 1)) * 2.0, end);
     }
   }
-  if (progress && t.size(0) >= 10) std::fprintf(stderr, "\n");
+  if (progress && *end == '\r') std::fprintf(stderr, "\n");
 }
 
 }  // namespace
