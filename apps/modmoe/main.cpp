@@ -9,6 +9,7 @@
 namespace modmoe::app {
 int run_demo(const std::vector<std::string>& argv);
 int run_info(const std::vector<std::string>& argv);
+int run_bench_experts(const std::vector<std::string>& argv);
 }  // namespace modmoe::app
 
 namespace {
@@ -21,6 +22,8 @@ void usage() {
       "      one MoE layer of a preset with seeded synthetic weights: routing, permute, the\n"
       "      modular experts and the monolithic fused_moe, with times, a parity check and an\n"
       "      accuracy check. Without a GPU it runs the CPU reference on a scaled-down preset.\n"
+      "  modmoe bench experts [--models m1,m2] [--tokens 1,16,...] [--skew] [--torch-baseline F] [--out F]\n"
+      "      the ANCHORS.md grid of the BF16 experts stage, validated then timed (GPU build)\n"
       "  modmoe info\n"
       "      the build, the compiled architectures and the GPUs\n\n"
       "presets:",
@@ -42,6 +45,14 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "demo") return modmoe::app::run_demo(rest);
     if (cmd == "info") return modmoe::app::run_info(rest);
+    if (cmd == "bench") {
+      const std::string what = rest.empty() ? "" : rest[0];
+      const std::vector<std::string> bench_args(rest.begin() + (rest.empty() ? 0 : 1), rest.end());
+      if (what == "experts") return modmoe::app::run_bench_experts(bench_args);
+      std::fprintf(stderr, "modmoe: unknown benchmark '%s'\n\n", what.c_str());
+      usage();
+      return 2;
+    }
     std::fprintf(stderr, "modmoe: unknown command '%s'\n\n", cmd.c_str());
     usage();
     return 2;

@@ -1,0 +1,41 @@
+// Shared pieces of the benchmarks: ceilings measured in the same run, CUDA-graph timing,
+// and the JSON header (GPU, commit, ceilings) every results file carries.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/host_tensor.h"
+#include "modmoe/tensor.h"
+#ifdef MODMOE_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace modmoe::app {
+
+std::vector<int64_t> parse_int_list(const std::string& csv, const char* option);
+std::string format_ratio(double r);  // "1.23x"
+std::string commit_id();             // MODMOE_COMMIT from the environment, else the build's
+
+#ifdef MODMOE_WITH_CUDA
+struct Ceilings {
+  double copy_GBps = 0;     // device-to-device copy, bytes read + written
+  double dense_TFLOPs = 0;  // cuBLAS bf16 GEMM 8192^3, fp32 accumulate, random data
+};
+Ceilings measure_ceilings();
+std::string gpu_name();
+void copy_to_device(const HostTensor& h, const TensorView& d);
+void poison(const TensorView& d);  // 0xFF bytes: NaN in bf16 and fp32
+// Milliseconds per call: a graph of `calls` calls (call(i, stream) for i in [0, calls)) is
+// captured once, replayed after warm-up, and the median replay time is divided by `calls`.
+double time_graph_ms(int calls, const std::function<void(int, cudaStream_t)>& call, int reps = 10);
+nlohmann::json bench_header(const std::string& name, const Ceilings& ceil);
+#endif
+
+// Writes `out` to `path`, or to bench/results/<gpu>/<file> when path is empty; prints where.
+void write_bench_json(const nlohmann::json& out, const std::string& path, const std::string& file);
+
+}  // namespace modmoe::app
