@@ -54,12 +54,15 @@ float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 void softmax(const std::vector<float>& logits, std::vector<float>& probs) {
   const float max = *std::max_element(logits.begin(), logits.end());
   probs.resize(logits.size());
-  float sum = 0.0f;
+  // NOTE: the denominator is summed in double: an fp32 running sum over E = 512 drifts past
+  // the 1e-6 relative weight tolerance of the contract.
+  double sum = 0.0;
   for (size_t e = 0; e < logits.size(); ++e) {
     probs[e] = std::exp(logits[e] - max);
     sum += probs[e];
   }
-  for (float& p : probs) p /= sum;
+  const float denom = static_cast<float>(sum);
+  for (float& p : probs) p /= denom;
 }
 
 // Scratch reused across the tokens of one call.

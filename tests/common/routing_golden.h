@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+#include "common/test_util.h"
 
 #include <nlohmann/json.hpp>
 
@@ -84,7 +85,7 @@ inline std::vector<float> golden_floats(const nlohmann::json& j, size_t expected
 // Throws std::runtime_error (or nlohmann::json::exception) on a missing or malformed file.
 inline RoutingGolden load_routing_golden(const std::string& file_name) {
   RoutingGolden g;
-  g.path = std::string(MODMOE_TEST_DATA_DIR) + "/routing/" + file_name;
+  g.path = test_data_dir() + "/routing/" + file_name;
   std::ifstream in(g.path);
   if (!in) throw std::runtime_error("routing golden: cannot open " + g.path);
   const nlohmann::json doc = nlohmann::json::parse(in);

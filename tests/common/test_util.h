@@ -17,6 +17,14 @@
 
 namespace modmoe::test {
 
+// tests/data: MODMOE_TEST_DATA_DIR from the environment if set (the GPU machine runs the test
+// binaries from another checkout path), else the folder compiled in.
+inline std::string test_data_dir() {
+  const char* env = std::getenv("MODMOE_TEST_DATA_DIR");
+  if (env != nullptr && env[0] != '\0') return env;
+  return MODMOE_TEST_DATA_DIR;
+}
+
 // The seed of a test: MODMOE_TEST_SEED if set, else a fixed default. Printed so that any
 // failure can be replayed.
 inline uint64_t seed(uint64_t salt = 0) {

@@ -26,7 +26,7 @@ std::string read_file(const std::string& path) {
 }
 
 std::string repo_file(const std::string& rel) {
-  return read_file(std::string(MODMOE_TEST_DATA_DIR) + "/../../" + rel);
+  return read_file(test::test_data_dir() + "/../../" + rel);
 }
 
 template <class F>
