@@ -1,0 +1,150 @@
+// The grouped BF16 GEMMs of the experts stage, behind a Desc / Config / Args interface so
+// that a later kernel (TMA + wgmma, warp-specialized) can slot in next to this one:
+//
+//   GemmDesc    the problem (sizes, which GEMM, activation), with validate()
+//   GemmConfig  one compiled tile shape (sizes, stages, warps), with to_string()
+//   GemmArgs    device pointers and strides of one call
+//   select_config(desc, props) -> a config from compiled_configs(), a pure function
+//   launch_grouped_gemm(desc, config, args, stream)
+//
+// Restrictions, said plainly:
+//   - groups vary M only: every expert has the same N and K;
+//   - K % 8 == 0 and N % 8 == 0 (16-byte rows; tails of a tile are predicated);
+//   - rows of the row space (M*k, or E_local*max_m) fit in int32.
+//
+// The row space. Both GEMMs address the rows they read and write through one index space:
+// expert e owns rows [row_begin[e], row_begin[e] + row_count[e]). Standard format: the
+// permuted rows (row_begin = expert_first_token_offset). Batched format: e * max_m + r.
+// A device-side work list (build_work_list in experts.cu) turns the counts into
+// tile_offsets; the GEMM grid is an upper bound on the tiles computed from sizes alone, so
+// nothing waits on the host, and blocks past the device-side tile count exit at once.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "modmoe/experts.h"
+
+namespace modmoe::cuda::gemm {
+
+enum class GemmStage : uint8_t {
+  Gemm1,  // act = activation(A @ w13[e]^T + bias + lora), A rows gathered from hidden
+  Gemm2,  // out = A @ w2[e]^T + bias, A = act rows
+};
+
+// What select_config may look at. Filled once per device (query()), then passed by value.
+struct DeviceProps {
+  int device = 0;
+  int sm_count = 0;
+  int cc_major = 0;
+  int cc_minor = 0;
+  size_t max_smem_per_block = 0;  // opt-in limit
+
+  static DeviceProps query(int device);  // cached per device; no stream work
+};
+
+struct GemmDesc {
+  GemmStage stage = GemmStage::Gemm1;
+  int num_experts = 0;           // E_local: the groups
+  int64_t max_rows = 0;          // rows of the row space the GEMM may touch (M*k or E*max_m)
+  int64_t max_rows_per_expert = 0;  // upper bound of one group's rows (M*k, or max_m)
+  // Rows the routing is expected to bring, for the tile choice only (0: max_rows). With
+  // expert parallelism most of the M*k slots are remote: about M*k*E_local/E are local.
+  int64_t expected_rows = 0;
+  int64_t n = 0;  // output columns: GEMM1 = I (gated or not), GEMM2 = H
+  int64_t k = 0;  // reduction: GEMM1 = H, GEMM2 = I
+  bool gated = false;  // GEMM1 only: B has 2n rows (gate and up) per expert
+  // Rows of B (per expert) that the GEMM reads: 2n gated, else n.
+  int64_t b_rows() const { return gated ? 2 * n : n; }
+  // Upper bound of the number of (expert, m-tile) pairs, from sizes alone:
+  // sum_e ceil(c_e / BM) <= floor(rows / BM) + E, <= E * ceil(max_per_expert / BM), <= rows.
+  int64_t max_m_tiles(int block_m) const;
+  void validate() const;
+};
+
+struct GemmConfig {
+  int block_m = 0;
+  int block_n = 0;  // columns of B per tile (gated GEMM1: block_n / 2 output columns)
+  int block_k = 0;
+  int stages = 0;
+  int warps_m = 0;
+  int warps_n = 0;
+
+  int threads() const { return 32 * warps_m * warps_n; }
+  std::string to_string() const;  // "128x128x32_s4_w2x4"
+  bool operator==(const GemmConfig&) const = default;
+};
+
+// Every config that grouped_gemm.cu instantiates, the only ones select_config may return.
+std::span<const GemmConfig> compiled_configs();
+
+// Pure: same (desc, props) -> same config.
+GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props);
+
+// Where the gate and the up rows of intermediate column i live in one expert's w13, and
+// where their LoRA delta columns are. row(i) = (i / group) * 2 * group + i % group + offset:
+//   canonical GateUp: group = I, gate offset 0, up offset I;
+//   canonical UpGate: group = I, gate offset I, up offset 0;
+//   GateUpInterleaved with G rows: group = G, gate offset 0, up offset G.
+struct GateUpMap {
+  int64_t group = 0;
+  int64_t gate_offset = 0;
+  int64_t up_offset = 0;
+  int64_t lora_gate_col = 0;  // LoRA delta columns are canonical: gate at i + lora_gate_col
+  int64_t lora_up_col = 0;
+
+  static GateUpMap from(const ExpertWeights& w, int64_t intermediate);
+};
+
+// Activation of the GEMM1 epilogue, in device-readable form.
+struct EpilogueActivation {
+  int kind = 0;  // Activation as int
+  float alpha = 1.702f;
+  float beta = 1.0f;
+  float limit = 7.0f;
+  const float* alpha_per_expert = nullptr;  // [E_local] fp32, optional
+  const float* beta_per_expert = nullptr;   // [E_local] fp32, optional
+  const float* limit_per_expert = nullptr;  // [E_local] fp32, optional
+};
+
+struct GemmArgs {
+  // The work list (device), see build_work_list in experts.cu.
+  const int32_t* tile_offsets = nullptr;  // [E_local + 1], exclusive prefix of m-tiles
+  const int32_t* row_begin = nullptr;     // [E_local]
+  const int32_t* row_count = nullptr;     // [E_local]
+
+  // A: [*, k] bf16, row stride lda. With a_gather, row r of the row space reads A row
+  // a_gather[r] / gather_div (GEMM1 standard: permuted_idx_to_expanded_idx / top_k);
+  // without it, A row r.
+  const __nv_bfloat16* a = nullptr;
+  int64_t lda = 0;
+  const int32_t* a_gather = nullptr;  // [rows] int32
+  int gather_div = 1;
+
+  // B: expert e is [b_rows, k] bf16 at b + e * b_expert_stride, row stride ldb.
+  const __nv_bfloat16* b = nullptr;
+  int64_t b_expert_stride = 0;
+  int64_t ldb = 0;
+  GateUpMap gate_up;  // gated GEMM1 only
+
+  // Epilogue: + bias[e * bias_expert_stride + b row], + lora[a_gather[r] * ld_lora + col].
+  const float* bias = nullptr;
+  int64_t bias_expert_stride = 0;
+  const __nv_bfloat16* lora = nullptr;  // GEMM1 standard only: [M*k, 2I or I] bf16
+  int64_t ld_lora = 0;
+  EpilogueActivation activation;  // GEMM1 only
+
+  // C: row r of the row space at c + r * ldc, n columns bf16.
+  __nv_bfloat16* c = nullptr;
+  int64_t ldc = 0;
+};
+
+// Launches one grouped GEMM on `stream`. No allocation, no host synchronisation.
+void launch_grouped_gemm(const GemmDesc& desc, const GemmConfig& config, const GemmArgs& args,
+                         cudaStream_t stream);
+
+}  // namespace modmoe::cuda::gemm
