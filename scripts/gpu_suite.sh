@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On a GPU machine: run every GPU test binary of a build, the demo on every preset, and
+# compute-sanitizer (memcheck, racecheck) on a short filter. Logs go to $OUT (or ./gpu_logs).
+# usage: scripts/gpu_suite.sh BUILD_DIR [--no-sanitizer]
+set -uo pipefail
+build=${1:?build dir}
+out=${OUT:-gpu_logs}
+mkdir -p "$out"
+export MODMOE_TEST_DATA_DIR=${MODMOE_TEST_DATA_DIR:-$PWD/tests/data}
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+"$build/apps/modmoe" info | tee -a "$out/gpu.txt"
+for t in "$build"/tests/test_gpu_*; do
+  [ -x "$t" ] || continue
+  name=$(basename "$t")
+  if "$t" --gtest_brief=1 > "$out/$name.log" 2>&1; then r=ok; else r=FAILED; status=1; fi
+  echo "$name: $r $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$name.log" | tr '\n' ' ')"
+done
+for p in mixtral-8x7b qwen3-30b-a3b deepseek-v3 gpt-oss-120b glm-4.5-air; do
+  for t in 1 1000; do
+    if ! "$build/apps/modmoe" demo --preset "$p" --tokens "$t" > "$out/demo_${p}_$t.log" 2>&1; then status=1; fi
+    echo "demo $p T=$t: $(grep -E '^(parity|accuracy)' "$out/demo_${p}_$t.log" | tr -s ' ' | tr '\n' ' ')"
+  done
+done
+grep -h -A6 '^stage' "$out"/demo_deepseek-v3_1000.log
+if [ "${2:-}" != "--no-sanitizer" ]; then
+  san="compute-sanitizer --error-exitcode 1"
+  f='*SmallInt*:*Features*:*Golden*:*Edges*:*Graph*:*Empty*:*GpuFinalize*:*GpuPrepare*'
+  for tool in memcheck racecheck; do
+    for t in "$build"/tests/test_gpu_*; do
+      name=$(basename "$t")
+      if timeout 150 $san --tool $tool "$t" --gtest_filter="$f" --gtest_brief=1 > "$out/san_${tool}_$name.log" 2>&1; then r=clean; else r=ERRORS; status=1; fi
+      echo "$tool $name: $r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/san_${tool}_$name.log" | tail -1)"
+    done
+  done
+fi
+exit $status
