@@ -30,17 +30,7 @@ struct Model {
 };
 
 Model model(const char* name, int e, int k, int64_t h, int64_t i) {
-  Preset p;
-  p.name = name;
-  p.num_experts = e;
-  p.top_k = k;
-  p.hidden = h;
-  p.intermediate = i;
-  p.routing.method = RoutingMethod::Renormalize;
-  p.routing.num_experts = e;
-  p.routing.top_k = k;
-  p.activation = Activation::Swiglu;
-  return {name, p};
+  return {name, make_preset(name, e, k, h, i, RoutingMethod::Renormalize, Activation::Swiglu)};
 }
 
 // The ANCHORS.md grid: gpt-oss runs plain SwiGLU here, DeepSeek-V3 is one of 8 EP ranks with

@@ -7,39 +7,23 @@
 namespace modmoe {
 namespace {
 
-Preset make(const char* name, int e, int k, int64_t h, int64_t i, RoutingMethod method,
-            Activation act, const char* note) {
-  Preset p;
-  p.name = name;
-  p.num_experts = e;
-  p.top_k = k;
-  p.hidden = h;
-  p.intermediate = i;
-  p.routing.method = method;
-  p.routing.num_experts = e;
-  p.routing.top_k = k;
-  p.activation = act;
-  p.note = note;
-  return p;
-}
-
 std::vector<Preset> build() {
   std::vector<Preset> v;
-  v.push_back(make("mixtral-8x7b", 8, 2, 4096, 14336, RoutingMethod::Renormalize,
+  v.push_back(make_preset("mixtral-8x7b", 8, 2, 4096, 14336, RoutingMethod::Renormalize,
                    Activation::Swiglu, "top-2 of the logits, softmax over the two"));
-  v.push_back(make("qwen3-30b-a3b", 128, 8, 2048, 768, RoutingMethod::RenormalizeNaive,
+  v.push_back(make_preset("qwen3-30b-a3b", 128, 8, 2048, 768, RoutingMethod::RenormalizeNaive,
                    Activation::Swiglu, "softmax, top-8, renormalised"));
-  Preset ds = make("deepseek-v3", 256, 8, 7168, 2048, RoutingMethod::DeepSeekV3,
+  Preset ds = make_preset("deepseek-v3", 256, 8, 7168, 2048, RoutingMethod::DeepSeekV3,
                    Activation::Swiglu, "sigmoid + bias, 4 of 8 groups, scaled by 2.5");
   ds.routing.n_group = 8;
   ds.routing.topk_group = 4;
   ds.routing.routed_scaling_factor = 2.5f;
   v.push_back(ds);
-  Preset oss = make("gpt-oss-120b", 128, 4, 2880, 2880, RoutingMethod::Renormalize,
+  Preset oss = make_preset("gpt-oss-120b", 128, 4, 2880, 2880, RoutingMethod::Renormalize,
                     Activation::SwigluOai, "SwiGLU-OAI (alpha 1.702, limit 7) with biases");
   oss.has_biases = true;
   v.push_back(oss);
-  Preset glm = make("glm-4.5-air", 128, 8, 4096, 1408, RoutingMethod::DeepSeekV3,
+  Preset glm = make_preset("glm-4.5-air", 128, 8, 4096, 1408, RoutingMethod::DeepSeekV3,
                     Activation::Swiglu, "sigmoid + bias, one group, no group limit");
   glm.routing.n_group = 1;
   glm.routing.topk_group = 1;
@@ -55,6 +39,23 @@ int64_t cut(int64_t value, int64_t max_value) {
 }
 
 }  // namespace
+
+Preset make_preset(const std::string& name, int num_experts, int top_k, int64_t hidden,
+                   int64_t intermediate, RoutingMethod method, Activation activation,
+                   const std::string& note) {
+  Preset p;
+  p.name = name;
+  p.num_experts = num_experts;
+  p.top_k = top_k;
+  p.hidden = hidden;
+  p.intermediate = intermediate;
+  p.routing.method = method;
+  p.routing.num_experts = num_experts;
+  p.routing.top_k = top_k;
+  p.activation = activation;
+  p.note = note;
+  return p;
+}
 
 Preset Preset::scaled_down(int64_t max_hidden, int64_t max_intermediate) const {
   Preset p = *this;

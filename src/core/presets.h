@@ -28,6 +28,10 @@ struct Preset {
 };
 
 const std::vector<Preset>& presets();
+// A preset of the given shape, routing method and activation (group parameters left unset).
+Preset make_preset(const std::string& name, int num_experts, int top_k, int64_t hidden,
+                   int64_t intermediate, RoutingMethod method, Activation activation,
+                   const std::string& note = "");
 // Throws modmoe::Error listing the known names when `name` is unknown.
 const Preset& find_preset(const std::string& name);
 

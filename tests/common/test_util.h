@@ -70,6 +70,20 @@ inline void fill_small_int(HostTensor& t, std::mt19937_64& rng, int r) {
   }
 }
 
+// A host tensor holding `values` (converted to bf16 when dtype is bf16, else stored as fp32).
+inline HostTensor host_values(const std::vector<float>& values, std::vector<int64_t> shape,
+                              DType dtype) {
+  HostTensor t(dtype, shape);
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (dtype == DType::BF16) {
+      t.data<uint16_t>()[i] = float_to_bf16_bits(values[i]);
+    } else {
+      t.data<float>()[i] = values[i];
+    }
+  }
+  return t;
+}
+
 inline std::vector<double> to_double(const HostTensor& t) {
   const int64_t n = t.numel();
   std::vector<double> out(static_cast<size_t>(n));

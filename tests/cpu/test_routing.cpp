@@ -51,15 +51,7 @@ struct RouteOutputs {
 
 HostTensor to_tensor(const std::vector<float>& values, std::initializer_list<int64_t> shape,
                      DType dtype) {
-  HostTensor t(dtype, shape);
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (dtype == DType::BF16) {
-      t.data<uint16_t>()[i] = float_to_bf16_bits(values[i]);
-    } else {
-      t.data<float>()[i] = values[i];
-    }
-  }
-  return t;
+  return test::host_values(values, std::vector<int64_t>(shape), dtype);
 }
 
 RoutingParams golden_params(const test::RoutingGolden& g, const test::RoutingGoldenCase& c) {

@@ -23,17 +23,7 @@
 namespace modmoe {
 namespace {
 
-HostTensor host_values(const std::vector<float>& values, std::vector<int64_t> shape, DType dtype) {
-  HostTensor t(dtype, shape);
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (dtype == DType::BF16) {
-      t.data<uint16_t>()[i] = float_to_bf16_bits(values[i]);
-    } else {
-      t.data<float>()[i] = values[i];
-    }
-  }
-  return t;
-}
+using test::host_values;
 
 struct Routed {
   HostTensor ids;      // [T, k] int32
