@@ -10,6 +10,8 @@ namespace modmoe::app {
 int run_demo(const std::vector<std::string>& argv);
 int run_info(const std::vector<std::string>& argv);
 int run_bench_experts(const std::vector<std::string>& argv);
+int run_ep_demo(const std::vector<std::string>& argv);
+int run_ep_bench(const std::vector<std::string>& argv);
 }  // namespace modmoe::app
 
 namespace {
@@ -25,7 +27,15 @@ void usage() {
       "  modmoe bench experts [--models m1,m2] [--tokens 1,16,...] [--skew] [--torch-baseline F] [--out F]\n"
       "      the ANCHORS.md grid of the BF16 experts stage, validated then timed (GPU build)\n"
       "  modmoe info\n"
-      "      the build, the compiled architectures and the GPUs\n\n"
+      "      the build, the compiled architectures and the GPUs\n"
+      "  modmoe ep-demo --gpus N [--preset NAME] [--backend nvlink|nccl] [--tokens T]\n"
+      "                 [--experts real|identity] [--reps R] [--num-sms S] [--seed S]\n"
+      "      one expert-parallel layer on N GPUs (a process each): routing, dispatch, the\n"
+      "      modular experts, combine; checked against the single-GPU fused_moe, timed\n"
+      "  modmoe bench all-to-all --gpus N [--tokens 1,16,...] [--sms 24,...] [--combine pull,push]\n"
+      "                 [--backends nvlink,nccl,nccl_a2a_uneven] [--iters I] [--out PATH]\n"
+      "      dispatch/combine times and GB/s (H=7168, E=256, k=8), validated first;\n"
+      "      writes bench/results/<gpu>/all_to_all.json\n\n"
       "presets:",
       modmoe::version());
   for (const auto& p : modmoe::presets()) std::printf(" %s", p.name.c_str());
@@ -45,6 +55,10 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "demo") return modmoe::app::run_demo(rest);
     if (cmd == "info") return modmoe::app::run_info(rest);
+    if (cmd == "ep-demo") return modmoe::app::run_ep_demo(rest);
+    if (cmd == "bench" && !rest.empty() && rest[0] == "all-to-all") {
+      return modmoe::app::run_ep_bench(std::vector<std::string>(rest.begin() + 1, rest.end()));
+    }
     if (cmd == "bench") {
       const std::string what = rest.empty() ? "" : rest[0];
       const std::vector<std::string> bench_args(rest.begin() + (rest.empty() ? 0 : 1), rest.end());

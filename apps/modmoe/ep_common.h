@@ -1,0 +1,64 @@
+// Shared pieces of `modmoe ep-demo` and `modmoe bench all-to-all` (CUDA builds only).
+#pragma once
+
+#include <cctype>
+#include <string>
+#include <vector>
+
+#include "modmoe/all_to_all.h"
+#include "modmoe/error.h"
+
+namespace modmoe::app {
+
+inline AllToAllBackend parse_backend(const std::string& s) {
+  if (s == "nvlink") return AllToAllBackend::NvLink;
+  if (s == "nccl") return AllToAllBackend::Nccl;
+  MODMOE_FAIL("option '--backend' = '", s, "': expected nvlink or nccl");
+}
+
+// "1,16,128" -> {1, 16, 128}
+inline std::vector<int> parse_int_list(const std::string& s, const char* option, int lo, int hi) {
+  std::vector<int> v;
+  size_t i = 0;
+  while (i <= s.size()) {
+    const size_t j = s.find(',', i);
+    const std::string item = s.substr(i, j == std::string::npos ? std::string::npos : j - i);
+    char* end = nullptr;
+    const long x = std::strtol(item.c_str(), &end, 10);
+    MODMOE_CHECK(!item.empty() && *end == '\0' && x >= lo && x <= hi, "option '", option, "' = '",
+                 s, "': expected a comma-separated list of integers in [", lo, ", ", hi, "]");
+    v.push_back(static_cast<int>(x));
+    if (j == std::string::npos) break;
+    i = j + 1;
+  }
+  return v;
+}
+
+inline std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> v;
+  size_t i = 0;
+  while (true) {
+    const size_t j = s.find(',', i);
+    v.push_back(s.substr(i, j == std::string::npos ? std::string::npos : j - i));
+    if (j == std::string::npos) break;
+    i = j + 1;
+  }
+  return v;
+}
+
+// "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3": the folder name under bench/results.
+inline std::string gpu_folder_name(const std::string& name) {
+  std::string out;
+  for (char c : name) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    if (std::isalnum(u)) {
+      out += static_cast<char>(std::tolower(u));
+    } else if (!out.empty() && out.back() != '-') {
+      out += '-';
+    }
+  }
+  while (!out.empty() && out.back() == '-') out.pop_back();
+  return out.empty() ? std::string("unknown-gpu") : out;
+}
+
+}  // namespace modmoe::app

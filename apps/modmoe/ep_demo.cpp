@@ -1,0 +1,359 @@
+// `modmoe ep-demo --gpus N`: one expert-parallel MoE layer over N GPUs, one process each.
+// Every rank routes its T tokens, dispatches them, runs the modular experts on the rows it
+// received (its own slice of the experts, ExpertMap::for_rank, do_finalize, written straight
+// into combine_buffer()) and combines. Each rank's output is checked against the single-GPU
+// fused_moe over the same global batch (N*T tokens, all E experts, run on every rank), and
+// every stage is timed (CUDA events, median).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "args.h"
+#include "check.h"
+#include "ep_common.h"
+#include "layer.h"
+#include "modmoe/modmoe.h"
+#ifdef MODMOE_WITH_CUDA
+#include "cuda/comm/multiprocess.h"
+#include "reference/ep_sim.h"
+#endif
+
+namespace modmoe::app {
+
+#ifdef MODMOE_WITH_CUDA
+namespace {
+
+struct RankReport {
+  int finished = 0;
+  int ok = 0;
+  double route_us = 0, dispatch_us = 0, experts_us = 0, combine_us = 0, layer_us = 0, fused_us = 0;
+  double rel_l2 = 0;
+  double sliced_vs_fused = -1, ep_vs_sliced = -1;  // diagnostics, -1 = not run
+  double ep_vs_f64 = -1, fused_vs_f64 = -1;
+  int ids_equal = -1;
+  int64_t received = 0;  // rows this rank received (all sources)
+  char gpu[96] = {};
+};
+
+struct DemoOptions {
+  int gpus = 2;
+  std::string preset = "deepseek-v3";
+  AllToAllBackend backend = AllToAllBackend::NvLink;
+  int64_t tokens = 128;
+  uint64_t seed = 1234;
+  bool identity = false;
+  int reps = 10;
+  int num_sms = 0;
+};
+
+double median_us(std::vector<float> ms) {
+  std::sort(ms.begin(), ms.end());
+  return ms.empty() ? 0.0 : 1000.0 * ms[ms.size() / 2];
+}
+
+TensorView rows_of(const TensorView& t, int64_t first, int64_t count) {
+  TensorView v = t;
+  v.data = static_cast<char*>(t.data) + first * t.strides[0] * static_cast<int64_t>(dtype_bytes(t.dtype));
+  v.shape[0] = count;
+  return v;
+}
+
+// [a, b, c] -> [a*b, c]
+TensorView flatten01(const TensorView& t) {
+  return make_view(t.data, t.dtype, {t.size(0) * t.size(1), t.size(2)}, t.device);
+}
+
+int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankReport* rep) {
+  const int n = o.gpus;
+  comm::mp::RankComm c(rv, rank, n, rank);
+  const Preset& preset = find_preset(o.preset);
+  const int e = preset.num_experts, k = preset.top_k;
+  const int64_t h = preset.hidden, t = o.tokens;
+  const Device dev = Device::cuda(rank);
+  cudaDeviceProp prop{};
+  MODMOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, rank));
+  std::snprintf(rep->gpu, sizeof(rep->gpu), "%s", prop.name);
+  cudaStream_t s;
+  MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+
+  // My experts only, filled by global id: the same numbers the full layer has.
+  const ExpertMap map = ExpertMap::for_rank(e, n, rank);
+  const Layer mine(preset, map, dev, o.seed, false);
+  // The global batch, the same on every rank; my tokens are rows [rank*T, (rank+1)*T).
+  const Batch global(mine, n * t, o.seed + 1);
+  const TensorView hidden = rows_of(global.hidden, rank * t, t);
+  const TensorView logits = rows_of(global.logits, rank * t, t);
+  MODMOE_CUDA_CHECK(cudaDeviceSynchronize());  // the fills ran on the legacy stream
+
+  Buffer ids(DType::I32, {t, k}, dev), wts(DType::F32, {t, k}, dev), out(DType::BF16, {t, h}, dev);
+  AllToAllConfig cfg;
+  cfg.backend = o.backend;
+  cfg.ep_size = n;
+  cfg.ep_rank = rank;
+  cfg.num_experts = e;
+  cfg.top_k = k;
+  cfg.max_tokens_per_rank = static_cast<int>(t);
+  cfg.max_payload_bytes_per_token = static_cast<size_t>(h) * 2 + static_cast<size_t>(k) * 4;
+  cfg.hidden = h;
+  cfg.num_sms = o.num_sms;
+  auto a2a = create_all_to_all(cfg, c.get());
+  const int rm = static_cast<int>(t);
+  const TensorView cb = a2a->combine_buffer(rm);
+
+  // The experts' problem is fixed by the shapes: [n*T] received rows.
+  ExpertsInputs ein;
+  ein.hidden = make_view(nullptr, DType::BF16, {n * t, h}, dev);
+  ein.topk_ids = make_view(nullptr, DType::I32, {n * t, k}, dev);
+  ein.topk_weights = make_view(nullptr, DType::F32, {n * t, k}, dev);
+  ExpertsOutputs eout;
+  eout.out = flatten01(cb);
+  size_t ws_bytes = 0;
+  if (!o.identity) {
+    ExpertsDesc desc;
+    desc.format = InputFormat::Standard;
+    desc.num_tokens = n * t;
+    desc.hidden = h;
+    desc.intermediate = preset.intermediate;
+    desc.top_k = k;
+    desc.expert_map = map;
+    desc.activation = mine.options.activation.kind;
+    desc.scheme = mine.weights.scheme;
+    desc.do_finalize = true;
+    ws_bytes = experts_workspace_size(desc);
+  }
+  Buffer ws_buf(DType::U8, {static_cast<int64_t>(ws_bytes) + 256}, dev);
+  const Workspace ws{ws_buf.view().data, ws_bytes};
+
+  cudaEvent_t ev[5];
+  for (auto& x : ev) MODMOE_CUDA_CHECK(cudaEventCreate(&x));
+  std::vector<float> st[4], total;
+  DispatchResult res;
+  c.barrier();
+  for (int it = 0; it < o.reps + 2; ++it) {
+    MODMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
+    route(logits, mine.route_bias, preset.routing, ids, wts, s);
+    MODMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
+    res = a2a->dispatch(ids, {hidden, wts}, rm, s);
+    MODMOE_CUDA_CHECK(cudaEventRecord(ev[2], s));
+    if (o.identity) {
+      MODMOE_CUDA_CHECK(cudaMemcpyAsync(cb.data, res.payloads[0].data, cb.nbytes(), cudaMemcpyDeviceToDevice, s));
+    } else {
+      ein.hidden = flatten01(res.payloads[0]);
+      ein.topk_ids = flatten01(res.topk_ids);
+      ein.topk_weights = flatten01(res.payloads[1]);
+      experts(ein, mine.weights, map, mine.options, eout, ws, s);
+    }
+    MODMOE_CUDA_CHECK(cudaEventRecord(ev[3], s));
+    a2a->combine(cb, out, rm, s);
+    MODMOE_CUDA_CHECK(cudaEventRecord(ev[4], s));
+    MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+    a2a->check();
+    if (it < 2) continue;  // warm-up
+    for (int i = 0; i < 4; ++i) {
+      float ms = 0;
+      MODMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[i], ev[i + 1]));
+      st[i].push_back(ms);
+    }
+    float ms = 0;
+    MODMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[4]));
+    total.push_back(ms);
+  }
+  rep->route_us = median_us(st[0]);
+  rep->dispatch_us = median_us(st[1]);
+  rep->experts_us = median_us(st[2]);
+  rep->combine_us = median_us(st[3]);
+  rep->layer_us = median_us(total);
+  {
+    const HostTensor counts = to_host(res.recv_counts);
+    for (int r = 0; r < n; ++r) rep->received += counts.data<int32_t>()[r];
+  }
+  const HostTensor got = to_host(out);
+
+  // The check.
+  double err2 = 0, ref2 = 0;
+  if (o.identity) {
+    // Identity experts: each token comes back once per distinct destination rank.
+    const HostTensor hid = to_host(hidden), id = to_host(ids);
+    for (int64_t i = 0; i < t; ++i) {
+      uint64_t mask = 0;
+      for (int j = 0; j < k; ++j) {
+        const int x = id.data<int32_t>()[i * k + j];
+        if (x >= 0 && x < e) mask |= 1ull << (x / (e / n));
+      }
+      const float mult = static_cast<float>(__builtin_popcountll(mask));
+      for (int64_t col = 0; col < h; ++col) {
+        const double want = bf16_bits_to_float(float_to_bf16_bits(mult * bf16_bits_to_float(hid.data<uint16_t>()[i * h + col])));
+        const double d = bf16_bits_to_float(got.data<uint16_t>()[i * h + col]) - want;
+        err2 += d * d;
+        ref2 += want * want;
+      }
+    }
+  } else {
+    // The single-GPU reference: fused_moe over the whole batch with all E experts.
+    const ExpertMap all = ExpertMap::single(e);
+    const Layer full(preset, all, dev, o.seed, false);
+    MODMOE_CUDA_CHECK(cudaDeviceSynchronize());  // the fills ran on the legacy stream
+    Buffer fused(DType::BF16, {n * t, h}, dev);
+    Buffer fids(DType::I32, {n * t, k}, dev), fwts(DType::F32, {n * t, k}, dev);
+    const size_t fws = fused_moe_workspace_size(n * t, full.weights, preset.routing, all, full.options);
+    Buffer fws_buf(DType::U8, {static_cast<int64_t>(fws) + 256}, dev);
+    const Workspace fw{fws_buf.view().data, fws};
+    auto run_fused = [&] {
+      fused_moe(global.logits, full.route_bias, global.hidden, full.weights, preset.routing, all,
+                full.options, fused, fw, s, fids, fwts);
+    };
+    std::vector<float> fms;
+    for (int it = 0; it < o.reps + 2; ++it) {
+      MODMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
+      run_fused();
+      MODMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
+      MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+      float ms = 0;
+      MODMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+      if (it >= 2) fms.push_back(ms);
+    }
+    rep->fused_us = median_us(fms);
+    // Diagnostics: the routing of my rows agrees; the sum over the ranks' expert slices of
+    // experts() on my own tokens (expert parallelism without the all-to-all) agrees with
+    // fused_moe and with the all-to-all path; one sampled token of each against float64.
+    {
+      const HostTensor a = to_host(ids), b = to_host(rows_of(fids, rank * t, t));
+      rep->ids_equal = std::memcmp(a.view().data, b.view().data, a.nbytes()) == 0;
+      ExpertsDesc d1;
+      d1.num_tokens = t;
+      d1.hidden = h;
+      d1.intermediate = preset.intermediate;
+      d1.top_k = k;
+      d1.activation = full.options.activation.kind;
+      d1.do_finalize = true;
+      std::vector<double> sum(static_cast<size_t>(t * h), 0.0);
+      Buffer part(DType::BF16, {t, h}, dev);
+      for (int r = 0; r < n; ++r) {
+        const ExpertMap mr = ExpertMap::for_rank(e, n, r);
+        d1.expert_map = mr;
+        const size_t wsb = experts_workspace_size(d1);
+        Buffer wsr(DType::U8, {static_cast<int64_t>(wsb) + 256}, dev);
+        ExpertsInputs li;
+        li.hidden = hidden;
+        li.topk_ids = ids;
+        li.topk_weights = wts;
+        ExpertsOutputs lo;
+        lo.out = part;
+        experts(li, reference::slice_experts(full.weights, mr.local_expert_offset, mr.num_local_experts), mr,
+                full.options, lo, Workspace{wsr.view().data, wsb}, s);
+        MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+        const HostTensor ph = to_host(part);
+        for (int64_t i = 0; i < t * h; ++i) sum[i] += bf16_bits_to_float(ph.data<uint16_t>()[i]);
+      }
+      const HostTensor fr = to_host(rows_of(fused, rank * t, t));
+      double e1 = 0, r1 = 0, e2 = 0, r2 = 0;
+      for (int64_t i = 0; i < t * h; ++i) {
+        const double f = bf16_bits_to_float(fr.data<uint16_t>()[i]);
+        const double g = bf16_bits_to_float(got.data<uint16_t>()[i]);
+        const double sl = bf16_bits_to_float(float_to_bf16_bits(static_cast<float>(sum[i])));
+        e1 += (sl - f) * (sl - f);
+        r1 += f * f;
+        e2 += (g - sl) * (g - sl);
+        r2 += sl * sl;
+      }
+      rep->sliced_vs_fused = r1 > 0 ? std::sqrt(e1 / r1) : std::sqrt(e1);
+      rep->ep_vs_sliced = r2 > 0 ? std::sqrt(e2 / r2) : std::sqrt(e2);
+      rep->ep_vs_f64 = check_sampled_tokens(full, hidden, ids, wts, out, 1).rel_l2;
+      rep->fused_vs_f64 = check_sampled_tokens(full, rows_of(global.hidden, rank * t, t), rows_of(fids, rank * t, t),
+                                               rows_of(fwts, rank * t, t), rows_of(fused, rank * t, t), 1).rel_l2;
+    }
+    const HostTensor ref = to_host(rows_of(fused, rank * t, t));
+    for (int64_t i = 0; i < t * h; ++i) {
+      const double want = bf16_bits_to_float(ref.data<uint16_t>()[i]);
+      const double d = bf16_bits_to_float(got.data<uint16_t>()[i]) - want;
+      err2 += d * d;
+      ref2 += want * want;
+    }
+  }
+  rep->rel_l2 = ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
+  const double bound = o.identity ? 0.0 : 1e-2;
+  rep->ok = std::isfinite(rep->rel_l2) && rep->rel_l2 <= bound;
+  rep->finished = 1;
+  for (auto& x : ev) cudaEventDestroy(x);
+  a2a.reset();
+  c.barrier();
+  MODMOE_CUDA_CHECK(cudaStreamDestroy(s));
+  return rep->ok ? 0 : 3;
+}
+
+}  // namespace
+
+int run_ep_demo(const std::vector<std::string>& argv) {
+  const Args args(argv, {"--gpus", "--preset", "--backend", "--tokens", "--seed", "--experts", "--reps", "--num-sms"}, {});
+  DemoOptions o;
+  o.gpus = static_cast<int>(args.get_int("--gpus", 2, 1, 64));
+  o.preset = args.get("--preset", "deepseek-v3");
+  o.backend = parse_backend(args.get("--backend", "nvlink"));
+  o.tokens = args.get_int("--tokens", 128, 1, 1 << 16);
+  o.seed = static_cast<uint64_t>(args.get_int("--seed", 1234, 0, 1ll << 62));
+  o.reps = static_cast<int>(args.get_int("--reps", 10, 1, 10000));
+  o.num_sms = static_cast<int>(args.get_int("--num-sms", 0, 0, 1024));
+  const std::string ex = args.get("--experts", "real");
+  MODMOE_CHECK(ex == "real" || ex == "identity", "option '--experts' = '", ex, "': expected real or identity");
+  o.identity = ex == "identity";
+  const Preset& preset = find_preset(o.preset);
+  MODMOE_CHECK(preset.num_experts % o.gpus == 0, "option '--gpus' = ", o.gpus, ": expected a divisor of the ",
+               preset.num_experts, " experts of ", preset.name);
+  const int have = comm::mp::probe_gpu_count();
+  MODMOE_CHECK(have >= o.gpus, "option '--gpus' = ", o.gpus, ": this machine has ", have, " GPUs");
+
+  std::printf("modmoe ep-demo: %s (%s), %d GPUs, backend %s, %lld tokens per rank, experts %s, seed %llu\n",
+              preset.name.c_str(), preset.shape_string().c_str(), o.gpus, all_to_all_backend_name(o.backend),
+              static_cast<long long>(o.tokens), ex.c_str(), static_cast<unsigned long long>(o.seed));
+  std::fflush(stdout);
+  comm::mp::SharedMemory shm(sizeof(comm::mp::Rendezvous) + sizeof(RankReport) * o.gpus);
+  auto* rv = new (shm.data()) comm::mp::Rendezvous();
+  rv->state.store(0);
+  auto* reps = reinterpret_cast<RankReport*>(static_cast<char*>(shm.data()) + sizeof(comm::mp::Rendezvous));
+  for (int r = 0; r < o.gpus; ++r) new (&reps[r]) RankReport();
+  const std::vector<int> codes = comm::mp::run_ranks(o.gpus, 900.0, [&](int rank) { return demo_rank(o, rank, rv, &reps[rank]); });
+
+  std::printf("\n%-5s %-24s %9s %9s %9s %9s %9s %10s %14s %10s %s\n", "rank", "gpu", "route us", "dispatch", "experts",
+              "combine", "layer us", "recv rows", "fused_moe us", "rel L2", "result");
+  bool ok = true;
+  double worst[5] = {0, 0, 0, 0, 0};
+  for (int r = 0; r < o.gpus; ++r) {
+    const RankReport& x = reps[r];
+    const bool good = codes[r] == 0 && x.finished && x.ok;
+    ok = ok && good;
+    std::printf("%-5d %-24s %9.1f %9.1f %9.1f %9.1f %9.1f %10lld %14.1f %10.2e %s (exit %d)\n", r, x.gpu, x.route_us,
+                x.dispatch_us, x.experts_us, x.combine_us, x.layer_us, static_cast<long long>(x.received), x.fused_us,
+                x.rel_l2, good ? "ok" : "FAILED", codes[r]);
+    const double v[5] = {x.route_us, x.dispatch_us, x.experts_us, x.combine_us, x.layer_us};
+    for (int i = 0; i < 5; ++i) worst[i] = std::max(worst[i], v[i]);
+  }
+  if (!o.identity) {
+    std::printf("\ndiagnostics per rank: routing ids equal to fused_moe's; rel L2 of the sum of experts() over\n"
+                "the ranks' slices on the rank's own tokens (no all-to-all) vs fused_moe, of the all-to-all path\n"
+                "vs that sum, and of one sampled token of each against float64\n");
+    for (int r = 0; r < o.gpus; ++r) {
+      const RankReport& x = reps[r];
+      std::printf("rank %d: ids equal %d, sliced vs fused %.2e, ep vs sliced %.2e, ep vs f64 %.2e, fused vs f64 %.2e\n",
+                  r, x.ids_equal, x.sliced_vs_fused, x.ep_vs_sliced, x.ep_vs_f64, x.fused_vs_f64);
+    }
+  }
+  std::printf("%-5s %-24s %9.1f %9.1f %9.1f %9.1f %9.1f\n", "max", "(slowest rank per stage)", worst[0], worst[1],
+              worst[2], worst[3], worst[4]);
+  std::printf("\ncheck: each rank's output against the single-GPU fused_moe over the same %lld-token batch: %s "
+              "(bound rel L2 %s)\n",
+              static_cast<long long>(o.tokens * o.gpus), ok ? "ok" : "FAILED", o.identity ? "0 (exact)" : "1e-2");
+  return ok ? 0 : 1;
+}
+
+#else
+
+int run_ep_demo(const std::vector<std::string>&) {
+  MODMOE_FAIL("modmoe ep-demo: this build has no CUDA backend (nvcc was not found at build time)");
+}
+
+#endif
+
+}  // namespace modmoe::app

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs the expert-parallel all-to-all on a multi-GPU machine from an existing build (no
+# compiler needed there): the multigpu tests, `modmoe ep-demo` and `modmoe bench all-to-all`.
+#   bash bench/run_all_to_all.sh [BUILD_DIR] [steps...]
+#   steps: info tests bench demo demo_identity demo2 bench_ab (default: info tests bench demo)
+# Logs and the benchmark JSON go to $OUT (default ./out/all_to_all).
+# NCCL comes from PyTorch's nvidia-nccl wheel when it is not on the loader path already.
+# NVLink multicast stays off (NCCL_NVLS_ENABLE=0): it can take a shared host's GPUs out of service.
+set -u
+B=${1:-build}
+shift || true
+STEPS=${*:-info tests bench demo}
+OUT=${OUT:-out/all_to_all}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+NCCL_LIB=$(python3 -c 'import nvidia.nccl as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null)
+[ -n "$NCCL_LIB" ] && export LD_LIBRARY_PATH="$NCCL_LIB:${LD_LIBRARY_PATH:-}"
+NGPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
+echo "== $NGPU GPUs, NCCL from ${NCCL_LIB:-the loader path}"
+
+for step in $STEPS; do
+  case $step in
+    info)
+      nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+      nvidia-smi topo -m 2>&1 | head -12
+      ;;
+    tests)
+      timeout ${T_TESTS:-240} "$B/tests/test_all_to_all" 2>&1 | tee "$OUT/tests.log" | grep -E "^\[ *(RUN|OK|FAILED|SKIPPED|PASSED) |FAILED|error|rank .*:" | head -120
+      ;;
+    demo)  # 4 GPUs when there are, real experts
+      G=2; [ "$NGPU" -ge 4 ] && G=4
+      timeout ${T_DEMO:-150} "$B/apps/modmoe" ep-demo --gpus $G --tokens 128 --backend nvlink 2>&1 | tee -a "$OUT/ep_demo.log"
+      ;;
+    demo_identity)
+      G=2; [ "$NGPU" -ge 4 ] && G=4
+      timeout ${T_DEMO:-150} "$B/apps/modmoe" ep-demo --gpus $G --tokens 128 --experts identity 2>&1 | tee -a "$OUT/ep_demo.log"
+      ;;
+    demo2)  # 2 GPUs, both backends
+      for b in nvlink nccl; do
+        CUDA_VISIBLE_DEVICES=0,1 timeout ${T_DEMO:-150} "$B/apps/modmoe" ep-demo --gpus 2 --tokens 256 --backend $b 2>&1 | tee -a "$OUT/ep_demo.log"
+      done
+      ;;
+    bench_ab)  # tuning switches, NvLink only, same machine as `bench`
+      for v in ${AB_VARS:-MODMOE_A2A_THREAD_FENCES=1 MODMOE_A2A_COMBINE_NC=1}; do
+        env $v timeout ${T_AB:-60} "$B/apps/modmoe" bench all-to-all --gpus "$NGPU" --sms ${AB_SMS:-32} --backends nvlink \
+          --iters 20 --out "$OUT/ab_${v%%=*}.json" 2>&1 | tee -a "$OUT/bench.log" | tail -8
+      done
+      ;;
+    bench)
+      timeout ${T_BENCH:-240} "$B/apps/modmoe" bench all-to-all --gpus "$NGPU" ${BENCH_ARGS:-} --out "$OUT/all_to_all.json" 2>&1 | tee "$OUT/bench.log"
+      ;;
+  esac
+done
