@@ -22,6 +22,11 @@ for spec in "${PINNED[@]}"; do
   [ "$have" = "$want" ] || missing+=("$spec")
 done
 
+# The Python package is built and tested in a virtual environment (tests/python/run.sh).
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  missing+=("python3-venv=3.11.2-1+b1")
+fi
+
 if [ ${#missing[@]} -gt 0 ]; then
   echo "deps: installing ${missing[*]}"
   SUDO=""

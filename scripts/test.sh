@@ -8,4 +8,8 @@ bash scripts/deps.sh
 bash scripts/build.sh
 built=$(date +%s)
 ctest --test-dir build --output-on-failure -j "${JOBS:-2}" --timeout 900 "$@"
-echo "test.sh: build $((built - start)) s, tests $(( $(date +%s) - built )) s"
+tested=$(date +%s)
+# The Python package, built against this build (no second CUDA compile), and its tests.
+bash tests/python/run.sh
+echo "test.sh: build $((built - start)) s, tests $((tested - built)) s," \
+  "python package and tests $(( $(date +%s) - tested )) s"

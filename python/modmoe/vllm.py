@@ -1,0 +1,290 @@
+"""modmoe's experts behind vLLM's modular MoE interface (``FusedMoEExpertsModular``).
+
+``ModmoeExperts`` takes what a vLLM prepare step hands the experts: Standard-format rows
+``hidden_states [M, H]`` bf16 (after an all-to-all, ``M = ep_size * max_tokens`` with padding
+rows), ``topk_ids [M, k]`` int32 global ids (-1 on padding rows, other ranks' experts among
+them) and ``topk_weights [M, k]``. It writes ``output [M, H]`` weighted and reduced over this
+rank's experts, so its ``finalize_weight_and_reduce_impl()`` is a no-op and the finalize step
+only combines (vLLM's ``TopKWeightAndReduceNoOP``).
+
+vLLM's ``expert_map`` ([E] int32, global id -> local id or -1) becomes modmoe's contiguous
+local range; a map that is not contiguous is rejected with an error.
+
+vLLM is optional: this module imports without it (the class then derives from ``object``, and
+tests drive it the way vLLM does). Where vLLM imports, the class derives from vLLM's
+``FusedMoEExpertsModular`` and returns vLLM's own enum and no-op objects. See
+python/examples/vllm_experts.py for how to put it in a vLLM kernel.
+"""
+
+import enum
+import importlib.util
+
+from . import _C, _api
+from ._api import Error, GateUpOrder
+
+
+def _import_vllm():
+    """vLLM's modular-kernel module and no-op reducer, or (None, None) without vLLM."""
+    if importlib.util.find_spec("vllm") is None:
+        return None, None
+    try:
+        from vllm.model_executor.layers.fused_moe import modular_kernel
+        from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
+            TopKWeightAndReduceNoOP,
+        )
+    except Exception:  # an incompatible vLLM: work as without it
+        return None, None
+    return modular_kernel, TopKWeightAndReduceNoOP
+
+
+_mk, _VllmNoOp = _import_vllm()
+
+if _mk is not None:
+    FusedMoEActivationFormat = _mk.FusedMoEActivationFormat
+    _Base = _mk.FusedMoEExpertsModular
+else:
+
+    class FusedMoEActivationFormat(enum.Enum):
+        """vLLM's enum of the same name (its values), for use without vLLM."""
+
+        Standard = "standard"
+        BatchedExperts = "batched_experts"
+
+    _Base = object
+
+
+class WeightAndReduceNoOp:
+    """No-op finalize: the experts already applied the top-k weights and reduced (vLLM's
+    TopKWeightAndReduceNoOP, for use without vLLM)."""
+
+    def apply(self, output, fused_expert_output, topk_weights, topk_ids,
+              apply_router_weight_on_input):
+        if output is None or output is fused_expert_output:
+            return fused_expert_output
+        output[...] = fused_expert_output
+        return output
+
+    def __eq__(self, other):
+        return isinstance(other, WeightAndReduceNoOp)
+
+    def __hash__(self):
+        return hash(WeightAndReduceNoOp)
+
+    def __repr__(self):
+        return "WeightAndReduceNoOp()"
+
+
+# vLLM activations that modmoe runs with vLLM's weight layout (w13 = [gate; up] halves).
+# NOTE: SWIGLUOAI is left out: vLLM stores gpt-oss's w13 with gate and up rows alternating,
+# a layout modmoe does not read.
+_VLLM_ACTIVATIONS = {"silu": "swiglu", "gelu": "geglu", "relu2_no_mul": "relu2"}
+
+
+def _activation_name(activation):
+    name = getattr(activation, "name", None) or getattr(activation, "value", None) or activation
+    name = str(name).lower()
+    if name not in _VLLM_ACTIVATIONS:
+        raise Error(f"modmoe: vLLM activation {activation!r}: expected one of "
+                    f"{sorted(_VLLM_ACTIVATIONS)}")
+    return _VLLM_ACTIVATIONS[name]
+
+
+def local_range(expert_map, num_local_experts=None):
+    """(local_expert_offset, local_num_experts) of a vLLM expert_map: [E] ints, global id ->
+    local id or -1. modmoe needs the local experts contiguous and in order: global
+    [offset, offset + n) -> local [0, n). Reads the map on the host (once per map: the
+    adapter caches it)."""
+    if hasattr(expert_map, "cpu"):
+        expert_map = expert_map.cpu()
+    values = expert_map.tolist()
+    local = [(g, l) for g, l in enumerate(values) if l >= 0]
+    if not local:
+        raise Error(f"modmoe: argument 'expert_map' maps none of the {len(values)} experts to "
+                    "this rank: expected at least one local expert")
+    offset = local[0][0]
+    for i, (g, l) in enumerate(local):
+        if g != offset + i or l != i:
+            raise Error(
+                f"modmoe: argument 'expert_map' maps global expert {g} to local expert {l}: "
+                f"expected a contiguous map, global [{offset}, {offset + len(local)}) -> local "
+                f"[0, {len(local)}) in order, with -1 elsewhere (modmoe splits experts "
+                "contiguously over the ranks; a strided or permuted placement is not "
+                "supported)")
+    if num_local_experts is not None and len(local) != num_local_experts:
+        raise Error(f"modmoe: argument 'expert_map' has {len(local)} local experts: expected "
+                    f"{num_local_experts}, the experts of w1")
+    return offset, len(local)
+
+
+class ModmoeExperts(_Base):
+    """vLLM modular experts (Standard format in and out) on modmoe's kernels.
+
+    moe_config / quant_config: vLLM's FusedMoEConfig / FusedMoEQuantConfig (optional without
+    vLLM). local_expert_offset: the first global expert of this rank when apply() gets no
+    expert_map (default: moe_config's ep_rank * local experts, else 0). gate_up_order: the
+    half of w1's rows that holds the gate (vLLM: GateUp). bf16_routing_weights: round the
+    fp32 routing weights to bf16 first, as FlashInfer's packed BF16 kernels do.
+    """
+
+    def __init__(self, moe_config=None, quant_config=None, *, local_expert_offset=None,
+                 gate_up_order=GateUpOrder.GateUp, bf16_routing_weights=False):
+        if _mk is not None and moe_config is not None:
+            super().__init__(moe_config, quant_config)
+        else:
+            self.moe_config = moe_config
+            self.quant_config = quant_config
+        self.local_expert_offset = local_expert_offset
+        self.gate_up_order = gate_up_order
+        self.bf16_routing_weights = bf16_routing_weights
+        self._ranges = {}  # id(expert_map) -> (expert_map, (offset, count))
+        self._unit_weights = None  # ones [>= M, k] fp32, for apply_router_weight_on_input
+
+    # ---- formats and capabilities, as vLLM's backend selection asks for them ----
+
+    @staticmethod
+    def activation_format():
+        return FusedMoEActivationFormat.Standard
+
+    @property
+    def activation_formats(self):  # the older vLLM spelling: (input, output)
+        return (FusedMoEActivationFormat.Standard, FusedMoEActivationFormat.Standard)
+
+    @staticmethod
+    def is_monolithic():
+        return False
+
+    @staticmethod
+    def _supports_current_device():
+        try:
+            import torch
+        except ImportError:
+            return False
+        if not (_C.built_with_cuda() and torch.cuda.is_available()):
+            return False
+        major, minor = torch.cuda.get_device_capability()
+        return f"sm_{major}{minor}a" in _C.compiled_architectures()
+
+    @staticmethod
+    def _supports_no_act_and_mul():
+        return True  # relu2
+
+    @staticmethod
+    def _supports_quant_scheme(weight_key, activation_key):
+        return weight_key is None and activation_key is None  # bf16 only
+
+    @staticmethod
+    def _supports_activation(activation):
+        try:
+            _activation_name(activation)
+        except Error:
+            return False
+        return True
+
+    @staticmethod
+    def _supports_parallel_config(moe_parallel_config):
+        # EPLB rewrites expert_map into placements that are not contiguous.
+        return not getattr(moe_parallel_config, "enable_eplb", False)
+
+    @staticmethod
+    def _supports_routing_method(routing_method, weight_key, activation_key):
+        return True  # routing happened before the experts
+
+    @staticmethod
+    def _supports_router_logits_dtype(router_logits_dtype, routing_method):
+        return True
+
+    @staticmethod
+    def _supports_shape(hidden_dim):
+        return hidden_dim % 64 == 0
+
+    @staticmethod
+    def _supports_batch_invariance():
+        return False
+
+    @staticmethod
+    def supports_lora():
+        return False
+
+    def supports_expert_map(self):
+        return True
+
+    def supports_chunking(self):
+        return True
+
+    def supports_packed_ue8m0_act_scales(self):
+        return False
+
+    @property
+    def expects_unquantized_inputs(self):
+        return True
+
+    # ---- sizes ----
+
+    def moe_problem_size(self, a1, w1, w2, topk_ids):
+        """(E_local, M, N, K, top_k), N = w1.shape[1] (2I gated, I for relu2)."""
+        return w1.shape[0], a1.shape[0], w1.shape[1], a1.shape[-1], topk_ids.shape[1]
+
+    def workspace_dtype(self, act_dtype):
+        return act_dtype
+
+    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
+                         expert_tokens_meta, activation):
+        """workspace13 is unused: vLLM may alias it with the output. modmoe's scratch is
+        workspace2, [M, cols] of the activation dtype (bf16, 2 bytes)."""
+        act = _activation_name(activation)
+        inter = N if act == "relu2" else N // 2
+        nbytes = _api.experts_workspace_size(
+            M, K, inter, topk, max(global_num_experts, local_num_experts),
+            local_num_experts=local_num_experts, activation_type=act)
+        ws2 = (M, -(-nbytes // (2 * M))) if nbytes and M else (0,)
+        return (0,), ws2, (M, K)
+
+    def finalize_weight_and_reduce_impl(self):
+        return _VllmNoOp() if _VllmNoOp is not None else WeightAndReduceNoOp()
+
+    # ---- the compute ----
+
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+              global_num_experts, expert_map, a1q_scale, a2_scale=None, workspace13=None,
+              workspace2=None, expert_tokens_meta=None, apply_router_weight_on_input=False):
+        """output [M, H] = sum over this rank's experts j of w_j * Expert_j(hidden_states).
+        With apply_router_weight_on_input the prepare step already scaled the input (top_k 1),
+        so the experts apply weight 1."""
+        if a1q_scale is not None:
+            raise Error("modmoe: argument 'a1q_scale' is given: expected unquantized bf16 "
+                        "activations (expects_unquantized_inputs is True)")
+        offset, count = self._local_range(expert_map, w1)
+        weights = self._ones_like(topk_weights) if apply_router_weight_on_input else topk_weights
+        if workspace2 is not None and workspace2.shape[0] == 0:
+            workspace2 = None
+        _api.experts(
+            (topk_ids, weights), hidden_states, w1, w2, global_num_experts, topk_ids.shape[1],
+            local_expert_offset=offset, local_num_experts=count,
+            activation_type=_activation_name(activation), output=output, workspace=workspace2,
+            gate_up_order=self.gate_up_order, bf16_routing_weights=self.bf16_routing_weights)
+
+    def _local_range(self, expert_map, w1):
+        num_local = w1.shape[0]
+        if expert_map is None:
+            offset = self.local_expert_offset
+            if offset is None:
+                config = self.moe_config
+                parallel = getattr(config, "moe_parallel_config", None)
+                offset = getattr(parallel, "ep_rank", 0) * num_local if parallel else 0
+            return offset, num_local
+        cached = self._ranges.get(id(expert_map))
+        if cached is not None and cached[0] is expert_map:
+            return cached[1]
+        result = local_range(expert_map, num_local)
+        self._ranges[id(expert_map)] = (expert_map, result)
+        return result
+
+    def _ones_like(self, topk_weights):
+        m, k = topk_weights.shape
+        ones = self._unit_weights
+        if (ones is None or ones.shape[0] < m or ones.shape[1] != k
+                or _api._framework(ones) != _api._framework(topk_weights)
+                or getattr(ones, "device", None) != getattr(topk_weights, "device", None)):
+            ones = _api._ones(topk_weights, (max(m, 1), k))
+            self._unit_weights = ones
+        return ones[:m]

@@ -1,0 +1,750 @@
+// modmoe._C: the Python binding of the C++ library. The Python API is python/modmoe/.
+//
+// Thin by design: it turns DLPack tensors (PyTorch, NumPy, CuPy, JAX) into modmoe::TensorView,
+// fills the library's structs and calls it. The library checks every argument; this file only
+// checks what exists in Python alone (values given beside the tensors that define them, such
+// as top_k and intermediate_size; objects that are no tensors; dtypes that DLPack can name but
+// modmoe cannot) and renames the C++ argument names in error messages to the Python ones.
+//
+// No framework is linked or imported. PyTorch gets two shortcuts once the caller has imported
+// it: its tensors are exported with torch.utils.dlpack.to_dlpack (a C function, several times
+// cheaper than Tensor.__dlpack__, which is Python code), and a call with stream=None on CUDA
+// tensors runs on PyTorch's current stream.
+#include <modmoe/modmoe.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace modmoe::py {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Constants shared with python/modmoe/_api.py (exported as _C.* below)
+// ---------------------------------------------------------------------------------------
+
+// Bits of the `flags` argument.
+constexpr int kDoFinalize = 1;
+constexpr int kWeightOnInput = 2;  // apply_router_weight_on_input
+constexpr int kBf16RoutingWeights = 4;
+constexpr int kNormTopkProb = 8;
+
+// The `mode` argument of experts() and fused_moe() (kValidate: experts() only).
+constexpr int kRun = 0;
+constexpr int kWorkspaceBytes = 1;  // validate, then return the workspace bytes the call needs
+constexpr int kValidate = 2;        // validate only: everything but the launch
+
+// DLPack codes (dlpack.h: DLDataTypeCode, DLDeviceType).
+constexpr uint8_t kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4;
+constexpr int kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
+
+// ---------------------------------------------------------------------------------------
+// Error messages in the Python API's names
+// ---------------------------------------------------------------------------------------
+
+// C++ argument name -> the name of the Python (FlashInfer-style) argument that carries it.
+constexpr std::pair<const char*, const char*> kPythonNames[] = {
+    {"'hidden'", "'hidden_states'"},
+    {"'weights.w13'", "'gemm1_weights'"},
+    {"'weights.w2'", "'gemm2_weights'"},
+    {"'weights.w13_bias'", "'gemm1_bias'"},
+    {"'weights.w2_bias'", "'gemm2_bias'"},
+    {"'src.w13'", "'gemm1_weights'"},
+    {"'src.w2'", "'gemm2_weights'"},
+    {"'src.w13_bias'", "'gemm1_bias'"},
+    {"'src.w2_bias'", "'gemm2_bias'"},
+    {"'out'", "'output'"},
+    {"'gemm2_out'", "'gemm2_output'"},
+    {"'options.activation.alpha_per_expert'", "'gemm1_alpha'"},
+    {"'options.activation.beta_per_expert'", "'gemm1_beta'"},
+    {"'options.activation.limit_per_expert'", "'gemm1_clamp_limit'"},
+    {"'options.activation.kind'", "'activation_type'"},
+    {"'options.apply_router_weight_on_input'", "'apply_router_weight_on_input'"},
+    {"'options.do_finalize'", "'do_finalize'"},
+    {"expert_map.num_experts", "num_experts"},
+    {"expert_map.local_expert_offset", "local_expert_offset"},
+    {"expert_map.num_local_experts", "local_num_experts"},
+    {"'logits'", "'routing_logits'"},
+    {"'bias'", "'routing_bias'"},
+    {"'params.method'", "'routing_method_type'"},
+    {"'params.num_experts'", "'num_experts'"},
+    {"'params.top_k'", "'top_k'"},
+    {"'params.n_group'", "'n_group'"},
+    {"'params.topk_group'", "'topk_group'"},
+    {"'params.routed_scaling_factor'", "'routed_scaling_factor'"},
+    {"'routing.num_experts'", "'num_experts'"},
+};
+
+std::string python_names(std::string msg) {
+  for (const auto& [from, to] : kPythonNames) {
+    const std::string f(from), t(to);
+    for (size_t pos = msg.find(f); pos != std::string::npos; pos = msg.find(f, pos + t.size())) {
+      msg.replace(pos, f.size(), t);
+    }
+  }
+  return msg;
+}
+
+// Runs f; a modmoe::Error leaves with its argument names in the Python API's words.
+template <class F>
+auto renamed_errors(F&& f) {
+  try {
+    return f();
+  } catch (const Error& e) {
+    throw Error(python_names(e.what()));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// PyTorch hooks: looked up once the caller has imported torch
+// ---------------------------------------------------------------------------------------
+
+struct TorchHooks {
+  PyTypeObject* tensor_type = nullptr;  // torch.Tensor; set last, so it marks the rest ready
+  PyObject* to_dlpack = nullptr;        // torch.utils.dlpack.to_dlpack
+  PyObject* raw_stream = nullptr;       // torch._C._cuda_getCurrentRawStream(device) -> int
+  PyObject* cuda = nullptr;             // torch.cuda, the fallback for the stream
+};
+// NOTE: the references are never released: at exit the interpreter may already be gone.
+TorchHooks g_torch;
+
+bool torch_loaded() {
+  if (g_torch.tensor_type != nullptr) return true;
+  PyObject* torch = PyDict_GetItemString(PyImport_GetModuleDict(), "torch");  // borrowed
+  if (torch == nullptr) return false;
+  try {
+    nb::handle t(torch);
+    nb::object tensor = t.attr("Tensor");
+    nb::object to_dlpack = t.attr("utils").attr("dlpack").attr("to_dlpack");
+    nb::object c = t.attr("_C");
+    nb::object raw = nb::hasattr(c, "_cuda_getCurrentRawStream")
+                         ? nb::object(c.attr("_cuda_getCurrentRawStream"))
+                         : nb::object();
+    g_torch.cuda = nb::object(t.attr("cuda")).release().ptr();
+    g_torch.to_dlpack = to_dlpack.release().ptr();
+    g_torch.raw_stream = raw.is_valid() ? raw.release().ptr() : nullptr;
+    g_torch.tensor_type = reinterpret_cast<PyTypeObject*>(tensor.release().ptr());
+  } catch (const nb::python_error&) {
+    return false;  // torch is still being imported: look again on the next call
+  }
+  return true;
+}
+
+bool is_torch(nb::handle h) {
+  return torch_loaded() && PyObject_TypeCheck(h.ptr(), g_torch.tensor_type);
+}
+
+// ---------------------------------------------------------------------------------------
+// DLPack -> TensorView
+// ---------------------------------------------------------------------------------------
+
+using Array = nb::ndarray<nb::ro>;
+
+bool dtype_of(nb::dlpack::dtype dt, DType& out) {
+  if (dt.lanes != 1) return false;
+  switch (dt.code) {
+    case kDLInt:
+      if (dt.bits == 32) out = DType::I32;
+      if (dt.bits == 64) out = DType::I64;
+      return dt.bits == 32 || dt.bits == 64;
+    case kDLUInt:
+      // NOTE: modmoe has no uint16 type, so uint16 tensors are read as bf16 bit patterns:
+      // that is how NumPy (no bf16 dtype of its own) and CuPy hand bf16 data over.
+      if (dt.bits == 8) out = DType::U8;
+      if (dt.bits == 16) out = DType::BF16;
+      return dt.bits == 8 || dt.bits == 16;
+    case kDLFloat:
+      if (dt.bits == 16) out = DType::F16;
+      if (dt.bits == 32) out = DType::F32;
+      if (dt.bits == 64) out = DType::F64;
+      return dt.bits == 16 || dt.bits == 32 || dt.bits == 64;
+    case kDLBfloat:
+      out = DType::BF16;
+      return dt.bits == 16;
+  }
+  return false;
+}
+
+std::string dlpack_dtype_name(nb::dlpack::dtype dt) {
+  static const char* const kCodes[] = {"int",    "uint",    "float", "opaque",
+                                       "bfloat", "complex", "bool"};
+  std::string name = dt.code < 7 ? kCodes[dt.code] : "dlpack-code-" + std::to_string(dt.code);
+  name += std::to_string(dt.bits);
+  if (dt.lanes != 1) name += "x" + std::to_string(dt.lanes);
+  return name;
+}
+
+TensorView view_of(const Array& a, const char* name) {
+  TensorView v;
+  const int ndim = static_cast<int>(a.ndim());
+  MODMOE_CHECK(ndim >= 1 && ndim <= TensorView::kMaxDims, "argument '", name, "' has ", ndim,
+               " dimensions: expected 1 to ", TensorView::kMaxDims);
+  MODMOE_CHECK(dtype_of(a.dtype(), v.dtype), "argument '", name, "' has dtype ",
+               dlpack_dtype_name(a.dtype()),
+               ": modmoe takes bf16 (or uint16 holding bf16 bits), f16, f32, f64, int32, int64 "
+               "and uint8");
+  switch (a.device_type()) {
+    case kDLCPU:
+    case kDLCUDAHost:
+      v.device = Device::cpu();
+      break;
+    case kDLCUDA:
+    case kDLCUDAManaged:
+      v.device = Device::cuda(a.device_id());
+      break;
+    default:
+      MODMOE_FAIL("argument '", name, "' is on DLPack device type ", a.device_type(),
+                  ": expected a CPU or CUDA tensor");
+  }
+  v.data = const_cast<void*>(a.data());
+  v.ndim = ndim;
+  for (int d = 0; d < ndim; ++d) {
+    v.shape[d] = static_cast<int64_t>(a.shape(d));
+    v.strides[d] = a.stride(d);
+  }
+  return v;
+}
+
+// A view of `h`, or an undefined view for None. The caller's object owns the memory for the
+// duration of the call, so the DLPack export is released before the call returns.
+TensorView to_view(nb::handle h, const char* name) {
+  if (!h.is_valid() || h.is_none()) return {};
+  Array a;
+  if (is_torch(h)) {
+    nb::object capsule = nb::steal(PyObject_CallOneArg(g_torch.to_dlpack, h.ptr()));
+    if (!capsule.is_valid()) throw nb::python_error();
+    if (nb::try_cast(capsule, a, false)) return view_of(a, name);
+  } else if (nb::try_cast(h, a, false)) {
+    return view_of(a, name);
+  } else if (nb::hasattr(h, "dtype") && nb::str(h.attr("dtype")).equal(nb::str("bfloat16"))) {
+    // NumPy cannot export ml_dtypes.bfloat16 arrays through DLPack or the buffer protocol;
+    // their uint16 view carries the same bits (see dtype_of).
+    if (nb::try_cast(h.attr("view")("uint16"), a, false)) return view_of(a, name);
+  }
+  throw nb::type_error(("argument '" + std::string(name) +
+                        "': expected a tensor (PyTorch, NumPy, CuPy, JAX: anything with "
+                        "__dlpack__ or the buffer protocol), got " +
+                        nb::type_name(h.type()).c_str())
+                           .c_str());
+}
+
+Workspace workspace_of(nb::handle h, const Device& dev) {
+  const TensorView v = to_view(h, "workspace");
+  if (!v.defined()) return {};
+  MODMOE_CHECK(v.is_contiguous(), "argument 'workspace' of shape ", v.shape_string(),
+               " is not contiguous: expected one dense buffer");
+  MODMOE_CHECK(v.device == dev, "argument 'workspace' is on ", v.device.to_string(), ": expected ",
+               dev.to_string(), " like the other tensors");
+  return {v.data, v.nbytes()};
+}
+
+// An explicit stream (an int handle, or an object with .cuda_stream or .ptr); else, for
+// PyTorch CUDA tensors, PyTorch's current stream on their device; else the default stream.
+Stream stream_of(nb::handle stream, nb::handle like, const TensorView& v) {
+  if (!stream.is_none()) {
+    nb::handle s = stream;
+    nb::object attr;
+    if (!PyLong_Check(s.ptr())) {
+      for (const char* name : {"cuda_stream", "ptr"}) {
+        if (nb::hasattr(s, name)) {
+          attr = s.attr(name);
+          break;
+        }
+      }
+      if (!attr.is_valid() || !PyLong_Check(attr.ptr())) {
+        throw nb::type_error(("argument 'stream': expected an int (cudaStream_t), a "
+                              "torch.cuda.Stream or a cupy Stream, got " +
+                              std::string(nb::type_name(s.type()).c_str()))
+                                 .c_str());
+      }
+      s = attr;
+    }
+    void* p = PyLong_AsVoidPtr(s.ptr());
+    if (p == nullptr && PyErr_Occurred()) throw nb::python_error();
+    return static_cast<Stream>(p);
+  }
+  if (!v.device.is_cuda() || !is_torch(like)) return nullptr;
+  nb::object s =
+      g_torch.raw_stream != nullptr
+          ? nb::handle(g_torch.raw_stream)(v.device.index)
+          : nb::handle(g_torch.cuda).attr("current_stream")(v.device.index).attr("cuda_stream");
+  void* p = PyLong_AsVoidPtr(s.ptr());
+  if (p == nullptr && PyErr_Occurred()) throw nb::python_error();
+  return static_cast<Stream>(p);
+}
+
+// ---------------------------------------------------------------------------------------
+// Expert weights: converted once, kept with the tensors that own them
+// ---------------------------------------------------------------------------------------
+
+struct PyExpertWeights {
+  ExpertWeights w;
+  nb::object w13, w2, w13_bias, w2_bias;  // the caller's tensors, kept alive for the views
+};
+
+PyExpertWeights make_weights(nb::handle w13, nb::handle w2, int order, nb::handle w13_bias,
+                             nb::handle w2_bias, int interleave_rows) {
+  PyExpertWeights p;
+  p.w.w13 = to_view(w13, "gemm1_weights");
+  p.w.w2 = to_view(w2, "gemm2_weights");
+  p.w.w13_bias = to_view(w13_bias, "gemm1_bias");
+  p.w.w2_bias = to_view(w2_bias, "gemm2_bias");
+  p.w.order = static_cast<GateUpOrder>(order);
+  p.w.layout = interleave_rows > 0 ? WeightLayout::GateUpInterleaved : WeightLayout::Canonical;
+  p.w.interleave_rows = interleave_rows;
+  p.w13 = nb::borrow(w13);
+  p.w2 = nb::borrow(w2);
+  p.w13_bias = nb::borrow(w13_bias);
+  p.w2_bias = nb::borrow(w2_bias);
+  return p;
+}
+
+// The weights of a call: an ExpertWeights object, or canonical tensors converted for this call.
+const ExpertWeights& weights_of(nb::handle weights, nb::handle w13, nb::handle w2, int order,
+                                ExpertWeights& scratch) {
+  if (!weights.is_none()) return nb::cast<PyExpertWeights*>(weights)->w;
+  scratch.w13 = to_view(w13, "gemm1_weights");
+  scratch.w2 = to_view(w2, "gemm2_weights");
+  scratch.order = static_cast<GateUpOrder>(order);
+  return scratch;
+}
+
+// E_local defaults to the weights' first dimension, E to offset + E_local (a single rank).
+ExpertMap map_of(int num_experts, int offset, int num_local, const ExpertWeights& w) {
+  if (num_local < 0 && w.w2.ndim >= 1) num_local = static_cast<int>(w.w2.size(0));
+  if (num_experts < 0) num_experts = offset + num_local;
+  return {num_experts, offset, num_local};
+}
+
+void check_intermediate(int64_t intermediate_size, const ExpertWeights& w) {
+  if (intermediate_size <= 0 || w.w2.ndim != 3) return;
+  MODMOE_CHECK(
+      w.w2.size(2) == intermediate_size, "argument 'intermediate_size' = ", intermediate_size,
+      ": expected gemm2_weights.shape[2] = ", w.w2.size(2), " (gemm2_weights is [E_local, H, I])");
+}
+
+ActivationParams activation_of(int kind, float alpha, float beta, float limit, nb::handle alpha_pe,
+                               nb::handle beta_pe, nb::handle limit_pe) {
+  ActivationParams p;
+  p.kind = static_cast<Activation>(kind);
+  p.alpha = alpha;
+  p.beta = beta;
+  p.limit = limit;
+  p.alpha_per_expert = to_view(alpha_pe, "gemm1_alpha");
+  p.beta_per_expert = to_view(beta_pe, "gemm1_beta");
+  p.limit_per_expert = to_view(limit_pe, "gemm1_clamp_limit");
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------
+// The calls
+// ---------------------------------------------------------------------------------------
+
+size_t experts_call(nb::handle hidden, nb::handle topk_ids, nb::handle topk_weights,
+                    nb::handle weights, nb::handle w13, nb::handle w2, int order, int num_experts,
+                    int local_expert_offset, int local_num_experts, int top_k,
+                    int64_t intermediate_size, int act, float alpha, float beta, float limit,
+                    nb::handle alpha_pe, nb::handle beta_pe, nb::handle limit_pe, int flags,
+                    nb::handle lora, nb::handle expert_num_tokens, nb::handle out,
+                    nb::handle gemm2_out, nb::handle expert_weights, nb::handle e2p,
+                    nb::handle offsets, nb::handle act_out, nb::handle workspace, nb::handle stream,
+                    int mode) {
+  return renamed_errors([&]() -> size_t {
+    ExpertWeights scratch;
+    const ExpertWeights& w = weights_of(weights, w13, w2, order, scratch);
+    ExpertsInputs in;
+    in.hidden = to_view(hidden, "hidden_states");
+    in.topk_ids = to_view(topk_ids, "topk_ids");
+    in.topk_weights = to_view(topk_weights, "topk_weights");
+    in.expert_num_tokens = to_view(expert_num_tokens, "expert_num_tokens");
+    in.gemm1_lora_delta = to_view(lora, "gemm1_lora_delta");
+    if (top_k > 0 && in.topk_ids.defined()) {
+      MODMOE_CHECK(in.topk_ids.ndim == 2 && in.topk_ids.size(1) == top_k,
+                   "argument 'top_k' = ", top_k, ": expected the columns of topk_ids ",
+                   in.topk_ids.shape_string());
+    }
+    check_intermediate(intermediate_size, w);
+    const ExpertMap map = map_of(num_experts, local_expert_offset, local_num_experts, w);
+
+    ExpertsOptions opt;
+    opt.activation = activation_of(act, alpha, beta, limit, alpha_pe, beta_pe, limit_pe);
+    opt.do_finalize = (flags & kDoFinalize) != 0;
+    opt.apply_router_weight_on_input = (flags & kWeightOnInput) != 0;
+    opt.bf16_routing_weights = (flags & kBf16RoutingWeights) != 0;
+
+    ExpertsOutputs outs;
+    outs.out = to_view(out, "output");
+    outs.gemm2_out = to_view(gemm2_out, "gemm2_output");
+    outs.expert_weights = to_view(expert_weights, "expert_weights");
+    outs.expanded_idx_to_permuted_idx = to_view(e2p, "expanded_idx_to_permuted_idx");
+    outs.expert_first_token_offset = to_view(offsets, "expert_first_token_offset");
+    outs.gemm1_activation_output = to_view(act_out, "gemm1_activation_output");
+
+    if (mode == kWorkspaceBytes) {
+      return experts_workspace_size(make_experts_desc(in, w, map, opt, outs));
+    }
+    const Workspace ws = workspace_of(workspace, in.hidden.device);
+    const Stream s = stream_of(stream, hidden, in.hidden);
+    if (mode == kValidate) {
+      make_experts_desc(in, w, map, opt, outs);
+      return 0;
+    }
+    nb::gil_scoped_release release;
+    experts(in, w, map, opt, outs, ws, s);
+    return 0;
+  });
+}
+
+size_t fused_moe_call(nb::handle logits, nb::handle bias, nb::handle hidden, nb::handle weights,
+                      nb::handle w13, nb::handle w2, int order, int method, int num_experts,
+                      int top_k, int n_group, int topk_group, float routed_scaling_factor,
+                      int local_expert_offset, int local_num_experts, int64_t intermediate_size,
+                      int act, float alpha, float beta, float limit, nb::handle alpha_pe,
+                      nb::handle beta_pe, nb::handle limit_pe, int flags, nb::handle out,
+                      nb::handle topk_ids, nb::handle topk_weights, nb::handle workspace,
+                      nb::handle stream, int mode) {
+  return renamed_errors([&]() -> size_t {
+    ExpertWeights scratch;
+    const ExpertWeights& w = weights_of(weights, w13, w2, order, scratch);
+    const TensorView logits_v = to_view(logits, "routing_logits");
+    const TensorView hidden_v = to_view(hidden, "hidden_states");
+    check_intermediate(intermediate_size, w);
+    if (num_experts < 0) num_experts = logits_v.ndim == 2 ? static_cast<int>(logits_v.size(1)) : 0;
+    const ExpertMap map = map_of(num_experts, local_expert_offset, local_num_experts, w);
+
+    RoutingParams routing;
+    routing.method = static_cast<RoutingMethod>(method);
+    routing.num_experts = num_experts;
+    routing.top_k = top_k;
+    routing.n_group = n_group;
+    routing.topk_group = topk_group;
+    routing.routed_scaling_factor = routed_scaling_factor;
+    routing.norm_topk_prob = (flags & kNormTopkProb) != 0;
+
+    ExpertsOptions opt;
+    opt.activation = activation_of(act, alpha, beta, limit, alpha_pe, beta_pe, limit_pe);
+    opt.do_finalize = (flags & kDoFinalize) != 0;
+    opt.apply_router_weight_on_input = (flags & kWeightOnInput) != 0;
+    opt.bf16_routing_weights = (flags & kBf16RoutingWeights) != 0;
+
+    if (mode == kWorkspaceBytes) {
+      MODMOE_CHECK(hidden_v.ndim == 2, "argument 'hidden_states' has shape ",
+                   hidden_v.shape_string(), ": expected [T, H]");
+      return fused_moe_workspace_size(hidden_v.size(0), w, routing, map, opt);
+    }
+    const TensorView bias_v = to_view(bias, "routing_bias");
+    const TensorView out_v = to_view(out, "output");
+    const TensorView ids_v = to_view(topk_ids, "topk_ids");
+    const TensorView wts_v = to_view(topk_weights, "topk_weights");
+    const Workspace ws = workspace_of(workspace, hidden_v.device);
+    const Stream s = stream_of(stream, hidden, hidden_v);
+    nb::gil_scoped_release release;
+    fused_moe(logits_v, bias_v, hidden_v, w, routing, map, opt, out_v, ws, s, ids_v, wts_v);
+    return 0;
+  });
+}
+
+void route_call(nb::handle logits, nb::handle bias, int method, int top_k, int n_group,
+                int topk_group, float routed_scaling_factor, bool norm_topk_prob,
+                nb::handle topk_ids, nb::handle topk_weights, nb::handle stream) {
+  renamed_errors([&] {
+    const TensorView logits_v = to_view(logits, "routing_logits");
+    MODMOE_CHECK(logits_v.ndim == 2, "argument 'routing_logits' has shape ",
+                 logits_v.shape_string(), ": expected [T, E]");
+    RoutingParams params;
+    params.method = static_cast<RoutingMethod>(method);
+    params.num_experts = static_cast<int>(logits_v.size(1));
+    params.top_k = top_k;
+    params.n_group = n_group;
+    params.topk_group = topk_group;
+    params.routed_scaling_factor = routed_scaling_factor;
+    params.norm_topk_prob = norm_topk_prob;
+    const TensorView bias_v = to_view(bias, "routing_bias");
+    const TensorView ids_v = to_view(topk_ids, "topk_ids");
+    const TensorView wts_v = to_view(topk_weights, "topk_weights");
+    const Stream s = stream_of(stream, logits, logits_v);
+    nb::gil_scoped_release release;
+    route(logits_v, bias_v, params, ids_v, wts_v, s);
+  });
+}
+
+// Returns the interleave of the prepared weights (0: canonical, e.g. for non-gated weights).
+int prepare_weights_call(nb::handle w13, nb::handle w2, int order, nb::handle w13_bias,
+                         nb::handle w2_bias, int interleave_rows, nb::handle dst_w13,
+                         nb::handle dst_w2, nb::handle dst_w13_bias, nb::handle dst_w2_bias,
+                         nb::handle stream) {
+  return renamed_errors([&] {
+    const PyExpertWeights src = make_weights(w13, w2, order, w13_bias, w2_bias, 0);
+    ExpertWeights dst;
+    dst.w13 = to_view(dst_w13, "out[0]");
+    dst.w2 = to_view(dst_w2, "out[1]");
+    dst.w13_bias = to_view(dst_w13_bias, "out[2]");
+    dst.w2_bias = to_view(dst_w2_bias, "out[3]");
+    PrepareWeightsOptions options;
+    options.layout =
+        interleave_rows > 0 ? WeightLayout::GateUpInterleaved : WeightLayout::Canonical;
+    options.interleave_rows = interleave_rows;
+    const Stream s = stream_of(stream, w2, src.w.w2);
+    {
+      nb::gil_scoped_release release;
+      prepare_weights(src.w, dst, options, s);
+    }
+    return dst.interleave_rows;
+  });
+}
+
+size_t experts_workspace_size_call(int64_t num_tokens, int64_t hidden, int64_t intermediate,
+                                   int top_k, int num_experts, int local_expert_offset,
+                                   int local_num_experts, int act, bool do_finalize, bool batched) {
+  return renamed_errors([&] {
+    ExpertsDesc desc;
+    desc.format = batched ? InputFormat::Batched : InputFormat::Standard;
+    desc.num_tokens = num_tokens;
+    desc.hidden = hidden;
+    desc.intermediate = intermediate;
+    desc.top_k = batched ? 0 : top_k;
+    desc.expert_map = {
+        num_experts, local_expert_offset,
+        local_num_experts < 0 ? num_experts - local_expert_offset : local_num_experts};
+    desc.activation = static_cast<Activation>(act);
+    desc.do_finalize = do_finalize;
+    return experts_workspace_size(desc);
+  });
+}
+
+size_t fused_moe_workspace_size_call(int64_t num_tokens, int64_t hidden, int64_t intermediate,
+                                     int top_k, int num_experts, int local_expert_offset,
+                                     int local_num_experts, int act, int method, int n_group,
+                                     int topk_group) {
+  return renamed_errors([&] {
+    const ExpertMap map{
+        num_experts, local_expert_offset,
+        local_num_experts < 0 ? num_experts - local_expert_offset : local_num_experts};
+    // Only the sizes of the weights matter here: a view with a shape and no data.
+    ExpertWeights w;
+    w.w2 = make_view(nullptr, DType::BF16, {map.num_local_experts, hidden, intermediate});
+    RoutingParams routing;
+    routing.method = static_cast<RoutingMethod>(method);
+    routing.num_experts = num_experts;
+    routing.top_k = top_k;
+    routing.n_group = n_group;
+    routing.topk_group = topk_group;
+    ExpertsOptions opt;
+    opt.activation.kind = static_cast<Activation>(act);
+    return fused_moe_workspace_size(num_tokens, w, routing, map, opt);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// AllToAll
+// ---------------------------------------------------------------------------------------
+
+nb::dlpack::dtype dlpack_dtype(DType d) {
+  switch (d) {
+    case DType::F32:
+      return {kDLFloat, 32, 1};
+    case DType::F64:
+      return {kDLFloat, 64, 1};
+    case DType::F16:
+      return {kDLFloat, 16, 1};
+    case DType::BF16:
+      return {kDLBfloat, 16, 1};
+    case DType::I32:
+      return {kDLInt, 32, 1};
+    case DType::I64:
+      return {kDLInt, 64, 1};
+    default:
+      return {kDLUInt, 8, 1};
+  }
+}
+
+// A framework-neutral array over a view that `owner` keeps valid (python/modmoe/_alltoall.py
+// hands it to the caller's framework).
+nb::ndarray<> array_of(const TensorView& v, nb::handle owner) {
+  size_t shape[TensorView::kMaxDims];
+  for (int d = 0; d < v.ndim; ++d) shape[d] = static_cast<size_t>(v.shape[d]);
+  return nb::ndarray<>(v.data, static_cast<size_t>(v.ndim), shape, owner, v.strides.data(),
+                       dlpack_dtype(v.dtype), v.device.is_cuda() ? kDLCUDA : kDLCPU,
+                       v.device.index);
+}
+
+struct PyAllToAll {
+  std::unique_ptr<AllToAll> impl;
+  AllToAll& get() {
+    MODMOE_CHECK(impl != nullptr, "AllToAll: the object was closed");
+    return *impl;
+  }
+};
+
+void bind_all_to_all(nb::module_& m) {
+  nb::class_<PyAllToAll>(m, "AllToAll")
+      .def(
+          "__init__",
+          [](PyAllToAll* self, uintptr_t comm, int backend, int ep_size, int ep_rank,
+             int num_experts, int top_k, int max_tokens_per_rank,
+             size_t max_payload_bytes_per_token, int64_t hidden, int num_sms, double timeout_s,
+             bool combine_pull) {
+            AllToAllConfig c;
+            c.backend = static_cast<AllToAllBackend>(backend);
+            c.ep_size = ep_size;
+            c.ep_rank = ep_rank;
+            c.num_experts = num_experts;
+            c.top_k = top_k;
+            c.max_tokens_per_rank = max_tokens_per_rank;
+            c.max_payload_bytes_per_token = max_payload_bytes_per_token;
+            c.hidden = hidden;
+            c.num_sms = num_sms;
+            c.timeout_s = timeout_s;
+            c.combine_pull = combine_pull;
+            new (self) PyAllToAll{create_all_to_all(c, reinterpret_cast<ncclComm*>(comm))};
+          },
+          "comm"_a, "backend"_a, "ep_size"_a, "ep_rank"_a, "num_experts"_a, "top_k"_a,
+          "max_tokens_per_rank"_a, "max_payload_bytes_per_token"_a, "hidden"_a, "num_sms"_a,
+          "timeout_s"_a, "combine_pull"_a)
+      .def(
+          "dispatch",
+          [](nb::handle self, nb::handle topk_ids, nb::list payloads, int runtime_max,
+             nb::handle stream) {
+            AllToAll& a2a = nb::cast<PyAllToAll*>(self)->get();
+            const TensorView ids = to_view(topk_ids, "topk_ids");
+            std::vector<TensorView> views;
+            for (size_t i = 0; i < nb::len(payloads); ++i) {
+              const std::string name = "input_payloads[" + std::to_string(i) + "]";
+              nb::object item = payloads[i];
+              views.push_back(to_view(item, name.c_str()));
+            }
+            const Stream s = stream_of(stream, topk_ids, ids);
+            DispatchResult r;
+            {
+              nb::gil_scoped_release release;
+              r = a2a.dispatch(ids, views, runtime_max, s);
+            }
+            nb::list out;
+            for (const TensorView& p : r.payloads) out.append(array_of(p, self));
+            return nb::make_tuple(array_of(r.topk_ids, self), out, array_of(r.recv_counts, self));
+          },
+          "topk_ids"_a, "payloads"_a, "runtime_max"_a, "stream"_a.none())
+      .def("combine_buffer",
+           [](nb::handle self, int runtime_max) {
+             return array_of(nb::cast<PyAllToAll*>(self)->get().combine_buffer(runtime_max), self);
+           })
+      .def(
+          "combine",
+          [](PyAllToAll& self, nb::handle payload, nb::handle out, int runtime_max,
+             nb::handle stream) {
+            const TensorView p = to_view(payload, "payload");
+            const TensorView o = to_view(out, "output");
+            const Stream s = stream_of(stream, payload, p);
+            nb::gil_scoped_release release;
+            self.get().combine(p, o, runtime_max, s);
+          },
+          "payload"_a, "out"_a, "runtime_max"_a, "stream"_a.none())
+      .def("check", [](PyAllToAll& self) { self.get().check(); })
+      .def("close", [](PyAllToAll& self) { self.impl.reset(); })
+      .def_prop_ro("ep_size", [](PyAllToAll& self) { return self.get().config().ep_size; })
+      .def_prop_ro("ep_rank", [](PyAllToAll& self) { return self.get().config().ep_rank; })
+      .def_prop_ro("hidden_size", [](PyAllToAll& self) { return self.get().config().hidden; })
+      .def_prop_ro("max_tokens_per_rank",
+                   [](PyAllToAll& self) { return self.get().config().max_tokens_per_rank; });
+}
+
+}  // namespace
+}  // namespace modmoe::py
+
+NB_MODULE(_C, m) {
+  using namespace modmoe;
+  using namespace modmoe::py;
+  m.doc() = "modmoe C++ library binding (use the modmoe package, not this module)";
+
+  nb::exception<Error>(m, "Error", PyExc_RuntimeError);
+
+  m.attr("DO_FINALIZE") = kDoFinalize;
+  m.attr("WEIGHT_ON_INPUT") = kWeightOnInput;
+  m.attr("BF16_ROUTING_WEIGHTS") = kBf16RoutingWeights;
+  m.attr("NORM_TOPK_PROB") = kNormTopkProb;
+  m.attr("RUN") = kRun;
+  m.attr("WORKSPACE_BYTES") = kWorkspaceBytes;
+  m.attr("VALIDATE") = kValidate;
+  m.attr("ACT_SWIGLU") = static_cast<int>(Activation::Swiglu);
+  m.attr("ACT_SWIGLU_OAI") = static_cast<int>(Activation::SwigluOai);
+  m.attr("ACT_GEGLU") = static_cast<int>(Activation::Geglu);
+  m.attr("ACT_RELU2") = static_cast<int>(Activation::Relu2);
+  m.attr("GATE_UP") = static_cast<int>(GateUpOrder::GateUp);
+  m.attr("UP_GATE") = static_cast<int>(GateUpOrder::UpGate);
+  m.attr("BACKEND_NVLINK") = static_cast<int>(AllToAllBackend::NvLink);
+  m.attr("BACKEND_NCCL") = static_cast<int>(AllToAllBackend::Nccl);
+  m.def("version", [] { return std::string(version()); });
+  m.def("built_with_cuda", &built_with_cuda);
+  m.def("compiled_architectures", &compiled_architectures);
+
+  nb::class_<PyExpertWeights>(m, "ExpertWeights")
+      .def(
+          "__init__",
+          [](PyExpertWeights* self, nb::handle w13, nb::handle w2, int order, nb::handle w13_bias,
+             nb::handle w2_bias, int interleave_rows) {
+            new (self) PyExpertWeights(renamed_errors(
+                [&] { return make_weights(w13, w2, order, w13_bias, w2_bias, interleave_rows); }));
+          },
+          "gemm1_weights"_a, "gemm2_weights"_a, "gate_up_order"_a = 0,
+          "gemm1_bias"_a.none() = nb::none(), "gemm2_bias"_a.none() = nb::none(),
+          "interleave_rows"_a = 0,
+          "Expert weights converted once: gemm1_weights [E_local, 2I, H] (or [E_local, I, H] "
+          "for relu2) and gemm2_weights [E_local, H, I], bf16, with the gate/up order of "
+          "gemm1 (0: gate rows first, vLLM; 1: up rows first, FlashInfer) and the interleave "
+          "of prepare_weights (0: canonical). Keeps the tensors alive.")
+      .def_prop_ro("gemm1_weights", [](PyExpertWeights& p) { return p.w13; })
+      .def_prop_ro("gemm2_weights", [](PyExpertWeights& p) { return p.w2; })
+      .def_prop_ro("gemm1_bias", [](PyExpertWeights& p) { return p.w13_bias; })
+      .def_prop_ro("gemm2_bias", [](PyExpertWeights& p) { return p.w2_bias; })
+      .def_prop_ro("gate_up_order", [](PyExpertWeights& p) { return static_cast<int>(p.w.order); })
+      .def_prop_ro("interleave_rows", [](PyExpertWeights& p) { return p.w.interleave_rows; })
+      .def_prop_ro("num_local_experts",
+                   [](PyExpertWeights& p) { return p.w.w2.ndim == 3 ? p.w.w2.size(0) : 0; })
+      .def_prop_ro("hidden_size",
+                   [](PyExpertWeights& p) { return p.w.w2.ndim == 3 ? p.w.w2.size(1) : 0; })
+      .def_prop_ro("intermediate_size",
+                   [](PyExpertWeights& p) { return p.w.w2.ndim == 3 ? p.w.w2.size(2) : 0; })
+      .def("__repr__", [](PyExpertWeights& p) {
+        return "modmoe.ExpertWeights(gemm1 " + p.w.w13.shape_string() + ", gemm2 " +
+               p.w.w2.shape_string() + ", " +
+               (p.w.order == GateUpOrder::GateUp ? "gate_up" : "up_gate") +
+               ", interleave_rows=" + std::to_string(p.w.interleave_rows) + ")";
+      });
+
+  m.def("experts", &experts_call, "hidden"_a.none(), "topk_ids"_a.none(), "topk_weights"_a.none(),
+        "weights"_a.none(), "w13"_a.none(), "w2"_a.none(), "order"_a, "num_experts"_a,
+        "local_expert_offset"_a, "local_num_experts"_a, "top_k"_a, "intermediate_size"_a, "act"_a,
+        "alpha"_a, "beta"_a, "limit"_a, "alpha_pe"_a.none(), "beta_pe"_a.none(),
+        "limit_pe"_a.none(), "flags"_a, "lora"_a.none(), "expert_num_tokens"_a.none(),
+        "out"_a.none(), "gemm2_out"_a.none(), "expert_weights"_a.none(), "e2p"_a.none(),
+        "offsets"_a.none(), "act_out"_a.none(), "workspace"_a.none(), "stream"_a.none(), "mode"_a);
+  m.def("fused_moe", &fused_moe_call, "logits"_a.none(), "bias"_a.none(), "hidden"_a.none(),
+        "weights"_a.none(), "w13"_a.none(), "w2"_a.none(), "order"_a, "method"_a, "num_experts"_a,
+        "top_k"_a, "n_group"_a, "topk_group"_a, "routed_scaling_factor"_a, "local_expert_offset"_a,
+        "local_num_experts"_a, "intermediate_size"_a, "act"_a, "alpha"_a, "beta"_a, "limit"_a,
+        "alpha_pe"_a.none(), "beta_pe"_a.none(), "limit_pe"_a.none(), "flags"_a, "out"_a.none(),
+        "topk_ids"_a.none(), "topk_weights"_a.none(), "workspace"_a.none(), "stream"_a.none(),
+        "mode"_a);
+  m.def("route", &route_call, "logits"_a.none(), "bias"_a.none(), "method"_a, "top_k"_a,
+        "n_group"_a, "topk_group"_a, "routed_scaling_factor"_a, "norm_topk_prob"_a,
+        "topk_ids"_a.none(), "topk_weights"_a.none(), "stream"_a.none());
+  m.def("prepare_weights", &prepare_weights_call, "w13"_a.none(), "w2"_a.none(), "order"_a,
+        "w13_bias"_a.none(), "w2_bias"_a.none(), "interleave_rows"_a, "dst_w13"_a.none(),
+        "dst_w2"_a.none(), "dst_w13_bias"_a.none(), "dst_w2_bias"_a.none(), "stream"_a.none());
+  m.def("experts_workspace_size", &experts_workspace_size_call, "num_tokens"_a, "hidden"_a,
+        "intermediate"_a, "top_k"_a, "num_experts"_a, "local_expert_offset"_a,
+        "local_num_experts"_a, "act"_a, "do_finalize"_a, "batched"_a);
+  m.def("fused_moe_workspace_size", &fused_moe_workspace_size_call, "num_tokens"_a, "hidden"_a,
+        "intermediate"_a, "top_k"_a, "num_experts"_a, "local_expert_offset"_a,
+        "local_num_experts"_a, "act"_a, "method"_a, "n_group"_a, "topk_group"_a);
+  bind_all_to_all(m);
+}

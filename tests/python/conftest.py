@@ -1,0 +1,149 @@
+"""Shared helpers of the Python tests: seeded problems, bf16 through ml_dtypes, and the float64
+and same-precision references of the experts stage (docs/contract.md, "Numerics").
+
+NumPy has no bf16 dtype: the tests use ml_dtypes.bfloat16 arrays, which modmoe reads as their
+uint16 bits (the package does the same for any uint16 array)."""
+
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+BF16 = ml_dtypes.bfloat16
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROUTING_DATA = os.path.join(REPO, "tests", "data", "routing")
+
+
+def bf16(x):
+    """Round to bf16 (nearest even), as a bf16 array."""
+    return np.asarray(x, dtype=np.float32).astype(BF16)
+
+
+def f64(x):
+    return np.asarray(x).astype(np.float64)
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's name, printed so that a failure can be replayed."""
+    seed = sum(map(ord, request.node.name)) % (2**31)
+    print(f"seed = {seed}")
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Problems
+# ---------------------------------------------------------------------------------------
+
+
+class Problem:
+    """An experts problem: x [M, H], w13 [E_local, 2I (or I), H], w2 [E_local, H, I] in bf16,
+    global ids [M, k] and fp32 weights [M, k]."""
+
+    def __init__(self, rng, m=24, hidden=128, inter=64, num_experts=8, top_k=2,
+                 local_offset=0, num_local=None, act="swiglu", gate_up=True):
+        num_local = num_experts if num_local is None else num_local
+        rows = inter if act == "relu2" else 2 * inter
+        self.m, self.hidden, self.inter, self.k = m, hidden, inter, top_k
+        self.num_experts, self.offset, self.num_local = num_experts, local_offset, num_local
+        self.act, self.gate_up = act, gate_up
+        self.x = bf16(rng.standard_normal((m, hidden)))
+        self.w13 = bf16(rng.standard_normal((num_local, rows, hidden)) / np.sqrt(hidden))
+        self.w2 = bf16(rng.standard_normal((num_local, hidden, inter)) / np.sqrt(inter))
+        ids = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(m)])
+        self.ids = ids.astype(np.int32)
+        w = rng.uniform(0.1, 1.0, (m, top_k)).astype(np.float32)
+        self.weights = (w / w.sum(1, keepdims=True)).astype(np.float32)
+        self.alpha = self.beta = self.limit = None
+
+    def gate_up_rows(self, e):
+        """(gate [I, H], up [I, H]) of local expert e, float64."""
+        w = f64(self.w13[e])
+        i = self.inter
+        return (w[:i], w[i:]) if self.gate_up else (w[i:], w[:i])
+
+
+def activation(p, e, h_gate, h_up, dtype):
+    """The contract's activations, in `dtype` (float64 for the reference)."""
+    g, u = h_gate.astype(dtype), h_up.astype(dtype) if h_up is not None else None
+    if p.act == "swiglu":
+        return g / (1 + np.exp(-g)) * u
+    if p.act == "geglu":
+        from math import erf
+
+        verf = np.vectorize(erf)
+        return 0.5 * g * (1 + verf(g / np.sqrt(2.0)).astype(dtype)) * u
+    if p.act == "relu2":
+        return np.maximum(g, 0) ** 2
+    if p.act == "swiglu_oai":
+        alpha = p.alpha[e] if p.alpha is not None else 1.702
+        beta = p.beta[e] if p.beta is not None else 1.0
+        limit = p.limit[e] if p.limit is not None else 7.0
+        g = np.minimum(g, limit)
+        u = np.clip(u, -limit, limit)
+        return g / (1 + np.exp(-alpha * g)) * (u + beta)
+    raise ValueError(p.act)
+
+
+def reference(p, ids=None, weights=None, precision="f64", weight_on_input=False):
+    """out [M, H] float64: sum over local j of w_j * Expert_{id_j}(x).
+
+    precision "f64": every step in float64 from the bf16 inputs (the oracle).
+    precision "bf16": the same-precision composition PyTorch would run: bf16 GEMM outputs
+    (fp32 accumulate), activation on bf16 inputs rounded to bf16, weighted sum in fp32, one
+    cast. The contract bounds modmoe's error by 1.5x of this composition's."""
+    ids = p.ids if ids is None else ids
+    weights = p.weights if weights is None else weights
+    low = precision == "bf16"
+    dt = np.float32 if low else np.float64
+    out = np.zeros((ids.shape[0], p.hidden), dtype=dt)
+    for m in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[m, j]) - p.offset
+            if not 0 <= e < p.num_local:
+                continue
+            w = dt(weights[m, j])
+            x = f64(p.x[m])
+            if weight_on_input:
+                x = f64(bf16(x * w)) if low else x * w
+                w = dt(1.0)
+            if p.act == "relu2":
+                h = f64(p.w13[e]) @ x
+                h = f64(bf16(h)) if low else h
+                a = activation(p, e, h, None, dt)
+            else:
+                gate, up = p.gate_up_rows(e)
+                hg, hu = gate @ x, up @ x
+                if low:
+                    hg, hu = f64(bf16(hg)), f64(bf16(hu))
+                a = activation(p, e, hg, hu, dt)
+            if low:
+                a = f64(bf16(a))
+            y = f64(p.w2[e]) @ f64(a)
+            if low:
+                y = f64(bf16(y))
+            out[m] += w * y.astype(dt)
+    return f64(bf16(out)) if low else out
+
+
+def rel_l2(a, ref):
+    a, ref = f64(a), f64(ref)
+    return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def assert_within_contract(out, p, **kw):
+    """modmoe's relative L2 error vs float64 is within 1.5x of the same-precision
+    composition's (docs/contract.md, "Numerics")."""
+    ref = reference(p, **kw)
+    comp = reference(p, precision="bf16", **kw)
+    err, err_comp = rel_l2(out, ref), rel_l2(comp, ref)
+    print(f"rel L2 vs float64: modmoe {err:.3e}, bf16 composition {err_comp:.3e}")
+    assert err <= 1.5 * err_comp + 1e-6, (err, err_comp)
+    assert err < 1e-2
+
+
+def first_mismatch(a, b):
+    """The first differing coordinate of two arrays, for failure messages."""
+    diff = np.argwhere(f64(a) != f64(b))
+    return None if diff.size == 0 else tuple(int(i) for i in diff[0])
