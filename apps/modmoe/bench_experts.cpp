@@ -107,9 +107,10 @@ Cell run_cell(const Model& m, int64_t tokens, bool zipf, const Ceilings& ceil, u
   Layer layer(p, map, Device::cuda(0), seed, false);
   // The kernel layout, prepared once as at load time.
   Buffer w13i(DType::BF16, {e, 2 * inter, h}, Device::cuda(0));
+  Buffer w2i(DType::BF16, {e, h, inter}, Device::cuda(0));  // prepare_weights never works in place
   ExpertWeights prepared;
   prepared.w13 = w13i;
-  prepared.w2 = layer.w2;
+  prepared.w2 = w2i;
   prepare_weights(layer.weights, prepared);
 
   // Rotated inputs: R batches whose activations together pass 2x L2 where that is cheap.

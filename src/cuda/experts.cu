@@ -14,9 +14,13 @@
 #include <algorithm>
 #include <cub/block/block_scan.cuh>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "backend.h"
 #include "cuda/device/cuda_check.h"
+#include "cuda/device/sm90_ptx.cuh"
 #include "cuda/gemm/grouped_gemm.h"
 
 namespace modmoe::cuda {
@@ -27,6 +31,42 @@ constexpr int kThreads = 256;
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The two GEMM problems of a call, from the sizes alone (the workspace is sized from them).
+// The caller fills in what depends on the tensors (gate/up layout, alignment).
+struct GemmDescs {
+  gemm::GemmDesc d1, d2;
+};
+GemmDescs make_gemm_descs(const ExpertsDesc& d) {
+  const bool standard = d.format == InputFormat::Standard;
+  const int E = d.expert_map.num_local_experts;
+  const int64_t M = d.num_tokens;
+  const int64_t N = standard ? M * d.top_k : 0;
+  const int64_t rows = standard ? N : E * M;
+  GemmDescs g;
+  gemm::GemmDesc& d1 = g.d1;
+  d1.stage = gemm::GemmStage::Gemm1;
+  d1.num_experts = E;
+  d1.max_rows = rows;
+  d1.max_rows_per_expert = standard ? N : M;
+  // Balanced routing brings N * E_local / E local rows (most slots are remote under EP).
+  d1.expected_rows =
+      standard ? ceil_div(N * E, std::max(d.expert_map.num_experts, 1)) : rows;
+  d1.n = d.intermediate;
+  d1.k = d.hidden;
+  d1.gated = is_gated(d.activation);
+  // Sized as if the sm90 kernel may run (GateUpInterleaved, aligned): the workspace must not
+  // depend on the tensors.
+  d1.gate_up_group = d1.gated ? 8 : 0;
+  gemm::GemmDesc& d2 = g.d2;
+  d2 = d1;
+  d2.stage = gemm::GemmStage::Gemm2;
+  d2.n = d.hidden;
+  d2.k = d.intermediate;
+  d2.gated = false;
+  d2.gate_up_group = 0;
+  return g;
+}
 
 // Consecutive 256-byte aligned regions from a base rounded up to 256 bytes. With a null base
 // it only counts, so the size formula and the carving are one piece of code.
@@ -70,6 +110,10 @@ class Carver {
 //     act            bf16  [R, I]          GEMM1 output = GEMM2 input    2 R I
 //   standard, do_finalize only
 //     g2             bf16  [N, H]          gemm2_out, permuted           2 N H
+//   sm90 split-K scratch (decode sizes only; gemm::split_k_capacity of each GEMM)
+//     split1         fp32  [cap1.partial_floats]                         4 cap1.partial_floats
+//     split2         fp32  [cap2.partial_floats]                         4 cap2.partial_floats
+//     counters       int32 [cap1.max_tiles + cap2.max_tiles]  zeroed by the work-list kernel
 //
 // The metadata regions are carved even when the caller passes its own views, so the size
 // depends on the desc alone.
@@ -87,6 +131,11 @@ struct Layout {
   __nv_bfloat16* scaled = nullptr;
   __nv_bfloat16* act = nullptr;
   __nv_bfloat16* g2 = nullptr;
+  float* split1 = nullptr;
+  float* split2 = nullptr;
+  int32_t* counters1 = nullptr;
+  int32_t* counters2 = nullptr;
+  int64_t num_counters = 0;
   size_t total_bytes = 0;
 };
 
@@ -113,6 +162,17 @@ Layout carve(const ExpertsDesc& d, void* base) {
   if (standard && d.top_k == 1) l.scaled = c.take<__nv_bfloat16>(M * d.hidden);
   l.act = c.take<__nv_bfloat16>(R * d.intermediate);
   if (standard && d.do_finalize) l.g2 = c.take<__nv_bfloat16>(N * d.hidden);
+  const GemmDescs g = make_gemm_descs(d);
+  const gemm::SplitKCapacity cap1 = gemm::split_k_capacity(g.d1);
+  const gemm::SplitKCapacity cap2 = gemm::split_k_capacity(g.d2);
+  if (cap1.partial_floats > 0) l.split1 = c.take<float>(cap1.partial_floats);
+  if (cap2.partial_floats > 0) l.split2 = c.take<float>(cap2.partial_floats);
+  l.num_counters = cap1.max_tiles + cap2.max_tiles;
+  if (l.num_counters > 0) {
+    int32_t* counters = c.take<int32_t>(l.num_counters);
+    l.counters1 = counters;
+    l.counters2 = counters ? counters + cap1.max_tiles : nullptr;
+  }
   l.total_bytes = c.bytes();
   return l;
 }
@@ -150,15 +210,8 @@ __device__ __forceinline__ float routing_weight(const RoutingArgs& a, int64_t i,
   return w;
 }
 
-// expert_weights [M, k] fp32: the weight finalize applies; 0 where not local, 1 when the
-// weight went to the input (docs/HELPERS.md items 5 and 6).
-__global__ void routing_weights_kernel(const RoutingArgs a, float* expert_weights) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= a.num_entries) return;
-  bool local;
-  const float w = routing_weight(a, i, local);
-  expert_weights[i] = local ? (a.on_input ? 1.0f : w) : 0.0f;
-}
+// expert_weights [M, k] fp32 (prepare_gemms_kernel): the weight finalize applies; 0 where not
+// local, 1 when the weight went to the input (docs/HELPERS.md items 5 and 6).
 
 // top_k == 1: scaled [M, H] = bf16(float(x) * w), the GEMM1 input (HELPERS.md item 6).
 // One thread per 8 columns (16 bytes).
@@ -193,11 +246,34 @@ struct WorkListArgs {
   int32_t* row_count;      // [E_local]
   int32_t* tiles1;         // [E_local + 1] exclusive prefix of ceil(count / block_m1)
   int32_t* tiles2;         // [E_local + 1] same for block_m2
+  int32_t* counters;       // [num_counters] split-K arrival counts, zeroed here
+  int64_t num_counters;
+  // Standard format: the routing weights, computed by the same launch (grid-stride).
+  bool with_weights;
+  RoutingArgs routing;
+  float* expert_weights;   // [M, k] fp32
 };
 
-// One block. A batched count outside [0, max_m] is clamped: a corrupt count must not make
-// the GEMMs read or write out of bounds (docs/contract.md, "Stage 2").
-__global__ void __launch_bounds__(kThreads) build_work_list_kernel(const WorkListArgs a) {
+// Block 0 builds the work list; every block zeroes its share of the split-K counters and, in
+// the standard format, computes the routing weights (one launch instead of two).
+// A batched count outside [0, max_m] is clamped: a corrupt count must not make the GEMMs read
+// or write out of bounds (docs/contract.md, "Stage 2").
+__global__ void __launch_bounds__(kThreads) prepare_gemms_kernel(const WorkListArgs a) {
+  // The GEMMs wait for this grid to finish (programmatic dependent launch); let them start
+  // their prologue now.
+  sm90::grid_launch_dependents();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  for (int64_t i = first; i < a.num_counters; i += stride) a.counters[i] = 0;
+  if (a.with_weights) {
+    for (int64_t i = first; i < a.routing.num_entries; i += stride) {
+      bool local;
+      const float w = routing_weight(a.routing, i, local);
+      a.expert_weights[i] = local ? (a.routing.on_input ? 1.0f : w) : 0.0f;
+    }
+  }
+  if (blockIdx.x != 0) return;
+
   using Scan = cub::BlockScan<int32_t, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   int32_t carry1 = 0;
@@ -273,6 +349,31 @@ class DeviceGuard {
   int device_ = 0;
 };
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Test and benchmark hooks, read at every call:
+//   MODMOE_GEMM_CONFIG=<name>  use this compiled config (GemmConfig::to_string() without the
+//                              split suffix) for both GEMMs where it can run; "sm80" keeps the
+//                              mma.sync kernels only;
+//   MODMOE_GEMM_SPLIT_K=<n>    sm90 split-K slices (clamped to what the problem allows).
+gemm::GemmConfig apply_overrides(const gemm::GemmDesc& d, gemm::GemmConfig c) {
+  const char* name = std::getenv("MODMOE_GEMM_CONFIG");
+  if (name != nullptr && name[0] != '\0') {
+    for (const gemm::GemmConfig& k : gemm::compiled_configs()) {
+      if (k.to_string() == name && (k.arch != 90 || (d.sm90_supported() && d.allow_sm90))) {
+        c = k;
+      }
+    }
+  }
+  const char* split = std::getenv("MODMOE_GEMM_SPLIT_K");
+  if (split != nullptr && split[0] != '\0' && c.arch == 90) {
+    const gemm::SplitKCapacity cap = gemm::split_k_capacity(d);
+    const int want = std::atoi(split);
+    c.split_k = c.block_m == 64 ? std::max(1, std::min(want, cap.max_split)) : 1;
+  }
+  return c;
+}
+
 template <class T>
 T* ptr_or(const TensorView& v, T* fallback) {
   return v.defined() ? v.ptr<T>() : fallback;
@@ -320,6 +421,7 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   MODMOE_CHECK(g2 != nullptr || rows == 0, "argument 'gemm2_out' is missing: expected a [",
                rows, ", ", H, "] bf16 tensor when do_finalize is false");
 
+  RoutingArgs ra{};
   if (standard) {
     if (M == 0) {
       if (out.expert_first_token_offset.defined()) {
@@ -334,7 +436,6 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
     cuda::permute(in.topk_ids, packed, map, meta, Workspace{ws.permute_ws, ws.permute_bytes},
                   stream);
 
-    RoutingArgs ra{};
     ra.topk_ids = in.topk_ids.ptr<const int32_t>();
     if (!packed) {
       if (in.topk_weights.dtype == DType::BF16) {
@@ -348,8 +449,6 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
     ra.num_local_experts = E;
     ra.round_bf16 = options.bf16_routing_weights;
     ra.on_input = options.apply_router_weight_on_input;
-    routing_weights_kernel<<<grid_for(N), kThreads, 0, stream>>>(ra, expert_weights);
-    MODMOE_LAUNCH_CHECK(stream);
     if (options.apply_router_weight_on_input) {
       MODMOE_CHECK(k == 1 && ws.scaled != nullptr,
                    "apply_router_weight_on_input needs top_k == 1, got ", k);
@@ -360,27 +459,39 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   }
   if (rows == 0) return;
 
+  // The caller's gemm1_activation_output [N, I] is the act buffer itself when given.
+  __nv_bfloat16* act = ws.act;
+  if (standard && out.gemm1_activation_output.defined()) {
+    act = out.gemm1_activation_output.ptr<__nv_bfloat16>();
+  }
+
   // ---- the two GEMM problems and their tiles ----
   const gemm::DeviceProps props = gemm::DeviceProps::query(dev.index);
-  GemmDesc d1;
-  d1.stage = GemmStage::Gemm1;
-  d1.num_experts = E;
-  d1.max_rows = rows;
-  d1.max_rows_per_expert = standard ? N : M;
-  // Balanced routing brings N * E_local / E local rows (most slots are remote under EP).
-  d1.expected_rows = standard ? ceil_div(N * E, map.num_experts) : rows;
-  d1.n = I;
-  d1.k = H;
-  d1.gated = gated;
-  GemmDesc d2 = d1;
-  d2.stage = GemmStage::Gemm2;
-  d2.n = H;
-  d2.k = I;
-  d2.gated = false;
+  GemmDescs descs = make_gemm_descs(desc);
+  GemmDesc& d1 = descs.d1;
+  GemmDesc& d2 = descs.d2;
+  const bool gemm1_aligned =
+      aligned16(in.hidden.data) && aligned16(weights.w13.data) &&
+      weights.w13.stride(0) % 8 == 0 && weights.w13.stride(1) % 8 == 0 && H % 8 == 0;
+  const bool gemm2_aligned = aligned16(weights.w2.data) && weights.w2.stride(0) % 8 == 0 &&
+                             weights.w2.stride(1) % 8 == 0 && I % 8 == 0;
+  if (gated) {
+    // The sm90 kernel reads gate rows 0-7 and up rows 8-15 of every 16: GateUpInterleaved G = 8
+    // (a canonical GateUp w13 with I = 8 is the same layout).
+    const gemm::GateUpMap m = gemm::GateUpMap::from(weights, I);
+    d1.gate_up_group = m.group == 8 && m.gate_offset == 0 && m.up_offset == 8 ? 8 : -1;
+  }
+  d1.aligned16 = gemm1_aligned && (ws.scaled == nullptr || aligned16(ws.scaled)) &&
+                 aligned16(act);
+  d2.aligned16 = gemm2_aligned && aligned16(act) && aligned16(g2);
+  const char* force = std::getenv("MODMOE_GEMM_CONFIG");
+  const bool sm80_only = force != nullptr && std::strcmp(force, "sm80") == 0;
+  d1.allow_sm90 = !sm80_only;
+  d2.allow_sm90 = !sm80_only;
   d1.validate();
   d2.validate();
-  const gemm::GemmConfig c1 = gemm::select_config(d1, props);
-  const gemm::GemmConfig c2 = gemm::select_config(d2, props);
+  const gemm::GemmConfig c1 = apply_overrides(d1, gemm::select_config(d1, props));
+  const gemm::GemmConfig c2 = apply_overrides(d2, gemm::select_config(d2, props));
 
   WorkListArgs wl{};
   wl.offsets = standard ? offsets : nullptr;
@@ -393,15 +504,19 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   wl.row_count = ws.row_count;
   wl.tiles1 = ws.tiles1;
   wl.tiles2 = ws.tiles2;
-  build_work_list_kernel<<<1, kThreads, 0, stream>>>(wl);
+  wl.counters = ws.counters1;
+  wl.num_counters = ws.num_counters;
+  wl.with_weights = standard;
+  wl.routing = ra;
+  wl.expert_weights = expert_weights;
+  // One block builds the work list; the others share the routing weights and the counters.
+  const int64_t spread = std::max<int64_t>(standard ? N : 0, ws.num_counters);
+  const unsigned prep_blocks =
+      static_cast<unsigned>(std::clamp<int64_t>(ceil_div(spread, kThreads * 4), 1, 264));
+  prepare_gemms_kernel<<<prep_blocks, kThreads, 0, stream>>>(wl);
   MODMOE_LAUNCH_CHECK(stream);
 
   // ---- GEMM1: act [rows, I] = activation(A @ w13[e]^T + bias + lora) ----
-  // The caller's gemm1_activation_output [N, I] is the act buffer itself when given.
-  __nv_bfloat16* act = ws.act;
-  if (standard && out.gemm1_activation_output.defined()) {
-    act = out.gemm1_activation_output.ptr<__nv_bfloat16>();
-  }
   GemmArgs g1;
   g1.tile_offsets = ws.tiles1;
   g1.row_begin = ws.row_begin;
@@ -433,6 +548,8 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   g1.activation.limit_per_expert = ptr_or<const float>(ap.limit_per_expert, nullptr);
   g1.c = act;
   g1.ldc = I;
+  g1.split_partials = ws.split1;
+  g1.split_counters = ws.counters1;
   gemm::launch_grouped_gemm(d1, c1, g1, stream);
 
   // ---- GEMM2: gemm2_out [rows, H] = act @ w2[e]^T + bias ----
@@ -451,6 +568,8 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   }
   g2a.c = g2;
   g2a.ldc = H;
+  g2a.split_partials = ws.split2;
+  g2a.split_counters = ws.counters2;
   gemm::launch_grouped_gemm(d2, c2, g2a, stream);
 
   if (!standard) {

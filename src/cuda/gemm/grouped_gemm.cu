@@ -1,14 +1,18 @@
 // Host side of the grouped GEMMs: config selection, the runtime -> template switch and the
-// explicit instantiations of sm80_mma_grouped_gemm.cuh.
+// explicit instantiations of sm80_mma_grouped_gemm.cuh (the sm90 ones are in
+// sm90_grouped_gemm.cu).
 //
-// Instantiations (the build's size, kept small for 2-core CI): 2 tiles x 2 stages
-// (GEMM1, GEMM2) = 4 kernels. Activation, gating, bias, LoRA, gather and the gate/up row
-// map are run-time arguments of the epilogue and the copy plan, not template axes.
+// Instantiations (the build's size, kept small for 2-core CI): sm80 2 tiles x 2 stages
+// (GEMM1, GEMM2) = 4 kernels, sm90 2 tiles x 2 stages = 4 kernels. Activation, gating, bias,
+// LoRA, gather, the gate/up row map and split-K are run-time arguments, not template axes.
 #include "cuda/gemm/grouped_gemm.h"
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <sstream>
 
@@ -16,6 +20,10 @@
 #include "cuda/gemm/sm80_mma_grouped_gemm.cuh"
 
 namespace modmoe::cuda::gemm {
+
+GemmConfig sm90_narrow_config();  // sm90_grouped_gemm.cu
+GemmConfig sm90_wide_config();
+
 namespace {
 
 // 128x128x32, 4 stages, 8 warps as 2 x 4 (warp tile 64 x 32): 64 KB of shared memory and
@@ -25,11 +33,23 @@ using TileLarge = Sm80Tile<128, 128, 4, 2, 4, 2>;
 // (decode, many experts), half the padded rows of the large tile and twice the CTAs.
 using TileSmall = Sm80Tile<64, 128, 4, 2, 2, 3>;
 
-constexpr int kNumConfigs = 2;
+constexpr int kNumConfigs = 4;
+constexpr int kMaxSplitK = 8;
+// NOTE: the order is the switch order of launch_grouped_gemm (sm80) and of select_config.
 const std::array<GemmConfig, kNumConfigs>& configs() {
-  static const std::array<GemmConfig, kNumConfigs> c = {TileLarge::config(),
-                                                        TileSmall::config()};
+  static const std::array<GemmConfig, kNumConfigs> c = {
+      TileLarge::config(), TileSmall::config(), sm90_narrow_config(), sm90_wide_config()};
   return c;
+}
+const GemmConfig& sm90_narrow() { return configs()[2]; }
+const GemmConfig& sm90_wide() { return configs()[3]; }
+
+// Experts that `rows` rows touch, of `experts`, under uniform routing:
+// E * (1 - (1 - 1/E)^rows); at least 1.
+double expected_touched(int64_t rows, int experts) {
+  if (experts <= 1 || rows <= 0) return 1.0;
+  const double untouched = std::exp(static_cast<double>(rows) * std::log1p(-1.0 / experts));
+  return std::max(1.0, experts * (1.0 - untouched));
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -117,8 +137,19 @@ void GemmDesc::validate() const {
                ": expected >= 0");
 }
 
+bool GemmDesc::sm90_supported() const {
+  if (!aligned16 || n < 8 || k < 8) return false;
+  // Gated GEMM1 needs gate and up rows interleaved in groups of 8 (see the kernel's header).
+  return !gated || gate_up_group == 8;
+}
+
 std::string GemmConfig::to_string() const {
   std::ostringstream os;
+  if (arch == 90) {
+    os << "sm90_" << block_m << "x" << block_n << "x" << block_k << "_s" << stages;
+    if (split_k > 1) os << "_k" << split_k;
+    return os.str();
+  }
   os << block_m << "x" << block_n << "x" << block_k << "_s" << stages << "_w" << warps_m << "x"
      << warps_n;
   return os.str();
@@ -126,7 +157,89 @@ std::string GemmConfig::to_string() const {
 
 std::span<const GemmConfig> compiled_configs() { return {configs().data(), configs().size()}; }
 
+int max_split_k() { return kMaxSplitK; }
+
+bool is_compiled(const GemmConfig& config) {
+  GemmConfig base = config;
+  base.split_k = 1;
+  if (std::find(configs().begin(), configs().end(), base) == configs().end()) return false;
+  return config.split_k == 1 ||
+         (config.arch == 90 && config.split_k >= 1 && config.split_k <= kMaxSplitK);
+}
+
+SplitKCapacity split_k_capacity(const GemmDesc& desc) {
+  SplitKCapacity cap;
+  // Only the narrow sm90 tile splits, and only when no tile can hold more than 16 rows (its
+  // narrowest wgmma), so a slice's fragment is 8 floats per consumer thread.
+  if (!desc.sm90_supported() || desc.max_rows <= 0 || desc.max_rows_per_expert > 16) return cap;
+  const GemmConfig& narrow = sm90_narrow();
+  const int64_t tiles = desc.max_m_tiles(narrow.block_m) * ceil_div(desc.b_rows(), narrow.block_n);
+  const int64_t k_blocks = ceil_div(desc.k, narrow.block_k);
+  // Every slice keeps at least 4 k-blocks (the pipeline must fill), and the scratch stays
+  // under 32 MiB.
+  constexpr int64_t kScratchBytes = int64_t{32} << 20;
+  const int64_t unit_bytes = 2048 * 4;  // kSplitUnitFloats (sm90_wgmma_grouped_gemm.cuh)
+  int64_t max_split = std::min<int64_t>(kMaxSplitK, k_blocks / 4);
+  if (tiles > 0) max_split = std::min(max_split, kScratchBytes / (tiles * unit_bytes));
+  if (max_split < 2 || tiles == 0) return cap;
+  cap.max_split = static_cast<int>(max_split);
+  cap.max_tiles = tiles;
+  cap.partial_floats = tiles * max_split * 2048;
+  return cap;
+}
+
+namespace {
+
+// The sm90 choice (Hopper, a problem the kernel supports). Rows per touched group under
+// uniform routing decide the tile; split-K fills the SMs when decode leaves too few tiles.
+GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& props) {
+  const int64_t rows = desc.expected_rows > 0 ? std::min(desc.expected_rows, desc.max_rows)
+                                              : desc.max_rows;
+  const double touched = std::min<double>(expected_touched(rows, desc.num_experts),
+                                          std::max<int64_t>(rows, 1));
+  const double rows_per_group = static_cast<double>(rows) / touched;
+  // Rule 1: up to 64 rows per group the narrow tile (64 tokens, 8 stages of 16 KB weights)
+  // keeps more weight bytes in flight; the wide tile's extra token stages would sit empty.
+  // Past that the 128 x 256 CTA tile reads each weight tile once per 256 tokens.
+  // Measured on an H100 SXM (2026-11-27, GpuExperts.GemmThroughput, v1 kernel, uniform rows):
+  //   qwen3 GEMM2, 256 rows/expert: wide 346 vs narrow 223 TFLOP/s;
+  //   mixtral GEMM2, 1024 and 4096 rows/expert: wide 391 / 352 vs narrow 256 / 245;
+  // and `modmoe bench experts` (v2): every cell with <= 32 rows per expert on the narrow tile
+  // runs at 1.00-1.12x of the weight-read floor. TODO(measure): the crossover between 64 and
+  // 256 rows per group (qwen3 T=1024, 64 rows: narrow today) was not swept.
+  GemmConfig c = rows_per_group <= 64.0 ? sm90_narrow() : sm90_wide();
+  // Rule 2: split-K when the tiles would leave SMs idle in the last wave. Efficiency of S
+  // slices = waves / ceil(waves) with waves = tiles * S / #SMs; the smallest S reaching 0.9,
+  // else the best one. Decode tiles have one row tile per touched expert. (v2 bench, H100:
+  // mixtral T=1 with 2 slices at 1.15x of the floor, of which ~25 us are the other kernels.)
+  const SplitKCapacity cap = split_k_capacity(desc);
+  if (c == sm90_narrow() && cap.max_split > 1 && props.sm_count > 0) {
+    const double tiles = std::round(touched) * static_cast<double>(ceil_div(desc.b_rows(), c.block_n));
+    double best_eff = 0.0;
+    int best = 1;
+    for (int s = 1; s <= cap.max_split; ++s) {
+      const double waves = tiles * s / props.sm_count;
+      const double eff = waves / std::ceil(waves);
+      if (eff >= 0.9) {
+        best = s;
+        break;
+      }
+      if (eff > best_eff + 1e-9) {
+        best_eff = eff;
+        best = s;
+      }
+    }
+    c.split_k = best;
+  }
+  return c;
+}
+
+}  // namespace
+
 GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
+  if (props.cc_major == 9 && props.cc_minor == 0 && desc.allow_sm90 && desc.sm90_supported()) {
+    return select_sm90(desc, props);
+  }
   // Rows per group, assuming balanced routing (the counts live on the device; the choice
   // must not wait for them).
   const int64_t rows = desc.expected_rows > 0 ? std::min(desc.expected_rows, desc.max_rows)
@@ -172,12 +285,24 @@ GateUpMap GateUpMap::from(const ExpertWeights& w, int64_t intermediate) {
   return m;
 }
 
+bool use_pdl() {
+  static const bool v = [] {
+    const char* e = std::getenv("MODMOE_NO_PDL");
+    return e == nullptr || e[0] == '\0' || std::strcmp(e, "0") == 0;
+  }();
+  return v;
+}
+
 void launch_grouped_gemm(const GemmDesc& desc, const GemmConfig& config, const GemmArgs& args,
                          cudaStream_t stream) {
   desc.validate();
+  if (config.arch == 90 && is_compiled(config)) {
+    return launch_sm90_grouped_gemm(desc, config, args, stream);
+  }
   const auto& c = configs();
   const int index = static_cast<int>(std::find(c.begin(), c.end(), config) - c.begin());
-  // The one run-time -> compile-time switch; its cases follow the order of configs().
+  // The run-time -> compile-time switch of the sm80 kernels; its cases follow the order of
+  // configs().
   switch (index) {
     case 0: return launch_stage<TileLarge>(desc, args, stream);
     case 1: return launch_stage<TileSmall>(desc, args, stream);

@@ -1,5 +1,8 @@
-// The grouped BF16 GEMMs of the experts stage, behind a Desc / Config / Args interface so
-// that a later kernel (TMA + wgmma, warp-specialized) can slot in next to this one:
+// The grouped BF16 GEMMs of the experts stage, behind a Desc / Config / Args interface with
+// two kernel families behind it:
+//   sm80  mma.sync + cp.async (sm80_mma_grouped_gemm.cuh): any layout, any sm_80+ GPU;
+//   sm90  TMA + wgmma, warp-specialized and persistent (sm90_wgmma_grouped_gemm.cuh): Hopper,
+//         weights as the wgmma A operand ("swap AB"), split-K for decode.
 //
 //   GemmDesc    the problem (sizes, which GEMM, activation), with validate()
 //   GemmConfig  one compiled tile shape (sizes, stages, warps), with to_string()
@@ -58,29 +61,56 @@ struct GemmDesc {
   int64_t n = 0;  // output columns: GEMM1 = I (gated or not), GEMM2 = H
   int64_t k = 0;  // reduction: GEMM1 = H, GEMM2 = I
   bool gated = false;  // GEMM1 only: B has 2n rows (gate and up) per expert
+  // Gated GEMM1: 8 when B's rows come as 8 gate rows then the 8 matching up rows
+  // (GateUpInterleaved with G = 8, the only gated layout the sm90 kernel reads); any other
+  // value (-1 for the other layouts) keeps the problem on the mma.sync kernel.
+  int64_t gate_up_group = 0;
+  // Every pointer and row stride of the call is 16-byte aligned (TMA and cp.async need it).
+  bool aligned16 = true;
+  // The caller may take the sm90 kernel (false: the mma.sync kernel only).
+  bool allow_sm90 = true;
   // Rows of B (per expert) that the GEMM reads: 2n gated, else n.
   int64_t b_rows() const { return gated ? 2 * n : n; }
   // Upper bound of the number of (expert, m-tile) pairs, from sizes alone:
   // sum_e ceil(c_e / BM) <= floor(rows / BM) + E, <= E * ceil(max_per_expert / BM), <= rows.
   int64_t max_m_tiles(int block_m) const;
+  // Whether the sm90 kernel can run this problem (the device is not looked at).
+  bool sm90_supported() const;
   void validate() const;
 };
 
 struct GemmConfig {
-  int block_m = 0;
-  int block_n = 0;  // columns of B per tile (gated GEMM1: block_n / 2 output columns)
+  int block_m = 0;  // rows of the row space (tokens) per tile; sm90: the most, see below
+  int block_n = 0;  // rows of B (weights) per tile (gated GEMM1: block_n / 2 output columns)
   int block_k = 0;
   int stages = 0;
-  int warps_m = 0;
-  int warps_n = 0;
+  int warps_m = 0;  // sm90: consumer warpgroups
+  int warps_n = 0;  // sm90: producer warpgroups
+  int arch = 80;    // 80: mma.sync kernel, 90: TMA + wgmma kernel
+  // sm90 only, a run-time choice (not compiled): K is cut into split_k slices whose fp32
+  // partial tiles are summed in slice order by the last CTA to finish a tile (deterministic).
+  int split_k = 1;
 
-  int threads() const { return 32 * warps_m * warps_n; }
-  std::string to_string() const;  // "128x128x32_s4_w2x4"
+  int threads() const { return arch == 90 ? 128 * (warps_m + warps_n) : 32 * warps_m * warps_n; }
+  std::string to_string() const;  // "128x128x32_s4_w2x4", "sm90_64x128x64_s8", "..._k4"
   bool operator==(const GemmConfig&) const = default;
 };
 
-// Every config that grouped_gemm.cu instantiates, the only ones select_config may return.
+// Every config that grouped_gemm.cu instantiates (split_k = 1), the only ones select_config
+// may return (with split_k in [1, max_split_k()] for sm90 configs).
 std::span<const GemmConfig> compiled_configs();
+bool is_compiled(const GemmConfig& config);
+int max_split_k();
+
+// Split-K capacity of a problem, a pure function of the sizes (the workspace is sized by it):
+// split-K is for decode, where every group has at most 16 rows and the tiles are too few to
+// keep every SM streaming weights. max_split = 1: no split.
+struct SplitKCapacity {
+  int max_split = 1;
+  int64_t max_tiles = 0;       // upper bound of the (expert, row tile, column tile) tiles
+  int64_t partial_floats = 0;  // fp32 scratch: max_tiles * max_split units of 2048 floats
+};
+SplitKCapacity split_k_capacity(const GemmDesc& desc);
 
 // Pure: same (desc, props) -> same config.
 GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props);
@@ -141,10 +171,24 @@ struct GemmArgs {
   // C: row r of the row space at c + r * ldc, n columns bf16.
   __nv_bfloat16* c = nullptr;
   int64_t ldc = 0;
+
+  // sm90 split-K scratch (config.split_k > 1), sized by split_k_capacity(desc):
+  float* split_partials = nullptr;    // [max_tiles * max_split, 2048] fp32
+  int32_t* split_counters = nullptr;  // [max_tiles] int32, zero before the launch
 };
 
-// Launches one grouped GEMM on `stream`. No allocation, no host synchronisation.
+// Launches one grouped GEMM on `stream`. No allocation, no host synchronisation. sm90 kernels
+// are launched with programmatic dependent launch (they wait for the previous kernel of the
+// stream before reading anything) unless MODMOE_NO_PDL=1.
 void launch_grouped_gemm(const GemmDesc& desc, const GemmConfig& config, const GemmArgs& args,
                          cudaStream_t stream);
+
+// Whether kernels of the experts stage use programmatic dependent launch (MODMOE_NO_PDL unset
+// or 0), read once.
+bool use_pdl();
+
+// sm90 launcher (sm90_grouped_gemm.cu); launch_grouped_gemm calls it for arch 90 configs.
+void launch_sm90_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
+                              const GemmArgs& args, cudaStream_t stream);
 
 }  // namespace modmoe::cuda::gemm

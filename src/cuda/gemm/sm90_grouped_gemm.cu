@@ -1,0 +1,181 @@
+// Host side of the sm90 grouped GEMM: the weight tensor map, the persistent grid, the launch
+// with programmatic dependent launch, and the explicit instantiations of
+// sm90_wgmma_grouped_gemm.cuh.
+//
+// Instantiations: 2 tiles x 2 stages (GEMM1, GEMM2) = 4 kernels. The per-tile wgmma width is a
+// run-time switch inside each (4 widths for the narrow tile, 8 for the wide one).
+#include <cuda.h>
+
+#include <atomic>
+#include <mutex>
+
+#include "cuda/device/cuda_check.h"
+#include "cuda/gemm/grouped_gemm.h"
+#include "cuda/gemm/sm90_wgmma_grouped_gemm.cuh"
+
+namespace modmoe::cuda::gemm {
+
+// Narrow: up to 64 tokens per tile, N in steps of 16, 8 stages of 16 KB of weights + 8 KB of
+// tokens: decode and few tokens per expert, where every SM must keep many weight loads in
+// flight (8 x 16 KB).
+using Sm90Narrow = Sm90Tile<64, 8>;
+// Wide: up to 256 tokens per tile, N in steps of 32, 4 stages of 16 KB + 32 KB: prefill and
+// the middle, where the tile must be large for the tensor cores (128 x 256 per CTA).
+using Sm90Wide = Sm90Tile<256, 4>;
+
+GemmConfig sm90_narrow_config() { return Sm90Narrow::config(); }
+GemmConfig sm90_wide_config() { return Sm90Wide::config(); }
+
+namespace {
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+EncodeTiledFn encode_tiled() {
+  static EncodeTiledFn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    MODMOE_CUDA_CHECK(
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
+    MODMOE_CHECK(q == cudaDriverEntryPointSuccess && p != nullptr,
+                 "sm90 grouped GEMM: the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<EncodeTiledFn>(p);
+  }();
+  return fn;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The weights of all experts as one tensor map: dims (k, b_rows, E_local), strides in bytes
+// (ldb * 2, b_expert_stride * 2), box (64, 128, 1), 128-byte swizzle, zero fill outside.
+CUtensorMap weight_map(const GemmDesc& desc, const GemmArgs& args) {
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(desc.k),
+                              static_cast<cuuint64_t>(desc.b_rows()),
+                              static_cast<cuuint64_t>(desc.num_experts)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(args.ldb) * 2,
+                                 static_cast<cuuint64_t>(args.b_expert_stride) * 2};
+  const cuuint32_t box[3] = {64, 128, 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = encode_tiled()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<__nv_bfloat16*>(args.b), dims,
+      strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  MODMOE_CHECK(r == CUDA_SUCCESS, "sm90 grouped GEMM: cuTensorMapEncodeTiled failed (", int(r),
+               ") for weights of ", desc.num_experts, " x ", desc.b_rows(), " x ", desc.k,
+               ", strides ", args.ldb, ", ", args.b_expert_stride);
+  return map;
+}
+
+// The token rows of the row space as one tensor map: dims (k, rows), stride lda * 2 bytes,
+// box (64, box_rows), 128-byte swizzle (the layout the consumers' descriptors expect).
+CUtensorMap token_map(const GemmDesc& desc, const GemmArgs& args, int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(desc.k),
+                              static_cast<cuuint64_t>(desc.max_rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(args.lda) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode_tiled()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(args.a), dims,
+      strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  MODMOE_CHECK(r == CUDA_SUCCESS, "sm90 grouped GEMM: cuTensorMapEncodeTiled failed (", int(r),
+               ") for token rows ", desc.max_rows, " x ", desc.k, ", stride ", args.lda);
+  return map;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <class Tile, bool kGemm1>
+void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs& args,
+                 cudaStream_t stream) {
+  const auto kernel = sm90_grouped_gemm_kernel<Tile, kGemm1>;
+  static std::atomic<uint64_t> configured_devices{0};
+  int device = 0;
+  MODMOE_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = uint64_t{1} << (device % 64);
+  if ((configured_devices.load(std::memory_order_acquire) & bit) == 0) {
+    MODMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           Tile::kSmemBytes));
+    configured_devices.fetch_or(bit, std::memory_order_acq_rel);
+  }
+  const DeviceProps props = DeviceProps::query(device);
+
+  const int64_t n_tiles = ceil_div(desc.b_rows(), Tile::kBlockN);
+  const int64_t m_tiles = desc.max_m_tiles(Tile::kBlockM);
+  const int64_t units = m_tiles * n_tiles * config.split_k;
+  if (units == 0) return;
+  MODMOE_CHECK(units < INT32_MAX, "sm90 grouped GEMM: ", units, " work units: expected < 2^31");
+  if (config.split_k > 1) {
+    const SplitKCapacity cap = split_k_capacity(desc);
+    MODMOE_CHECK(Tile::kNStep == 16 && config.split_k <= cap.max_split &&
+                     m_tiles * n_tiles <= cap.max_tiles && args.split_partials != nullptr &&
+                     args.split_counters != nullptr,
+                 "sm90 grouped GEMM: split_k = ", config.split_k, " with ", config.to_string(),
+                 ": the problem allows at most ", cap.max_split, " (and needs the scratch)");
+  }
+
+  Sm90Params params{};
+  params.tmap_w = weight_map(desc, args);
+  // Contiguous token rows (no gather) come by TMA; gathered ones by cp.async.
+  params.x_tma = args.a_gather == nullptr ? 1 : 0;
+  if (params.x_tma) params.tmap_x = token_map(desc, args, Tile::kNStep);
+  params.args = args;
+  params.num_experts = desc.num_experts;
+  params.n = static_cast<int>(desc.n);
+  params.k = static_cast<int>(desc.k);
+  params.b_rows = static_cast<int>(desc.b_rows());
+  params.n_tiles = static_cast<int>(n_tiles);
+  params.split_k = config.split_k;
+  params.gated = desc.gated ? 1 : 0;
+
+  const int sms = props.sm_count > 0 ? props.sm_count : 132;
+  const unsigned grid = static_cast<unsigned>(units < sms ? units : sms);
+  cudaLaunchConfig_t lc{};
+  lc.gridDim = dim3(grid);
+  lc.blockDim = dim3(Tile::kThreads);
+  lc.dynamicSmemBytes = Tile::kSmemBytes;
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  lc.attrs = attr;
+  lc.numAttrs = use_pdl() ? 1 : 0;
+  MODMOE_CUDA_CHECK(cudaLaunchKernelEx(&lc, kernel, params));
+  MODMOE_LAUNCH_CHECK(stream);
+}
+
+template <class Tile>
+void launch_stage(const GemmDesc& desc, const GemmConfig& config, const GemmArgs& args,
+                  cudaStream_t stream) {
+  switch (desc.stage) {
+    case GemmStage::Gemm1: return launch_tile<Tile, true>(desc, config, args, stream);
+    case GemmStage::Gemm2: return launch_tile<Tile, false>(desc, config, args, stream);
+  }
+  MODMOE_FAIL("sm90 grouped GEMM: unknown stage ", static_cast<int>(desc.stage));
+}
+
+}  // namespace
+
+void launch_sm90_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
+                              const GemmArgs& args, cudaStream_t stream) {
+  MODMOE_CHECK(desc.sm90_supported(), "sm90 grouped GEMM: ", config.to_string(),
+               " cannot run this problem (gated layout other than GateUpInterleaved G = 8, or "
+               "unaligned pointers)");
+  MODMOE_CHECK(aligned16(args.a) && aligned16(args.b) && aligned16(args.c) && args.lda % 8 == 0 &&
+                   args.ldb % 8 == 0 && args.b_expert_stride % 8 == 0 && args.ldc % 8 == 0,
+               "sm90 grouped GEMM: pointers and row strides must be 16-byte aligned (lda ",
+               args.lda, ", ldb ", args.ldb, ", expert stride ", args.b_expert_stride, ", ldc ",
+               args.ldc, ")");
+  GemmConfig base = config;
+  base.split_k = 1;
+  if (base == Sm90Narrow::config()) return launch_stage<Sm90Narrow>(desc, config, args, stream);
+  if (base == Sm90Wide::config()) return launch_stage<Sm90Wide>(desc, config, args, stream);
+  MODMOE_FAIL("sm90 grouped GEMM: config ", config.to_string(), " is not compiled");
+}
+
+}  // namespace modmoe::cuda::gemm

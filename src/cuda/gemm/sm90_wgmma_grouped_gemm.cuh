@@ -1,0 +1,586 @@
+// Grouped BF16 GEMM for Hopper (sm_90a): TMA + wgmma, warp-specialized, persistent.
+//
+// "Swap AB": the weights are the wgmma A operand and the tokens the B operand, so a tile is
+// 128 weight rows (output features; 64 per consumer warpgroup) by up to kBlockM tokens:
+//   D^T [128 features, tokens] = W[e] [128 features, K] x X^T [K, tokens].
+// Few tokens per expert (decode) then means a narrow wgmma N (16..64), not a padded M.
+//
+// Warp roles (384 threads, one CTA per SM):
+//   warpgroup 0  producer (setmaxnreg 40): thread 0 loads the weight tile of each k-block with
+//                one TMA from a 3D tensor map [E_local, rows, K] (the expert is a coordinate).
+//                Token rows: where they are contiguous (GEMM2, batched GEMM1) thread 0 loads
+//                them too, with kNStep-row TMA boxes of a 2D map over the row space; where they
+//                are gathered (GEMM1: row = permuted_idx_to_expanded_idx / top_k, so the
+//                permuted activations are never materialised) all 128 threads copy them with
+//                16-byte cp.async into the 128-byte-swizzled layout and signal with
+//                cp.async.mbarrier.arrive.noinc.
+//   warpgroups 1, 2  consumers (setmaxnreg 232): m64nNk16 wgmma over the stage, then the
+//                epilogue (bias, LoRA, activation, bf16), staged through shared memory with
+//                stmatrix.trans and written as 16-byte row chunks.
+// The pipeline is kStages deep: full[s] (gathered rows: 129 arrivals, 128 cp.async + the
+// TMA's expect_tx; TMA rows: 1; plus the TMA bytes) and empty[s] (8 arrivals: lane 0 of each
+// consumer warp after its wgmma reading stage s completed).
+//
+// Work list: units u in [blockIdx.x, total) step gridDim.x; u = tile * split_k + slice;
+// tiles are (expert, row tile, column tile), experts in order, and inside an expert groups of
+// 8 column tiles with every row tile of the expert (so CTAs running at the same time share
+// weight and token tiles in L2). The counts come from tile_offsets on the device; the grid is
+// min(#SMs, upper bound), so nothing waits on the host.
+//
+// Per-tile N: a tile with r valid rows runs the smallest compiled wgmma N >= r (multiples of
+// kNStep), so a 20-row tail costs a 32-wide MMA, not a kBlockM-wide one.
+//
+// Split-K (decode; every tile has <= 16 rows): slice s of a tile accumulates k-blocks
+// [s * KB / S, (s + 1) * KB / S), writes its fp32 fragment to the scratch, and the CTA that
+// completes the tile's arrival count sums the S fragments in slice order, then runs the
+// epilogue: the same bits whichever CTA finishes last.
+//
+// GEMM1 gated requires the GateUpInterleaved layout with G = 8: in the accumulator a thread
+// holds feature rows r and r + 8 of its warp's 16-row slice, which are then the gate and up
+// rows of one intermediate column, so the activation needs no data exchange.
+//
+// Shared memory (dynamic, 1024-byte aligned):
+//   W      [kStages][128][64] bf16   16 KB per stage, TMA 128-byte swizzle
+//   X      [kStages][kBlockM][64] bf16  kBlockM * 128 B per stage, same swizzle (TMA, or by
+//                                       hand for cp.async: chunk c of row r at c ^ (r % 8))
+//   stage  [2][kStagingTokens][72] bf16  epilogue staging, one per consumer warpgroup
+//   xsrc   [kBlockM] uint64            producer (gather): address of each token row, 0 none
+//   bars   full[kStages], empty[kStages] uint64; flag int32
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "core/activation_math.h"
+#include "cuda/device/sm90_ptx.cuh"
+#include "cuda/device/sm90_wgmma.cuh"
+#include "cuda/gemm/grouped_gemm.h"
+
+namespace modmoe::cuda::gemm {
+
+template <int BlockM, int Stages>
+struct Sm90Tile {
+  static constexpr int kBlockM = BlockM;  // tokens per tile, at most
+  static constexpr int kBlockN = 128;     // weight rows per tile
+  static constexpr int kBlockK = 64;      // one 128-byte swizzle row
+  static constexpr int kStages = Stages;
+  static constexpr int kThreads = 384;
+  static constexpr int kNStep = BlockM >= 128 ? 32 : 16;  // granularity of the per-tile N
+  static constexpr int kNumVariants = BlockM / kNStep;
+  static constexpr int kAccRegs = BlockM / 2;  // fp32 accumulators per consumer thread
+  static constexpr int kWStageBytes = kBlockN * kBlockK * 2;
+  static constexpr int kXStageBytes = BlockM * kBlockK * 2;
+  static constexpr int kStagingTokens = BlockM < 64 ? BlockM : 64;
+  static constexpr int kStagingPitch = 144;  // bytes: 64 features + 16 bytes of pad
+  static constexpr int kStagingBytes = kStagingTokens * kStagingPitch;
+  static constexpr int kWOffset = 0;
+  static constexpr int kXOffset = kStages * kWStageBytes;
+  static constexpr int kStagingOffset = kXOffset + kStages * kXStageBytes;
+  static constexpr int kXRowOffset = kStagingOffset + 2 * kStagingBytes;
+  static constexpr int kBarOffset = kXRowOffset + BlockM * 8;
+  static constexpr int kFlagOffset = kBarOffset + 2 * kStages * 8;
+  static constexpr int kSmemBytes = kFlagOffset + 16 + 1024;  // + 1024: alignment slack
+
+  static_assert(kXStageBytes % 1024 == 0, "X stages must stay 1024-byte aligned");
+  static_assert(BlockM % kNStep == 0 && kNStep % 16 == 0, "N variants in 16-token pairs");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
+
+  static GemmConfig config() { return {BlockM, kBlockN, kBlockK, Stages, 2, 1, 90, 1}; }
+};
+
+struct Sm90Params {
+  CUtensorMap tmap_w;  // weights [E_local, b_rows, k] bf16: dims (k, b_rows, E_local)
+  CUtensorMap tmap_x;  // x_tma: token rows [rows, k] bf16: dims (k, rows), box (64, kNStep)
+  GemmArgs args;
+  int x_tma;        // token rows by TMA (no gather), else cp.async
+  int num_experts;  // E_local
+  int n;            // output columns (gated: I)
+  int k;            // reduction length
+  int b_rows;       // weight rows per expert (gated: 2n)
+  int n_tiles;      // ceil(b_rows / 128)
+  int split_k;
+  int gated;
+};
+
+// Split-K fragments: [unit][2][256][4] fp32 (n <= 16 tokens: j = 0, 1 of the accumulator).
+constexpr int kSplitUnitFloats = 2 * 256 * 4;
+
+struct Sm90TileCoord {
+  int expert, n_tile, slice, tile;
+  int row0;  // first row of the row space
+  int rows;  // valid rows (tokens) of the tile
+};
+
+template <class Tile>
+__device__ __forceinline__ Sm90TileCoord sm90_decode_unit(const Sm90Params& p, int unit) {
+  const GemmArgs& g = p.args;
+  Sm90TileCoord c;
+  c.tile = unit / p.split_k;
+  c.slice = unit - c.tile * p.split_k;
+  const int nt = p.n_tiles;
+  int lo = 0, hi = p.num_experts;  // tile_offsets[lo] * nt <= tile < tile_offsets[hi] * nt
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (__ldg(g.tile_offsets + mid) * nt <= c.tile) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  c.expert = lo;
+  const int first = __ldg(g.tile_offsets + lo);
+  const int m_tiles = __ldg(g.tile_offsets + lo + 1) - first;
+  const int local = c.tile - first * nt;
+  constexpr int kGroup = 8;  // column tiles per raster group
+  const int group = local / (m_tiles * kGroup);
+  const int idx = local - group * m_tiles * kGroup;
+  const int group_cols = min(kGroup, nt - group * kGroup);
+  const int m_tile = idx / group_cols;
+  c.n_tile = group * kGroup + (idx - m_tile * group_cols);
+  c.row0 = __ldg(g.row_begin + lo) + m_tile * Tile::kBlockM;
+  c.rows = min(Tile::kBlockM, __ldg(g.row_count + lo) - m_tile * Tile::kBlockM);
+  return c;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The consumer main loop of one tile at wgmma width N: k-blocks [kb_begin, kb_end), pipeline
+// position `it` (running count of k-blocks this CTA consumed before the tile).
+template <class Tile, int N>
+__device__ __forceinline__ void sm90_mainloop(float (&acc)[Tile::kAccRegs], uint32_t smem,
+                                              int cwg, int lane, int kb_begin, int kb_end,
+                                              int it, bool x_tma) {
+  const uint32_t full = smem + Tile::kBarOffset;
+  const uint32_t empty = full + Tile::kStages * 8;
+  for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
+    const int s = it % Tile::kStages;
+    sm90::mbar_wait(full + 8 * s, (it / Tile::kStages) & 1);
+    // NOTE: gathered token rows were written by cp.async (generic proxy); wgmma reads through
+    // the async proxy. TMA-loaded rows need no fence.
+    if (!x_tma) sm90::fence_proxy_async_smem();
+    const uint64_t da = sm90::smem_desc_sw128(smem + Tile::kWOffset + s * Tile::kWStageBytes +
+                                              cwg * (Tile::kWStageBytes / 2));
+    const uint64_t db = sm90::smem_desc_sw128(smem + Tile::kXOffset + s * Tile::kXStageBytes);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Tile::kBlockK / 16; ++kk) {
+      sm90::Wgmma<N>::mma(acc, da + 2 * kk, db + 2 * kk, (kb > kb_begin || kk > 0) ? 1 : 0);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<1>();  // the k-block before this one is done reading its stage
+    if (kb > kb_begin && lane == 0) sm90::mbar_arrive(empty + 8 * ((it - 1) % Tile::kStages));
+  }
+  sm90::wgmma_wait<0>();
+  sm90::fence_regs(acc);
+  if (lane == 0) sm90::mbar_arrive(empty + 8 * ((it - 1) % Tile::kStages));
+}
+
+// Runs the main loop with the variant N = (v + 1) * kNStep (compile-time recursion over v).
+template <class Tile, int V>
+__device__ __forceinline__ void sm90_mainloop_variant(int v, float (&acc)[Tile::kAccRegs],
+                                                      uint32_t smem, int cwg, int lane,
+                                                      int kb_begin, int kb_end, int it,
+                                                      bool x_tma) {
+  if constexpr (V < Tile::kNumVariants) {
+    if (v == V) {
+      sm90_mainloop<Tile, (V + 1) * Tile::kNStep>(acc, smem, cwg, lane, kb_begin, kb_end, it,
+                                                  x_tma);
+    } else {
+      sm90_mainloop_variant<Tile, V + 1>(v, acc, smem, cwg, lane, kb_begin, kb_end, it, x_tma);
+    }
+  }
+}
+
+// Activations of the epilogue as types, so that each unrolled copy of the epilogue holds one
+// formula (a run-time switch inside the unrolled loops made the wide GEMM1 kernel ~30k
+// instructions, and the epilogue ran out of the instruction cache). The formulas are those of
+// act::apply_activation (core/activation_math.h), the CPU reference's.
+struct ActIdentity {
+  __device__ __forceinline__ float operator()(float x) const { return x; }
+};
+struct ActRelu2 {
+  __device__ __forceinline__ float operator()(float x) const { return act::relu2(x); }
+};
+struct ActSwiglu {
+  __device__ __forceinline__ float operator()(float gate, float up) const {
+    return act::silu(gate) * up;
+  }
+};
+struct ActSwigluOai {
+  float alpha, beta, limit;
+  __device__ __forceinline__ float operator()(float gate, float up) const {
+    return act::swiglu_oai(gate, up, alpha, beta, limit);
+  }
+};
+struct ActGeglu {
+  __device__ __forceinline__ float operator()(float gate, float up) const {
+    return act::gelu_erf(gate) * up;
+  }
+};
+
+// What the epilogue of one tile needs besides the accumulators.
+struct Sm90Epilogue {
+  const Sm90Params& p;
+  const Sm90TileCoord& c;
+  int n_used;  // tokens the wgmma computed (>= c.rows)
+  int cwg, warp, lane;
+  uint32_t staging;  // this warpgroup's staging tile (shared address)
+  const uint8_t* staging_ptr;
+};
+
+// The epilogue in fp32 (docs/HELPERS.md "Numerics"): + bias, + LoRA (GEMM1), the activation,
+// bf16; staged by stmatrix.trans as [token][features] rows, then 16-byte chunks of the valid
+// rows and columns to C. kGated: rows r8 and r8 + 8 of the warp's 16-row slice are the gate and
+// up rows of intermediate column (slice / 16) * 8 + r8 (GateUpInterleaved, G = 8).
+template <class Tile, bool kGated, class Act>
+__device__ __forceinline__ void sm90_epilogue(float (&acc)[Tile::kAccRegs], const Sm90Epilogue& e,
+                                              const Act& act_fn) {
+  const Sm90Params& p = e.p;
+  const Sm90TileCoord& c = e.c;
+  const GemmArgs& g = p.args;
+  const int quad = e.lane & 3;
+  const int r8 = e.lane >> 2;
+  const int wtid = e.warp * 32 + e.lane;
+  // This thread's feature rows (rows of B within the expert): f and f + 8.
+  const int f = c.n_tile * Tile::kBlockN + e.cwg * 64 + e.warp * 16 + r8;
+  // gated: intermediate column of this thread; else feature f (f + 8 is the other one)
+  const int64_t out_col =
+      kGated ? static_cast<int64_t>(c.n_tile) * (Tile::kBlockN / 2) + e.cwg * 32 + e.warp * 8 + r8
+             : f;
+  const int stage_col = kGated ? e.warp * 8 : e.warp * 16;  // staging column (elements)
+  constexpr int kOutColsWg = kGated ? 32 : 64;               // output columns of the warpgroup
+  const int64_t col0_wg = kGated ? static_cast<int64_t>(c.n_tile) * (Tile::kBlockN / 2) + e.cwg * 32
+                                 : static_cast<int64_t>(c.n_tile) * Tile::kBlockN + e.cwg * 64;
+  const float* bias = g.bias ? g.bias + static_cast<int64_t>(c.expert) * g.bias_expert_stride
+                             : nullptr;
+  float bias_lo = 0.0f, bias_hi = 0.0f;  // gated: gate and up
+  if (bias != nullptr) {
+    if (kGated) {
+      if (out_col < p.n) {
+        bias_lo = bias[f];
+        bias_hi = bias[f + 8];
+      }
+    } else {
+      if (f < p.n) bias_lo = bias[f];
+      if (f + 8 < p.n) bias_hi = bias[f + 8];
+    }
+  }
+  // LoRA delta of token t, column col (GEMM1 standard only: a_gather is set).
+  const bool has_lora = g.lora != nullptr;
+  auto lora_at = [&](int t, int64_t col) -> float {
+    const int32_t expanded = g.a_gather[c.row0 + t];
+    return __bfloat162float(g.lora[static_cast<int64_t>(expanded) * g.ld_lora + col]);
+  };
+
+#pragma unroll
+  for (int cb = 0; cb < Tile::kBlockM; cb += Tile::kStagingTokens) {
+    if (cb >= e.n_used) break;
+    sm90::named_barrier_sync(2 + e.cwg, 128);  // the staging tile is free
+#pragma unroll
+    for (int jp = 0; jp < Tile::kStagingTokens / 16; ++jp) {
+      const int j = cb / 8 + 2 * jp;  // 8-token blocks j and j + 1
+      if (8 * j >= e.n_used) break;
+      uint32_t regs[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int jj = j + h;
+        if constexpr (kGated) {
+          float out[2];
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            float gate = acc[4 * jj + k];
+            float up = acc[4 * jj + 2 + k];
+            if (bias != nullptr) {
+              gate += bias_lo;
+              up += bias_hi;
+            }
+            const int t = 8 * jj + 2 * quad + k;
+            if (has_lora && t < c.rows && out_col < p.n) {
+              gate += lora_at(t, g.gate_up.lora_gate_col + out_col);
+              up += lora_at(t, g.gate_up.lora_up_col + out_col);
+            }
+            out[k] = act_fn(gate, up);
+          }
+          regs[h] = pack_bf16(out[0], out[1]);
+        } else {
+          float v[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const bool hi = k >= 2;
+            float x = acc[4 * jj + k];
+            if (bias != nullptr) x += hi ? bias_hi : bias_lo;
+            if constexpr (!std::is_same_v<Act, ActIdentity>) {
+              const int t = 8 * jj + 2 * quad + (k & 1);
+              const int64_t col = f + (hi ? 8 : 0);
+              if (has_lora && t < c.rows && col < p.n) x += lora_at(t, col);
+              x = act_fn(x);
+            }
+            v[k] = x;
+          }
+          regs[2 * h] = pack_bf16(v[0], v[1]);      // feature row r8
+          regs[2 * h + 1] = pack_bf16(v[2], v[3]);  // feature row r8 + 8
+        }
+      }
+      if constexpr (kGated) {
+        // matrix m (lanes 8m..8m+7): tokens 8 (j + m) + lane % 8, 8 columns of the warp
+        const int tok = 8 * (j + ((e.lane >> 3) & 1)) + (e.lane & 7) - cb;
+        sm90::stmatrix_x2_trans(e.staging + tok * Tile::kStagingPitch + stage_col * 2, regs[0],
+                                regs[1]);
+      } else {
+        // matrix m: tokens 8 (j + m / 2) + lane % 8, feature rows 8 (m % 2) .. of the warp
+        const int m = e.lane >> 3;
+        const int tok = 8 * (j + (m >> 1)) + (e.lane & 7) - cb;
+        sm90::stmatrix_x4_trans(e.staging + tok * Tile::kStagingPitch + (stage_col + 8 * (m & 1)) * 2,
+                                regs[0], regs[1], regs[2], regs[3]);
+      }
+    }
+    sm90::named_barrier_sync(2 + e.cwg, 128);
+    // 16-byte chunks of the staged rows to the valid rows and columns of C.
+    constexpr int kChunks = kOutColsWg / 8;
+    for (int idx = wtid; idx < Tile::kStagingTokens * kChunks; idx += 128) {
+      const int r = idx / kChunks;
+      const int ch = idx - r * kChunks;
+      const int t = cb + r;
+      const int64_t col = col0_wg + ch * 8;
+      if (t < c.rows && col < p.n) {
+        *reinterpret_cast<uint4*>(g.c + static_cast<int64_t>(c.row0 + t) * g.ldc + col) =
+            *reinterpret_cast<const uint4*>(e.staging_ptr + r * Tile::kStagingPitch + ch * 16);
+      }
+    }
+  }
+}
+
+template <class Tile, bool kGemm1>
+__global__ void __launch_bounds__(Tile::kThreads, 1)
+    sm90_grouped_gemm_kernel(const __grid_constant__ Sm90Params p) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = sm90::smem_u32(smem_raw);
+  const uint32_t smem = (raw + 1023u) & ~1023u;
+  uint8_t* smem_ptr = smem_raw + (smem - raw);
+  const uint32_t full = smem + Tile::kBarOffset;
+  const uint32_t empty = full + Tile::kStages * 8;
+  uint64_t* s_xsrc = reinterpret_cast<uint64_t*>(smem_ptr + Tile::kXRowOffset);
+  int32_t* s_flag = reinterpret_cast<int32_t*>(smem_ptr + Tile::kFlagOffset);
+  const GemmArgs& g = p.args;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < Tile::kStages; ++s) {
+      sm90::mbar_init(full + 8 * s, p.x_tma ? 1 : 129);
+      sm90::mbar_init(empty + 8 * s, 8);
+    }
+    sm90::fence_barrier_init();
+    sm90::prefetch_tensormap(&p.tmap_w);
+    if (p.x_tma) sm90::prefetch_tensormap(&p.tmap_x);
+  }
+  __syncthreads();
+  // Everything below reads what earlier kernels of the stream wrote.
+  sm90::grid_dependency_wait();
+  sm90::grid_launch_dependents();
+
+  const int total_units = g.tile_offsets[p.num_experts] * p.n_tiles * p.split_k;
+  const int num_kb = (p.k + Tile::kBlockK - 1) / Tile::kBlockK;
+  const int wg = threadIdx.x / 128;
+
+  if (wg == 0) {
+    // ------------------------------- producer -------------------------------
+    sm90::setmaxnreg_dec<40>();
+    const int ptid = threadIdx.x;
+    if (p.x_tma) {
+      // Contiguous token rows: thread 0 issues every copy of the stage.
+      if (ptid != 0) return;
+      int it = 0;
+      for (int unit = blockIdx.x; unit < total_units; unit += gridDim.x) {
+        const Sm90TileCoord c = sm90_decode_unit<Tile>(p, unit);
+        const int n_used = (c.rows + Tile::kNStep - 1) / Tile::kNStep * Tile::kNStep;
+        const int kb_begin = c.slice * num_kb / p.split_k;
+        const int kb_end = (c.slice + 1) * num_kb / p.split_k;
+        for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
+          const int s = it % Tile::kStages;
+          const uint32_t bar_full = full + 8 * s;
+          sm90::mbar_wait(empty + 8 * s, ((it / Tile::kStages) & 1) ^ 1);
+          sm90::mbar_arrive_expect_tx(bar_full, Tile::kWStageBytes + n_used * Tile::kBlockK * 2);
+          sm90::tma_load_3d(smem + Tile::kWOffset + s * Tile::kWStageBytes, &p.tmap_w, bar_full,
+                            kb * Tile::kBlockK, c.n_tile * Tile::kBlockN, c.expert);
+          // Rows past the group's end (the next group's, or zeros past the row space) land in
+          // token columns the epilogue never stores.
+          const uint32_t xs = smem + Tile::kXOffset + s * Tile::kXStageBytes;
+          for (int r0 = 0; r0 < n_used; r0 += Tile::kNStep) {
+            sm90::tma_load_2d(xs + r0 * Tile::kBlockK * 2, &p.tmap_x, bar_full, kb * Tile::kBlockK,
+                              c.row0 + r0);
+          }
+        }
+      }
+      return;
+    }
+    // Gathered token rows: every producer thread copies 16-byte chunk `chunk` of rows
+    // ptid / 8 + 16 i; the swizzled chunk position (chunk ^ (row % 8)) is the same for all i.
+    const int chunk = ptid & 7;
+    const uint32_t x_thread = (ptid >> 3) * 128 + ((chunk ^ ((ptid >> 3) & 7)) << 4);
+    int it = 0;
+    for (int unit = blockIdx.x; unit < total_units; unit += gridDim.x) {
+      const Sm90TileCoord c = sm90_decode_unit<Tile>(p, unit);
+      const int n_used = (c.rows + Tile::kNStep - 1) / Tile::kNStep * Tile::kNStep;
+      const int kb_begin = c.slice * num_kb / p.split_k;
+      const int kb_end = (c.slice + 1) * num_kb / p.split_k;
+      sm90::named_barrier_sync(1, 128);  // the previous tile's rows are no longer read
+      for (int r = ptid; r < n_used; r += 128) {
+        uint64_t src = 0;
+        if (r < c.rows) {
+          const int row = c.row0 + r;
+          const int32_t a_row =
+              g.a_gather != nullptr
+                  ? (g.a_gather[row] >= 0 ? g.a_gather[row] / g.gather_div : -1)
+                  : row;
+          if (a_row >= 0) {
+            src = reinterpret_cast<uint64_t>(g.a + static_cast<int64_t>(a_row) * g.lda);
+          }
+        }
+        s_xsrc[r] = src;
+      }
+      sm90::named_barrier_sync(1, 128);
+      const int row_steps = n_used >> 4;  // rows ptid / 8 + 16 i, i < row_steps
+      for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
+        const int s = it % Tile::kStages;
+        const uint32_t bar_full = full + 8 * s;
+        sm90::mbar_wait(empty + 8 * s, ((it / Tile::kStages) & 1) ^ 1);
+        if (ptid == 0) {
+          sm90::mbar_arrive_expect_tx(bar_full, Tile::kWStageBytes);
+          sm90::tma_load_3d(smem + Tile::kWOffset + s * Tile::kWStageBytes, &p.tmap_w, bar_full,
+                            kb * Tile::kBlockK, c.n_tile * Tile::kBlockN, c.expert);
+        }
+        const int k_elem = kb * Tile::kBlockK + chunk * 8;
+        const bool k_ok = k_elem < p.k;  // K % 8 == 0: a chunk is all in or all out
+        const uint32_t xd = smem + Tile::kXOffset + s * Tile::kXStageBytes + x_thread;
+        const uint64_t* xsrc = s_xsrc + (ptid >> 3);
+        const uint64_t k_bytes = 2 * static_cast<uint64_t>(k_elem);
+        auto copy_row = [&](int i, uint64_t src) {
+          const bool ok = k_ok && src != 0;
+          const void* gp = ok ? reinterpret_cast<const void*>(src + k_bytes)
+                              : static_cast<const void*>(g.a);
+          sm90::cp_async_16(xd + i * 2048, gp, ok ? 16 : 0);
+        };
+        int i = 0;
+        // NOTE: four row addresses read before the four copies, so the shared-memory loads
+        // overlap (one at a time, each copy waited ~30 cycles for its address).
+        for (; i + 4 <= row_steps; i += 4) {
+          const uint64_t s0 = xsrc[16 * i], s1 = xsrc[16 * i + 16];
+          const uint64_t s2 = xsrc[16 * i + 32], s3 = xsrc[16 * i + 48];
+          copy_row(i, s0);
+          copy_row(i + 1, s1);
+          copy_row(i + 2, s2);
+          copy_row(i + 3, s3);
+        }
+        for (; i < row_steps; ++i) copy_row(i, xsrc[16 * i]);
+        sm90::cp_async_mbar_arrive_noinc(bar_full);
+      }
+    }
+    sm90::cp_async_wait_all();
+    return;
+  }
+
+  // ------------------------------- consumers -------------------------------
+  sm90::setmaxnreg_inc<232>();
+  const int cwg = wg - 1;                  // consumer warpgroup: feature rows 64 * cwg ..
+  const int ctid = threadIdx.x - 128;      // 0..255
+  const int warp = (ctid & 127) >> 5;      // warp in the warpgroup: 16 feature rows each
+  const int lane = threadIdx.x & 31;
+  const uint32_t staging = smem + Tile::kStagingOffset + cwg * Tile::kStagingBytes;
+  const uint8_t* staging_ptr = smem_ptr + Tile::kStagingOffset + cwg * Tile::kStagingBytes;
+  const bool gated = kGemm1 && p.gated != 0;
+
+  float acc[Tile::kAccRegs];
+  int it = 0;
+  for (int unit = blockIdx.x; unit < total_units; unit += gridDim.x) {
+    const Sm90TileCoord c = sm90_decode_unit<Tile>(p, unit);
+    const int variant = (c.rows + Tile::kNStep - 1) / Tile::kNStep - 1;
+    const int n_used = (variant + 1) * Tile::kNStep;
+    const int kb_begin = c.slice * num_kb / p.split_k;
+    const int kb_end = (c.slice + 1) * num_kb / p.split_k;
+    sm90_mainloop_variant<Tile, 0>(variant, acc, smem, cwg, lane, kb_begin, kb_end, it,
+                                   p.x_tma != 0);
+    it += kb_end - kb_begin;
+
+    if constexpr (Tile::kNStep == 16) {
+      if (p.split_k > 1) {
+        // ---- split-K: publish this slice, the last one sums all in slice order ----
+        float* mine = g.split_partials + static_cast<int64_t>(unit) * kSplitUnitFloats;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          *reinterpret_cast<float4*>(mine + (j * 256 + ctid) * 4) =
+              make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+        }
+        __threadfence();
+        sm90::named_barrier_sync(4, 256);
+        if (ctid == 0) {
+          const int old = atomicAdd(g.split_counters + c.tile, 1);  // an arrival count only
+          *s_flag = old == p.split_k - 1;
+        }
+        sm90::named_barrier_sync(4, 256);
+        if (*s_flag == 0) continue;
+        __threadfence();
+        float sum[8];
+        for (int s = 0; s < p.split_k; ++s) {
+          float v[8];
+          if (s == c.slice) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] = acc[i];
+          } else {
+            const float* part = g.split_partials +
+                                static_cast<int64_t>(c.tile * p.split_k + s) * kSplitUnitFloats;
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const float4 f = __ldcg(reinterpret_cast<const float4*>(part + (j * 256 + ctid) * 4));
+              v[4 * j] = f.x;
+              v[4 * j + 1] = f.y;
+              v[4 * j + 2] = f.z;
+              v[4 * j + 3] = f.w;
+            }
+          }
+          if (s == 0) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sum[i] = v[i];
+          } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sum[i] = __fadd_rn(sum[i], v[i]);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = sum[i];
+      }
+    }
+
+    // ---- epilogue: one compile-time activation per copy of the unrolled code ----
+    const Sm90Epilogue e{p, c, n_used, cwg, warp, lane, staging, staging_ptr};
+    if constexpr (!kGemm1) {
+      sm90_epilogue<Tile, false, ActIdentity>(acc, e, ActIdentity{});
+    } else {
+      const EpilogueActivation& ea = g.activation;
+      const float alpha = ea.alpha_per_expert ? ea.alpha_per_expert[c.expert] : ea.alpha;
+      const float beta = ea.beta_per_expert ? ea.beta_per_expert[c.expert] : ea.beta;
+      const float limit = ea.limit_per_expert ? ea.limit_per_expert[c.expert] : ea.limit;
+      if (!gated) {
+        sm90_epilogue<Tile, false, ActRelu2>(acc, e, ActRelu2{});  // the one non-gated kind
+      } else {
+        switch (static_cast<Activation>(ea.kind)) {
+          case Activation::SwigluOai:
+            sm90_epilogue<Tile, true, ActSwigluOai>(acc, e, ActSwigluOai{alpha, beta, limit});
+            break;
+          case Activation::Geglu:
+            sm90_epilogue<Tile, true, ActGeglu>(acc, e, ActGeglu{});
+            break;
+          default:
+            sm90_epilogue<Tile, true, ActSwiglu>(acc, e, ActSwiglu{});
+            break;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace modmoe::cuda::gemm

@@ -1,0 +1,172 @@
+// The grouped GEMM's tile choice (src/cuda/gemm/grouped_gemm.cu, select_config) is a pure
+// host function: it runs here without a GPU. Over a sweep of shapes, layouts and devices it
+// must return compiled configs only, the same config for the same input, a split-K within what
+// the workspace was sized for, and the sm90 kernel only where that kernel can run.
+// Built in CUDA builds only (the function lives in the CUDA backend).
+#include <gtest/gtest.h>
+
+#ifdef MODMOE_WITH_CUDA
+
+#include <cstdio>
+#include <string>
+
+#include "cuda/gemm/grouped_gemm.h"
+
+namespace modmoe {
+namespace {
+
+using cuda::gemm::DeviceProps;
+using cuda::gemm::GemmConfig;
+using cuda::gemm::GemmDesc;
+using cuda::gemm::GemmStage;
+
+DeviceProps hopper() {
+  DeviceProps p;
+  p.sm_count = 132;
+  p.cc_major = 9;
+  p.cc_minor = 0;
+  p.max_smem_per_block = 227 * 1024;
+  return p;
+}
+
+DeviceProps ampere() {
+  DeviceProps p;
+  p.sm_count = 108;
+  p.cc_major = 8;
+  p.cc_minor = 0;
+  p.max_smem_per_block = 163 * 1024;
+  return p;
+}
+
+// The two GEMMs of the experts stage as src/cuda/experts.cu describes them.
+GemmDesc gemm_desc(bool gemm1, int experts_local, int experts, int top_k, int64_t tokens,
+                   int64_t hidden, int64_t inter, int64_t gate_up_group) {
+  GemmDesc d;
+  d.stage = gemm1 ? GemmStage::Gemm1 : GemmStage::Gemm2;
+  d.num_experts = experts_local;
+  d.max_rows = tokens * top_k;
+  d.max_rows_per_expert = tokens * top_k;
+  d.expected_rows = (tokens * top_k * experts_local + experts - 1) / experts;
+  d.n = gemm1 ? inter : hidden;
+  d.k = gemm1 ? hidden : inter;
+  d.gated = gemm1 && gate_up_group != 0;
+  d.gate_up_group = d.gated ? gate_up_group : 0;
+  return d;
+}
+
+TEST(GemmConfig, SelectOnlyReturnsCompiledConfigs) {
+  const auto compiled = cuda::gemm::compiled_configs();
+  ASSERT_FALSE(compiled.empty());
+  int checked = 0, sm90 = 0, split = 0;
+  for (const DeviceProps& props : {hopper(), ampere()}) {
+    for (int stage = 0; stage < 2; ++stage) {
+      for (int64_t rows : {1, 2, 7, 16, 64, 100, 1000, 8192, 65536, 1 << 20}) {
+        for (int E : {1, 8, 32, 128, 256}) {
+          for (int64_t n : {64, 768, 2048, 2880, 7168, 14336}) {
+            for (int64_t group : {int64_t{0}, int64_t{8}, int64_t{16}, n}) {
+              for (bool aligned : {true, false}) {
+                GemmDesc d;
+                d.stage = stage == 0 ? GemmStage::Gemm1 : GemmStage::Gemm2;
+                d.num_experts = E;
+                d.max_rows = rows;
+                d.max_rows_per_expert = rows;
+                d.n = n;
+                d.k = 2048;
+                d.gated = stage == 0 && group != 0;
+                d.gate_up_group = d.gated ? group : 0;
+                d.aligned16 = aligned;
+                d.validate();
+                const GemmConfig c = cuda::gemm::select_config(d, props);
+                ASSERT_TRUE(cuda::gemm::is_compiled(c))
+                    << c.to_string() << " for rows " << rows << " E " << E << " n " << n;
+                EXPECT_EQ(c, cuda::gemm::select_config(d, props)) << "not a pure function";
+                if (c.arch == 90) {
+                  ++sm90;
+                  EXPECT_EQ(props.cc_major, 9) << c.to_string() << " on sm_" << props.cc_major;
+                  EXPECT_TRUE(d.sm90_supported()) << c.to_string() << " group " << group;
+                  EXPECT_TRUE(!d.gated || group == 8);
+                }
+                if (c.split_k > 1) {
+                  ++split;
+                  const auto cap = cuda::gemm::split_k_capacity(d);
+                  EXPECT_LE(c.split_k, cap.max_split) << c.to_string();
+                  EXPECT_EQ(c.block_m, 64) << "split-K is for the narrow tile only";
+                  EXPECT_LE(d.max_rows_per_expert, 16);
+                  EXPECT_LE(cap.partial_floats * 4, int64_t{32} << 20);
+                }
+                ++checked;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  std::printf("checked %d descs (%d on sm90, %d split); compiled:", checked, sm90, split);
+  for (const auto& c : compiled) std::printf(" %s", c.to_string().c_str());
+  std::printf("\n");
+  EXPECT_GT(sm90, 0);
+  EXPECT_GT(split, 0);
+}
+
+TEST(GemmConfig, UncompiledConfigsAreRecognised) {
+  GemmConfig bad{96, 96, 32, 3, 2, 2};
+  EXPECT_FALSE(cuda::gemm::is_compiled(bad));
+  for (const auto& c : cuda::gemm::compiled_configs()) {
+    EXPECT_TRUE(cuda::gemm::is_compiled(c)) << c.to_string();
+    GemmConfig s = c;
+    s.split_k = 2;
+    EXPECT_EQ(cuda::gemm::is_compiled(s), c.arch == 90) << s.to_string();
+    s.split_k = cuda::gemm::max_split_k() + 1;
+    EXPECT_FALSE(cuda::gemm::is_compiled(s)) << s.to_string();
+  }
+}
+
+// What a Hopper gets on the ANCHORS.md grid (GateUpInterleaved G = 8 weights, as `modmoe
+// bench experts` prepares them): printed for the notes, checked for the rules that the
+// comments in select_config state.
+TEST(GemmConfig, AnchorGridChoices) {
+  struct Model {
+    const char* name;
+    int e, k;
+    int64_t h, i;
+  };
+  const Model models[] = {{"mixtral", 8, 2, 4096, 14336},
+                          {"qwen3", 128, 8, 2048, 768},
+                          {"deepseek-ep8", 32, 8, 7168, 2048},
+                          {"gpt-oss", 128, 4, 2880, 2880}};
+  for (const Model& m : models) {
+    for (int64_t t : {1, 16, 128, 1024, 4096, 16384}) {
+      const GemmDesc d1 = gemm_desc(true, m.e, m.e, m.k, t, m.h, m.i, 8);
+      const GemmDesc d2 = gemm_desc(false, m.e, m.e, m.k, t, m.h, m.i, 8);
+      const GemmConfig c1 = cuda::gemm::select_config(d1, hopper());
+      const GemmConfig c2 = cuda::gemm::select_config(d2, hopper());
+      std::printf("%-13s T=%-6lld GEMM1 %-22s GEMM2 %s\n", m.name, static_cast<long long>(t),
+                  c1.to_string().c_str(), c2.to_string().c_str());
+      EXPECT_EQ(c1.arch, 90);
+      EXPECT_EQ(c2.arch, 90);
+      if (t == 1) {
+        EXPECT_EQ(c1.block_m, 64);  // decode: the narrow tile
+        EXPECT_EQ(c2.block_m, 64);
+      }
+      if (t == 16384 && m.e <= 32) {
+        EXPECT_EQ(c1.block_m, 256);  // prefill with large experts: the wide tile
+      }
+    }
+  }
+  // A canonical (non-interleaved) gated layout stays on the mma.sync kernel for GEMM1.
+  const GemmDesc canon = gemm_desc(true, 8, 8, 2, 4096, 4096, 14336, 14336);
+  EXPECT_EQ(cuda::gemm::select_config(canon, hopper()).arch, 80);
+  // Ampere never gets the sm90 kernel.
+  const GemmDesc g8 = gemm_desc(true, 8, 8, 2, 4096, 4096, 14336, 8);
+  EXPECT_EQ(cuda::gemm::select_config(g8, ampere()).arch, 80);
+}
+
+}  // namespace
+}  // namespace modmoe
+
+#else
+
+TEST(GemmConfig, NeedsTheCudaBackend) { GTEST_SKIP() << "CPU-only build: no grouped GEMM"; }
+
+#endif
