@@ -19,3 +19,60 @@ void prepare_weights(const ExpertWeights& src, ExpertWeights& dst,
                      const PrepareWeightsOptions& options = {}, Stream stream = nullptr);
 
 }  // namespace modmoe
+
+// ---------------------------------------------------------------------------------------
+// FP8 (e4m3fn) quantization: Fp8PerTensor and Fp8Block128. Every formula is in docs/fp8.md;
+// the CPU reference and the CUDA kernels produce the same bytes and scales.
+// ---------------------------------------------------------------------------------------
+
+namespace modmoe {
+
+// Elements per scale block of Fp8Block128: 1x128 groups of activations (along H), 128x128
+// blocks of weights. H and I must be multiples of it under both FP8 schemes.
+inline constexpr int64_t kFp8BlockSize = 128;
+
+struct QuantizeOptions {
+  // Fp8PerTensor only. false (dynamic): scale[0] = max(amax(x), 1e-10) / 448 is computed on
+  // the tensors' device (no host synchronisation) and written. true (static): scale[0] is the
+  // caller's (a checkpoint's calibrated input scale) and is only read.
+  bool static_scale = false;
+};
+
+// Quantizes activations to e4m3: q = e4m3_satfinite(x / s), x / s one IEEE fp32 division,
+// with s the scale of x's group. Dynamic scales are s = max(amax, 1e-10) / 448 over the group.
+//   x:     [T, H] (or batched [E_local, max_m, H]) bf16, contiguous, H % 128 == 0
+//   q:     x's shape, e4m3
+//   scale: fp32 dequantization scales (x ~ float(q) * s):
+//          Fp8PerTensor: [1];
+//          Fp8Block128:  x's shape with H replaced by H/128, token-major ([T, H/128]), one per
+//                        1x128 group of a row. NOTE: FlashInfer's DeepSeek-FP8 kernels take the
+//                        transpose [H/128, T]; modmoe keeps the token-major layout, which is
+//                        what a per-token all-to-all payload needs.
+// Runs on the tensors' device; graph-capturable, no allocation, no host synchronisation.
+void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorView& q,
+                          const TensorView& scale, const QuantizeOptions& options = {},
+                          Stream stream = nullptr);
+
+// The inverse, for tests and debugging: out = float(q) * s (one fp32 multiply), written as
+// fp32, or rounded once to bf16. q, scale: as in quantize_activations; out: q's shape.
+void dequantize_activations(const TensorView& q, QuantScheme scheme, const TensorView& scale,
+                            const TensorView& out, Stream stream = nullptr);
+
+// FP8 weights (prepare_weights with src.scheme = Fp8PerTensor or Fp8Block128) take the
+// tensors as a checkpoint stores them; every scale is a dequantization multiplier
+// (w ~ float(q) * s: DeepSeek's `weight_scale_inv`, vLLM's per-tensor `weight_scale`):
+//   w13 [E_local, 2I (or I), H] e4m3, w2 [E_local, H, I] e4m3, biases fp32 as for bf16;
+//   Fp8PerTensor: w13_scale [E_local], w2_scale [E_local] fp32 (one per expert; gate and up
+//                 share it);
+//   Fp8Block128:  w13_scale [E_local, 2I/128 (or I/128), H/128], w2_scale [E_local, H/128,
+//                 I/128] fp32, one per 128x128 block (DeepSeek-V3).
+// The prepared (GateUpInterleaved) layout interleaves rows in groups of G as for bf16, with
+// 8 | G and G | 128, so that interleaved rows [256j, 256j + 256) hold exactly gate block j and
+// up block j. Fp8Block128 scale rows move as whole blocks: prepared block row 2j is gate
+// block j, 2j + 1 up block j (docs/fp8.md, "Weights").
+
+// Fp8Block128: the block row of w13_scale (within one expert) that scales w13 row `row` in
+// the layout of `w` (Canonical: row / 128; GateUpInterleaved: see above).
+int64_t w13_scale_row_block(const ExpertWeights& w, int64_t row);
+
+}  // namespace modmoe

@@ -7,11 +7,7 @@
 
 #include "modmoe/experts.h"
 
-#ifdef __CUDACC__
-#define MODMOE_HD __host__ __device__
-#else
-#define MODMOE_HD
-#endif
+#include "core/hd.h"
 
 namespace modmoe::act {
 

@@ -5,17 +5,11 @@
 
 #include <cstdint>
 
-#ifndef MODMOE_HD
-#ifdef __CUDACC__
-#define MODMOE_HD __host__ __device__ __forceinline__
-#else
-#define MODMOE_HD inline
-#endif
-#endif
+#include "core/hd.h"
 
 namespace modmoe::synth {
 
-MODMOE_HD uint64_t mix64(uint64_t x) {
+MODMOE_HD inline uint64_t mix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
@@ -24,7 +18,7 @@ MODMOE_HD uint64_t mix64(uint64_t x) {
 
 // Approximately N(0, 1): the sum of four 16-bit uniforms, centred and scaled (variance 1).
 // Integer arithmetic then one float multiply, so host and device agree to the bit.
-MODMOE_HD float normal(uint64_t seed, uint64_t stream, uint64_t index) {
+MODMOE_HD inline float normal(uint64_t seed, uint64_t stream, uint64_t index) {
   const uint64_t h = mix64(mix64(seed ^ (stream * 0xd1b54a32d192ed03ull)) + index);
   const int64_t sum = static_cast<int64_t>(h & 0xffff) + static_cast<int64_t>((h >> 16) & 0xffff) +
                       static_cast<int64_t>((h >> 32) & 0xffff) + static_cast<int64_t>(h >> 48);
