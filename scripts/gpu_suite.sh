@@ -18,15 +18,15 @@ for t in "$build"/tests/test_gpu_*; do
   echo "$name: $r $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$name.log" | tr '\n' ' ')"
 done
 for p in mixtral-8x7b qwen3-30b-a3b deepseek-v3 gpt-oss-120b glm-4.5-air; do
-  for t in 1 1000; do
+  for t in ${DEMO_TOKENS:-1 1000}; do
     if ! "$build/apps/modmoe" demo --preset "$p" --tokens "$t" > "$out/demo_${p}_$t.log" 2>&1; then status=1; fi
     echo "demo $p T=$t: $(grep -E '^(parity|accuracy)' "$out/demo_${p}_$t.log" | tr -s ' ' | tr '\n' ' ')"
   done
 done
-grep -h -A6 '^stage' "$out"/demo_deepseek-v3_1000.log
+grep -h -A6 '^stage' "$out"/demo_deepseek-v3_*.log | tail -7
 if [ "${2:-}" != "--no-sanitizer" ]; then
   san="compute-sanitizer --error-exitcode 1"
-  f='*SmallInt*:*Features*:*Golden*:*Edges*:*Graph*:*Empty*:*GpuFinalize*:*GpuPrepare*'
+  f=${SAN_FILTER:-'*SmallInt*:*Features*:*Golden*:*Edges*:*Graph*:*Empty*:*GpuFinalize*:*GpuPrepare*'}
   for tool in memcheck racecheck; do
     for t in "$build"/tests/test_gpu_*; do
       name=$(basename "$t")
