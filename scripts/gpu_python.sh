@@ -8,6 +8,7 @@ whl=${1:?wheel dir}
 prefix=${2:?installed modmoe prefix}
 site=/tmp/modmoe_site
 pkg=/tmp/modmoe_pkg
+rm -rf "$site" "$pkg"
 python3 -m pip install -q --no-index --no-deps --target "$site" "$whl"/*.whl
 export PYTHONPATH="$site"
 nb_dir=$(python3 -m nanobind --cmake_dir)
