@@ -8,12 +8,32 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "core/host_tensor.h"
 #include "modmoe/dtype.h"
+#include "modmoe/error.h"
+
+// Runs `stmt` and expects a modmoe::Error whose message contains every needle.
+#define EXPECT_MODMOE_ERROR(stmt, ...)                                                  \
+  do {                                                                                  \
+    SCOPED_TRACE(#stmt);                                                                \
+    bool thrown = false;                                                                \
+    try {                                                                               \
+      stmt;                                                                             \
+    } catch (const ::modmoe::Error& e) {                                                \
+      thrown = true;                                                                    \
+      const std::string msg = e.what();                                                 \
+      for (const char* needle : std::initializer_list<const char*>{__VA_ARGS__}) {      \
+        EXPECT_NE(msg.find(needle), std::string::npos)                                  \
+            << "message lacks \"" << needle << "\": " << msg;                           \
+      }                                                                                 \
+    }                                                                                   \
+    EXPECT_TRUE(thrown) << "expected a modmoe::Error";                                  \
+  } while (0)
 
 namespace modmoe::test {
 

@@ -2,6 +2,8 @@
 // message names the argument and what was expected (docs/contract.md, "Errors").
 #include <gtest/gtest.h>
 
+#include "common/test_util.h"
+
 #include <cstring>
 #include <string>
 #include <vector>
@@ -15,23 +17,6 @@ using test::make_problem;
 using test::Problem;
 using test::ProblemSpec;
 
-// Runs `stmt`, expects a modmoe::Error whose message contains every needle.
-#define EXPECT_MODMOE_ERROR(stmt, ...)                                                  \
-  do {                                                                                  \
-    SCOPED_TRACE(#stmt);                                                                \
-    bool thrown = false;                                                                \
-    try {                                                                               \
-      stmt;                                                                             \
-    } catch (const ::modmoe::Error& e) {                                                \
-      thrown = true;                                                                    \
-      const std::string msg = e.what();                                                 \
-      for (const char* needle : std::initializer_list<const char*>{__VA_ARGS__}) {      \
-        EXPECT_NE(msg.find(needle), std::string::npos)                                  \
-            << "message lacks \"" << needle << "\": " << msg;                           \
-      }                                                                                 \
-    }                                                                                   \
-    EXPECT_TRUE(thrown) << "expected a modmoe::Error";                                  \
-  } while (0)
 
 // A valid call (M = 24, H = 128, I = 64, E = 8, k = 2) that each test breaks in one place.
 class BadInputs : public ::testing::Test {

@@ -18,22 +18,6 @@
 namespace modmoe {
 namespace {
 
-#define EXPECT_MODMOE_ERROR(stmt, ...)                                                  \
-  do {                                                                                  \
-    SCOPED_TRACE(#stmt);                                                                \
-    bool thrown = false;                                                                \
-    try {                                                                               \
-      stmt;                                                                             \
-    } catch (const ::modmoe::Error& e) {                                                \
-      thrown = true;                                                                    \
-      const std::string msg = e.what();                                                 \
-      for (const char* needle : std::initializer_list<const char*>{__VA_ARGS__}) {      \
-        EXPECT_NE(msg.find(needle), std::string::npos)                                  \
-            << "message lacks \"" << needle << "\": " << msg;                           \
-      }                                                                                 \
-    }                                                                                   \
-    EXPECT_TRUE(thrown) << "expected a modmoe::Error";                                  \
-  } while (0)
 
 constexpr int64_t kB = kFp8BlockSize;
 
