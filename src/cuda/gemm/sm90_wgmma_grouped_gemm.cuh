@@ -359,6 +359,11 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[Tile::kAccRegs], cons
 template <class Tile, bool kGemm1>
 __global__ void __launch_bounds__(Tile::kThreads, 1)
     sm90_grouped_gemm_kernel(const __grid_constant__ Sm90Params p) {
+  // NOTE: wgmma and setmaxnreg exist on sm_90a only. Other targets (an sm_100a build) compile
+  // an empty kernel; select_config never picks an sm90 config on them.
+#if defined(__CUDA_ARCH__) && !(__CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL))
+  __trap();
+#else
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = sm90::smem_u32(smem_raw);
   const uint32_t smem = (raw + 1023u) & ~1023u;
@@ -581,6 +586,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
       }
     }
   }
+#endif
 }
 
 }  // namespace modmoe::cuda::gemm
