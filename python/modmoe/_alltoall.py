@@ -31,8 +31,9 @@ class AllToAll:
     """Dispatch tokens to the ranks that own their experts, combine the expert outputs back.
 
     Rank r owns experts [r * E / ep_size, (r + 1) * E / ep_size). dispatch() returns views of
-    the receive buffers, valid until the next dispatch; combine() sums, per token, the rows it
-    sent (fp32, rank order, one cast), unweighted: the experts already applied the weights.
+    the receive buffers, valid until this rank's combine() (a peer's next dispatch may then
+    overwrite them); combine() sums, per token, the rows it sent (fp32, rank order, one cast),
+    unweighted: the experts already applied the weights.
     """
 
     def __init__(
