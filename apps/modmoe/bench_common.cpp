@@ -50,12 +50,21 @@ std::string commit_id() {
   return env && *env ? env : MODMOE_GIT_COMMIT;
 }
 
-namespace {
-std::string slug(std::string s) {
-  for (char& c : s) c = std::isalnum(static_cast<unsigned char>(c)) ? static_cast<char>(std::tolower(c)) : '-';
-  return s;
+// "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3": the folder name under bench/results.
+std::string gpu_folder_name(const std::string& name) {
+  std::string out;
+  for (char c : name) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    if (std::isalnum(u)) {
+      out += static_cast<char>(std::tolower(u));
+    } else if (!out.empty() && out.back() != '-') {
+      out += '-';
+    }
+  }
+  while (!out.empty() && out.back() == '-') out.pop_back();
+  return out.empty() ? std::string("unknown-gpu") : out;
 }
-}  // namespace
+
 
 #ifdef MODMOE_WITH_CUDA
 
@@ -160,7 +169,7 @@ void write_bench_json(const nlohmann::json& out, const std::string& path, const 
     const std::string gpus = out.contains("gpu_count") && out["gpu_count"].get<int>() > 1
                                  ? "x" + std::to_string(out["gpu_count"].get<int>())
                                  : "";
-    target = "bench/results/" + slug(gpu) + gpus + "/" + file;
+    target = "bench/results/" + gpu_folder_name(gpu) + gpus + "/" + file;
   }
   std::filesystem::create_directories(std::filesystem::path(target).parent_path());
   std::ofstream f(target);

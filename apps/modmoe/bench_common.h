@@ -18,7 +18,9 @@ namespace modmoe::app {
 
 std::vector<int64_t> parse_int_list(const std::string& csv, const char* option);
 std::string format_ratio(double r);  // "1.23x"
-std::string commit_id();             // MODMOE_COMMIT from the environment, else the build's
+std::string commit_id();  // MODMOE_COMMIT from the environment, else the build's
+// "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3": the folder name under bench/results.
+std::string gpu_folder_name(const std::string& name);
 
 #ifdef MODMOE_WITH_CUDA
 struct Ceilings {

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "args.h"
+#include "bench_common.h"
 #include "ep_common.h"
 #include "modmoe/modmoe.h"
 #ifdef MODMOE_WITH_CUDA
@@ -406,6 +407,8 @@ int run_ep_bench(const std::vector<std::string>& argv) {
   nlohmann::json j;
   j["benchmark"] = "all_to_all";
   j["gpu"] = sh->gpu;
+  j["gpu_count"] = o.gpus;
+  j["commit"] = commit_id();
   j["ep_size"] = o.gpus;
   j["nccl_version"] = sh->nccl_version;
   j["hidden"] = kH;
@@ -454,11 +457,17 @@ int run_ep_bench(const std::vector<std::string>& argv) {
                            {"correct", correct}, {"per_rank", per}});
     }
   }
-  const std::string path = args.get("--out", "bench/results/" + gpu_folder_name(sh->gpu) + "/all_to_all.json");
-  const std::filesystem::path p(path);
-  if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path());
-  std::ofstream(path) << j.dump(2) << "\n";
-  std::printf("\nwrote %s\n", path.c_str());
+  // Ratios against NCCL's all-to-all measured in this run, at the same tokens per rank.
+  for (auto& row : j["rows"]) {
+    for (const auto& base : j["rows"]) {
+      if (base["backend"] == "nccl_a2a_uneven" && base["tokens_per_rank"] == row["tokens_per_rank"] &&
+          row["dispatch_us"].get<double>() > 0 && row["combine_us"].get<double>() > 0) {
+        row["dispatch_speedup_vs_nccl_a2a"] = base["dispatch_us"].get<double>() / row["dispatch_us"].get<double>();
+        row["combine_speedup_vs_nccl_a2a"] = base["combine_us"].get<double>() / row["combine_us"].get<double>();
+      }
+    }
+  }
+  write_bench_json(j, args.get("--out", ""), "all_to_all.json");
   return ok ? 0 : 1;
 }
 

@@ -46,19 +46,5 @@ inline std::vector<std::string> split_list(const std::string& s) {
   return v;
 }
 
-// "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3": the folder name under bench/results.
-inline std::string gpu_folder_name(const std::string& name) {
-  std::string out;
-  for (char c : name) {
-    const unsigned char u = static_cast<unsigned char>(c);
-    if (std::isalnum(u)) {
-      out += static_cast<char>(std::tolower(u));
-    } else if (!out.empty() && out.back() != '-') {
-      out += '-';
-    }
-  }
-  while (!out.empty() && out.back() == '-') out.pop_back();
-  return out.empty() ? std::string("unknown-gpu") : out;
-}
 
 }  // namespace modmoe::app
