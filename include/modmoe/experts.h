@@ -82,7 +82,8 @@ struct ExpertWeights {
   TensorView w2;   // [E_local, H, I] bf16, I contiguous
   TensorView w13_bias;  // [E_local, 2I] (or [E_local, I]) fp32, optional, same row order as w13
   TensorView w2_bias;   // [E_local, H] fp32, optional
-  // Quantized schemes only (see quant.h); undefined for QuantScheme::None.
+  // Quantized schemes only (see quant.h; NVFP4 packs w13/w2 as E2M1x2 with K/2 bytes per
+  // row); undefined for QuantScheme::None.
   TensorView w13_scale;
   TensorView w2_scale;
   TensorView w13_global_scale;
@@ -90,7 +91,10 @@ struct ExpertWeights {
 
   int64_t num_local_experts() const { return w2.size(0); }
   int64_t hidden() const { return w2.size(1); }
-  int64_t intermediate() const { return w2.size(2); }
+  // I, in values: E2M1x2 (NVFP4) stores two values per byte, so its w2 is [E_local, H, I/2].
+  int64_t intermediate() const {
+    return w2.dtype == DType::E2M1x2 ? 2 * w2.size(2) : w2.size(2);
+  }
   // Row of w13 (within one expert) that holds gate row i, and up row i, in this layout.
   int64_t gate_row(int64_t i) const;
   int64_t up_row(int64_t i) const;
@@ -107,6 +111,8 @@ enum class InputFormat : uint8_t {
 
 struct ExpertsInputs {
   // Standard: [M, H] bf16. Batched: [E_local, max_m, H] bf16. Rows 16-byte aligned.
+  // FP8 weights (Fp8PerTensor, Fp8Block128): e4m3, with hidden_scale fp32: Fp8Block128
+  // [M, H/128] (batched [E_local, max_m, H/128]); Fp8PerTensor [1] or one per row (quant.h).
   TensorView hidden;
   TensorView hidden_scale;  // quantized schemes only
   // Standard: [M, k] int32 global ids; or, when topk_weights is undefined, the packed form

@@ -76,3 +76,58 @@ void dequantize_activations(const TensorView& q, QuantScheme scheme, const Tenso
 int64_t w13_scale_row_block(const ExpertWeights& w, int64_t row);
 
 }  // namespace modmoe
+
+// ---------------------------------------------------------------------------------------
+// NVFP4 (QuantScheme::Nvfp4): e2m1 values packed in pairs (DType::E2M1x2, low nibble first),
+// one e4m3 block scale per 16 values along K, one fp32 global scale per tensor (activations) or
+// per expert (weights). Every scale is a dequantization multiplier:
+//   x ~ e2m1 * float(block_scale) * global_scale
+// (global_scale = ModelOpt's weight_scale_2 / input_scale; FlashInfer's global_sf is its
+// reciprocal). Every formula is in docs/nvfp4.md and src/core/nvfp4.h.
+// ---------------------------------------------------------------------------------------
+
+namespace modmoe {
+
+// Values per e4m3 block scale. K dimensions (H, and I for weights) must be multiples of 32 so
+// that a packed row (K/2 bytes) is a whole number of 16-byte vectors.
+inline constexpr int64_t kNvfp4BlockSize = 16;
+
+struct Nvfp4QuantizeOptions {
+  // false (dynamic): global_scale[0] = max(amax(x), 1e-10) / (6 * 448) is computed and
+  // written. true (static): global_scale[0] is the caller's (a checkpoint's calibrated
+  // input_scale), only read; blocks past 6 * 448 * global saturate.
+  bool static_global_scale = false;
+};
+
+// Quantizes bf16 activations (or weights, one expert at a time) to NVFP4:
+//   block scale = e4m3_satfinite((amax_block / 6) / global)
+//   code        = e2m1_rn_satfinite(x / (float(block scale) * global)), 0 where that is 0
+//   x:            [T, H] (or [E_local, max_m, H]) bf16, dense, H % 32 == 0
+//   q:            x's shape with H replaced by H/2, E2M1x2
+//   scale:        x's shape with H replaced by H/16, E4M3, token-major (FlashInfer's linear
+//                 hidden_states_scale layout: the scales of a token are contiguous)
+//   global_scale: [1] fp32
+// CPU tensors only for now; CUDA tensors throw "not supported yet".
+void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& scale,
+                    const TensorView& global_scale, const Nvfp4QuantizeOptions& options = {},
+                    Stream stream = nullptr);
+
+// The inverse, for tests and debugging: out = (e2m1 * float(scale)) * global (the first
+// product exact, one fp32 rounding), written as fp32 or rounded once more to bf16.
+// q, scale, global_scale: as in quantize_nvfp4; out: [T, H] (q's shape with H/2 doubled).
+void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
+                      const TensorView& global_scale, const TensorView& out,
+                      Stream stream = nullptr);
+
+// NVFP4 weights (prepare_weights with src.scheme = Nvfp4) take the checkpoint layout
+// (ModelOpt / FlashInfer), K-major, shapes counting bytes for E2M1x2:
+//   w13 [E_local, 2I (or I), H/2] E2M1x2, w2 [E_local, H, I/2] E2M1x2 (H, I multiples of 32);
+//   w13_scale [E_local, 2I (or I), H/16] E4M3, w2_scale [E_local, H, I/16] E4M3 (linear);
+//   w13_global_scale [E_local], w2_global_scale [E_local] fp32 (gate and up share one);
+//   biases fp32 as for bf16.
+// The prepared (GateUpInterleaved) layout interleaves the packed w13 rows, their scale rows
+// and the bias in groups of G rows exactly as for bf16 (8 | G, G | I): a scale row belongs to
+// one weight row, so any such G works. w2, w2_scale and the global scales are copied.
+// CPU tensors only for now (docs/nvfp4.md, "Weights").
+
+}  // namespace modmoe

@@ -5,8 +5,10 @@
 #include <algorithm>
 
 #include "api/api_util.h"
+#include "api/quant_check.h"
 #include "backend.h"
 #include "core/check.h"
+#include "reference/quant.h"
 
 namespace modmoe {
 
@@ -74,11 +76,14 @@ int64_t ExpertWeights::up_row(int64_t i) const {
 
 void ExpertsDesc::validate() const {
   expert_map.validate();
-  if (scheme != QuantScheme::None) {
+  const bool fp8 = api::is_fp8(scheme);
+  if (scheme == QuantScheme::Nvfp4 || scheme == QuantScheme::Mxfp8) {
     MODMOE_NOT_SUPPORTED("quant scheme ", quant_scheme_name(scheme),
-                         " on any backend of this build: only 'none' (bf16 activations and "
-                         "weights) is implemented");
+                         " in the experts stage: implemented are 'none' (bf16), 'fp8-tensor' "
+                         "and 'fp8-block' (FP8 on the CPU reference only)");
   }
+  MODMOE_CHECK(scheme == QuantScheme::None || fp8, "argument 'scheme' = ",
+               static_cast<int>(scheme), ": expected None, Fp8PerTensor or Fp8Block128");
   const int act = static_cast<int>(activation);
   MODMOE_CHECK(act >= 0 && act <= static_cast<int>(Activation::Relu2),
                "argument 'activation' = ", act, ": expected Swiglu, SwigluOai, Geglu or Relu2");
@@ -95,6 +100,12 @@ void ExpertsDesc::validate() const {
                ": expected a multiple of 64 (the GEMM tile)");
   MODMOE_CHECK(intermediate > 0 && intermediate % 64 == 0, "argument 'intermediate' = ",
                intermediate, ": expected a multiple of 64 (the GEMM tile)");
+  if (fp8) {
+    MODMOE_CHECK(hidden % kFp8BlockSize == 0 && intermediate % kFp8BlockSize == 0,
+                 "argument 'hidden' = ", hidden, ", 'intermediate' = ", intermediate,
+                 " with quant scheme ", quant_scheme_name(scheme),
+                 ": expected both multiples of 128 (the FP8 scale block)");
+  }
   if (format == InputFormat::Standard) {
     MODMOE_CHECK(top_k >= 1 && top_k <= expert_map.num_experts, "argument 'top_k' = ", top_k,
                  ": expected in [1, num_experts = ", expert_map.num_experts, "]");
@@ -310,10 +321,13 @@ ExpertsDesc make_experts_desc(const ExpertsInputs& in, const ExpertWeights& weig
   map.validate();
   check::defined(in.hidden, "hidden");
   const Device dev = in.hidden.device;
+  // FP8: its own dtype and scale checks, then this function on a bf16 shadow of the call.
+  if (api::is_fp8(weights.scheme)) return api::check_fp8_experts(in, weights, map, options, out);
   if (weights.scheme != QuantScheme::None) {
     MODMOE_NOT_SUPPORTED("quant scheme ", quant_scheme_name(weights.scheme), " on ",
                          dev.to_string(),
-                         ": only 'none' (bf16 activations and weights) is implemented");
+                         " in the experts stage: implemented are 'none' (bf16 activations and "
+                         "weights), 'fp8-tensor' and 'fp8-block' (FP8 on the CPU reference only)");
   }
   const int act = static_cast<int>(options.activation.kind);
   MODMOE_CHECK(act >= 0 && act <= static_cast<int>(Activation::Relu2),
@@ -345,6 +359,9 @@ ExpertsDesc make_experts_desc(const ExpertsInputs& in, const ExpertWeights& weig
 size_t experts_workspace_size(const ExpertsDesc& desc) {
   desc.validate();
   size_t bytes = reference::experts_workspace_size(desc);
+  // NOTE: FP8 runs on the CPU oracle only, which needs no workspace (it holds its scratch
+  // itself, as the bf16 reference does). The FP8 GEMM's carve joins here when it lands.
+  if (api::is_fp8(desc.scheme)) return bytes;
 #ifdef MODMOE_WITH_CUDA
   bytes = std::max(bytes, cuda::experts_workspace_size(desc));
 #endif
@@ -356,6 +373,11 @@ void experts(const ExpertsInputs& in, const ExpertWeights& weights, const Expert
              const Workspace& workspace, Stream stream) {
   const ExpertsDesc desc = make_experts_desc(in, weights, map, options, out);
   const Device dev = in.hidden.device;
+  if (api::is_fp8(desc.scheme)) {
+    api::check_fp8_experts_device(desc.scheme, dev, "experts");
+    reference::experts_fp8(in, weights, map, options, out);
+    return;
+  }
   if (!dev.is_cuda()) {
     if (desc.format == InputFormat::Batched) {
       const auto* counts = in.expert_num_tokens.ptr<const int32_t>();

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "api/api_util.h"
+#include "api/nvfp4_check.h"
 #include "api/quant_check.h"
 #include "backend.h"
 #include "core/check.h"
@@ -36,9 +37,7 @@ void check_same_as(const TensorView& dst, const TensorView& src, const char* dst
                ": expected separate memory (prepare_weights does not work in place)");
 }
 
-bool is_fp8(QuantScheme s) {
-  return s == QuantScheme::Fp8PerTensor || s == QuantScheme::Fp8Block128;
-}
+using api::is_fp8;
 
 constexpr int64_t kBlock = kFp8BlockSize;
 
@@ -242,6 +241,10 @@ void prepare_weights(const ExpertWeights& src, ExpertWeights& dst,
     prepare_weights_fp8(src, dst, options, stream);
     return;
   }
+  if (src.scheme == QuantScheme::Nvfp4) {  // src/api/nvfp4.cpp
+    api::prepare_weights_nvfp4(src, dst, options, stream);
+    return;
+  }
   if (src.scheme != QuantScheme::None) {
     MODMOE_NOT_SUPPORTED("quant scheme ", quant_scheme_name(src.scheme), " on ",
                          dev.to_string(), " in prepare_weights: only 'none' (bf16 weights) is ",
@@ -421,7 +424,10 @@ ExpertsDesc check_fp8_experts(const ExpertsInputs& in, const ExpertWeights& weig
   const QuantScheme scheme = weights.scheme;
   MODMOE_CHECK(is_fp8(scheme), "argument 'weights.scheme' = ", quant_scheme_name(scheme),
                ": expected Fp8PerTensor or Fp8Block128 (the FP8 experts)");
-  check::dtype(in.hidden, "hidden", {DType::E4M3});
+  MODMOE_CHECK(in.hidden.dtype == DType::E4M3, "argument 'hidden' has dtype ",
+               dtype_name(in.hidden.dtype), " with FP8 weights (quant scheme ",
+               quant_scheme_name(scheme), "): expected e4m3 plus its 'hidden_scale' (",
+               "quantize_activations makes both; fused_moe quantizes bf16 hidden states itself)");
   check::defined(weights.w2, "weights.w2");
   check::dtype(weights.w2, "weights.w2", {DType::E4M3});
   MODMOE_CHECK(weights.w2.ndim == 3, "argument 'weights.w2' has shape ",
@@ -466,7 +472,16 @@ ExpertsDesc check_fp8_experts(const ExpertsInputs& in, const ExpertWeights& weig
   shadow_w.w2_scale = {};
   ExpertsDesc desc = make_experts_desc(shadow_in, shadow_w, map, options, out);
   desc.scheme = scheme;
+  desc.validate();
   return desc;
+}
+
+void check_fp8_experts_device(QuantScheme scheme, const Device& dev, const char* function) {
+  if (!dev.is_cuda()) return;
+  MODMOE_NOT_SUPPORTED("FP8 experts on the GPU: ", function, " with quant scheme ",
+                       quant_scheme_name(scheme), " and tensors on ", dev.to_string(),
+                       ": the FP8 wgmma grouped GEMM is not written yet; expected CPU tensors "
+                       "(the reference backend), or bf16 weights (quant scheme none) on the GPU");
 }
 
 }  // namespace api

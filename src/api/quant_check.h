@@ -1,15 +1,23 @@
-// Validation of an FP8 experts call (docs/fp8.md, "Experts"), shared by the CPU oracle
-// reference::experts_fp8 and, once the FP8 grouped GEMM lands, by modmoe::experts. Internal.
+// Validation of an FP8 experts call (docs/fp8.md, "Experts"), shared by modmoe::experts,
+// modmoe::fused_moe and the CPU oracle reference::experts_fp8. Internal.
 #pragma once
 
 #include "modmoe/experts.h"
 
 namespace modmoe::api {
 
+inline bool is_fp8(QuantScheme s) {
+  return s == QuantScheme::Fp8PerTensor || s == QuantScheme::Fp8Block128;
+}
+
 // Throws modmoe::Error naming the first bad argument. Returns the desc of the call with
-// desc.scheme set to the FP8 scheme (ExpertsDesc::validate() still refuses FP8 today).
+// desc.scheme set to the FP8 scheme (validated: ExpertsDesc::validate() accepts FP8).
 ExpertsDesc check_fp8_experts(const ExpertsInputs& in, const ExpertWeights& weights,
                               const ExpertMap& map, const ExpertsOptions& options,
                               const ExpertsOutputs& out);
+
+// FP8 experts run on the CPU reference only: throws "not supported yet: FP8 experts on the
+// GPU: ..." (naming `function` and the scheme) for tensors on a CUDA device, in every build.
+void check_fp8_experts_device(QuantScheme scheme, const Device& dev, const char* function);
 
 }  // namespace modmoe::api

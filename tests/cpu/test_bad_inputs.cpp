@@ -167,8 +167,18 @@ TEST_F(BadInputs, HiddenNotMultipleOf64) {
 }
 
 TEST_F(BadInputs, QuantSchemeNotSupported) {
+  for (QuantScheme scheme : {QuantScheme::Mxfp8, QuantScheme::Nvfp4}) {
+    w.scheme = scheme;
+    const std::string named = std::string("quant scheme ") + quant_scheme_name(scheme) + " on cpu";
+    EXPECT_MODMOE_ERROR(run(), "not supported yet", named.c_str());
+  }
+}
+
+TEST_F(BadInputs, Fp8SchemeWithBf16Tensors) {
+  // An FP8 scheme routes to the FP8 checks, which name the bf16 hidden states first.
   w.scheme = QuantScheme::Fp8Block128;
-  EXPECT_MODMOE_ERROR(run(), "not supported yet", "quant scheme fp8-block on cpu");
+  EXPECT_MODMOE_ERROR(run(), "'hidden' has dtype bf16 with FP8 weights",
+                      "quant scheme fp8-block", "expected e4m3");
 }
 
 TEST_F(BadInputs, InterleaveRowsNotMultipleOf8) {
@@ -392,8 +402,11 @@ TEST_F(BadPrepare, MissingDstBias) {
 }
 
 TEST_F(BadPrepare, QuantScheme) {
+  w.scheme = QuantScheme::Mxfp8;
+  EXPECT_MODMOE_ERROR(prepare(), "not supported yet", "quant scheme mxfp8");
+  // NVFP4 is prepared (tests/cpu/test_nvfp4.cpp): bf16 tensors are named as the wrong dtype.
   w.scheme = QuantScheme::Nvfp4;
-  EXPECT_MODMOE_ERROR(prepare(), "not supported yet", "quant scheme nvfp4");
+  EXPECT_MODMOE_ERROR(prepare(), "'src.w2' has dtype bf16", "expected e2m1x2");
 }
 
 // ---- fused_moe ----

@@ -1,0 +1,130 @@
+// Bit-exact NVFP4 numerics shared by the CPU reference and the CUDA kernels (docs/nvfp4.md):
+// the e2m1 element format, its packing, and the three steps of NVFP4 quantization (global
+// scale from the tensor amax, e4m3 block scale from the block amax, one value). Header-only;
+// compiles as plain C++ or under nvcc, on the host and the device. The e4m3 side (scale
+// conversions, bit casts, the IEEE division) is src/core/fp8.h.
+//
+// e2m1 (OCP FP4 E2M1): s ee m, exponent bias 1, no inf, no NaN. The 16 codes:
+//   0x0..0x7 = 0, 0.5, 1, 1.5, 2, 3, 4, 6;  0x8..0xf = the same negated (0x8 is -0).
+// Packed pairs (DType::E2M1x2): element 2i in the low nibble of byte i, 2i + 1 in the high one.
+//
+// NVFP4 value = e2m1 * e4m3 block scale (one per 16 consecutive values along K) * fp32 global
+// scale (one per tensor, or per expert). Every scale here is a *dequantization* multiplier:
+// the global scale is ModelOpt's `weight_scale_2` / `input_scale`, amax / (6 * 448); FlashInfer
+// and TRT-LLM quantizers take its reciprocal (`global_sf` = 448 * 6 / amax).
+#pragma once
+
+#include <stdint.h>
+
+#include "core/fp8.h"
+#include "core/hd.h"
+
+// NOTE: as in fp8.h, every function is `constexpr` (implicitly inline), so the definitions
+// stay ODR-safe whichever header defined MODMOE_HD first; the CPU tests static_assert on them.
+namespace modmoe::nvfp4 {
+
+inline constexpr int kBlock = 16;             // values per e4m3 block scale
+inline constexpr float kE2m1Max = 6.0f;       // largest e2m1 magnitude
+inline constexpr uint8_t kE2m1MaxCode = 0x7;  // +6
+// amax_tensor / kGlobalDivisor puts the largest block scale at 448 (the e4m3 max) when the
+// block holding the amax maps it onto 6 (the e2m1 max). 6 * 448 = 2688, exact in fp32.
+inline constexpr float kGlobalDivisor = 6.0f * fp8::kE4m3Max;
+
+// e2m1 code (the low 4 bits of `code`) -> float, exact. Exponent field e = bits 1-2, mantissa
+// m = bit 0: e = 0 is m * 0.5 (the subnormal 0.5 and zero), else 2^(e-1) * (1 + m/2).
+MODMOE_HD constexpr float e2m1_to_float(uint8_t code) {
+  const uint32_t sign = static_cast<uint32_t>(code & 0x8u) << 28;
+  const uint32_t e = (code >> 1) & 3u, m = code & 1u;
+  // e = 0: 0 or 0.5 (0x3f000000); else biased fp32 exponent e - 1 + 127.
+  const uint32_t mag = e == 0 ? (m ? 0x3f000000u : 0u) : (((e + 126u) << 23) | (m << 22));
+  return fp8::bits_to_float(sign | mag);
+}
+
+// float -> e2m1, round to nearest even on the e2m1 grid, saturating: |x| > 5 (5 is the
+// midpoint of 4 and 6 and ties to the even 4) and +-inf give +-6. The sign is kept, also on
+// values that round to zero (-0.1 -> 0x8). NaN -> +6 (0x7): the rule of the hardware
+// conversion (cvt.rn.satfinite.e2m1x2.f32, sm_100a) and of CUDA's __nv_cvt_float_to_fp4, which
+// test_nvfp4.cpp checks this emulation against. A quantized NaN is still visible: its block
+// scale is NaN (see block_scale_e4m3).
+MODMOE_HD constexpr uint8_t float_to_e2m1(float x) {
+  const uint32_t u = fp8::float_to_bits(x);
+  const uint8_t sign = static_cast<uint8_t>((u >> 28) & 0x8u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return kE2m1MaxCode;
+  // |x| against the midpoints between neighbouring codes (as bits: for non-negative floats
+  // the bit order is the value order). Ties go to the even code: 0.25 -> 0, 0.75 -> 1.0,
+  // 1.25 -> 1.0, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4.
+  uint8_t code;
+  if (a <= 0x3e800000u) {         // <= 0.25
+    code = 0;
+  } else if (a < 0x3f400000u) {   // < 0.75
+    code = 1;
+  } else if (a <= 0x3fa00000u) {  // <= 1.25
+    code = 2;
+  } else if (a < 0x3fe00000u) {   // < 1.75
+    code = 3;
+  } else if (a <= 0x40200000u) {  // <= 2.5
+    code = 4;
+  } else if (a < 0x40600000u) {   // < 3.5
+    code = 5;
+  } else if (a <= 0x40a00000u) {  // <= 5
+    code = 6;
+  } else {
+    code = 7;
+  }
+  return static_cast<uint8_t>(code | sign);
+}
+
+// Packing: `first` (element 2i) in the low nibble, `second` (2i + 1) in the high nibble.
+MODMOE_HD constexpr uint8_t pack_e2m1x2(uint8_t first, uint8_t second) {
+  return static_cast<uint8_t>((first & 0xfu) | ((second & 0xfu) << 4));
+}
+MODMOE_HD constexpr uint8_t e2m1x2_first(uint8_t byte) { return byte & 0xfu; }
+MODMOE_HD constexpr uint8_t e2m1x2_second(uint8_t byte) { return byte >> 4; }
+
+// ---- the three steps of NVFP4 quantization, identical in the reference and the kernels ----
+
+// The global (per-tensor) dequantization scale: max(amax, 1e-10) / 2688, one IEEE division.
+// An all-zero tensor gets 1e-10 / 2688 (finite, so every block scale is 0 and every code 0).
+// NaN amax -> the canonical NaN; inf amax -> inf.
+MODMOE_HD constexpr float global_scale_from_amax(float amax) {
+  if (!(amax == amax)) return fp8::bits_to_float(fp8::kCanonicalNaNBits);
+  return fp8::div_rn(amax > fp8::kMinAmax ? amax : fp8::kMinAmax, kGlobalDivisor);
+}
+
+// The e4m3 block scale of a block of 16 whose largest |value| is `block_amax`:
+//   e4m3_satfinite((block_amax / 6) / global)      two IEEE divisions, in this order.
+// A zero block gives 0x00 (scale 0). A scale past 448 (a static global too small for the
+// data) saturates to 448; the values past 6 * 448 * global then saturate to +-6. A NaN in the
+// block gives 0x7f (NaN), so the whole block decodes to NaN.
+MODMOE_HD constexpr uint8_t block_scale_e4m3(float block_amax, float global) {
+  return fp8::float_to_e4m3(fp8::div_rn(fp8::div_rn(block_amax, kE2m1Max), global), true);
+}
+
+// The divisor of a block's values: float(scale) * global, one fp32 multiply.
+MODMOE_HD constexpr float block_divisor(uint8_t scale_code, float global) {
+  return fp8::e4m3_to_float(scale_code) * global;
+}
+
+// One value: e2m1_rn_satfinite(x / divisor), one IEEE division. A zero divisor (a zero block,
+// or a block scale that rounded to zero in e4m3) gives +0 for every value of the block.
+MODMOE_HD constexpr uint8_t quantize_e2m1(float x, float divisor) {
+  if (divisor == 0.0f) return 0;
+  return float_to_e2m1(fp8::div_rn(x, divisor));
+}
+
+// e2m1 * e4m3, exact: the product of a 2-bit and a 4-bit significand has at most 6
+// significant bits, and its magnitude lies in {0} U [2^-10, 2688], so it is exact in fp32 and
+// in bf16. This is the weight the Hopper W4A16 kernel feeds its bf16 MMA, and what the
+// Blackwell block-scaled MMA multiplies by; the global scale is applied after the K sum.
+MODMOE_HD constexpr float block_value(uint8_t code, uint8_t scale_code) {
+  return e2m1_to_float(code) * fp8::e4m3_to_float(scale_code);
+}
+
+// The dequantized value: (e2m1 * e4m3) * global; the first product is exact, the second is
+// one fp32 rounding, so this is the correctly rounded product of the three exact values.
+MODMOE_HD constexpr float dequantize(uint8_t code, uint8_t scale_code, float global) {
+  return block_value(code, scale_code) * global;
+}
+
+}  // namespace modmoe::nvfp4

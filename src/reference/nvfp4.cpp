@@ -1,0 +1,131 @@
+// CPU reference of NVFP4 quantization, dequantization and weight preparation (docs/nvfp4.md).
+// Arguments were validated by src/api/nvfp4.cpp. Every formula goes through src/core/nvfp4.h,
+// which the CUDA kernels share, so both produce the same bytes.
+#include "reference/nvfp4.h"
+
+#include <cstring>
+
+#include "core/nvfp4.h"
+#include "modmoe/dtype.h"
+
+namespace modmoe::reference {
+
+namespace detail {
+
+uint8_t quantize_block_16(const uint16_t* x, float global, uint8_t* q) {
+  // amax over |x| as integers: for sign-cleared floats the bit order is the value order, and a
+  // NaN (bits above inf) wins, so a NaN anywhere in the block makes its scale NaN.
+  uint16_t amax_bits = 0;
+  for (int i = 0; i < nvfp4::kBlock; ++i) {
+    const uint16_t a = static_cast<uint16_t>(x[i] & 0x7fffu);
+    amax_bits = a > amax_bits ? a : amax_bits;
+  }
+  const uint8_t sc = nvfp4::block_scale_e4m3(bf16_bits_to_float(amax_bits), global);
+  const float d = nvfp4::block_divisor(sc, global);
+  for (int i = 0; i < nvfp4::kBlock / 2; ++i) {
+    q[i] = nvfp4::pack_e2m1x2(nvfp4::quantize_e2m1(bf16_bits_to_float(x[2 * i]), d),
+                              nvfp4::quantize_e2m1(bf16_bits_to_float(x[2 * i + 1]), d));
+  }
+  return sc;
+}
+
+}  // namespace detail
+
+void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& scale,
+                    const TensorView& global_scale, const Nvfp4QuantizeOptions& options) {
+  const int64_t n = x.numel();              // a multiple of 32 (H % 32 == 0)
+  const auto* xb = x.ptr<const uint16_t>();  // [rows, H] bf16
+  auto* qb = q.ptr<uint8_t>();               // [rows, H/2] E2M1x2
+  auto* sb = scale.ptr<uint8_t>();           // [rows, H/16] E4M3
+  auto* gb = global_scale.ptr<float>();      // [1] fp32
+  float g = gb[0];
+  if (!options.static_global_scale) {
+    uint16_t amax_bits = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint16_t a = static_cast<uint16_t>(xb[i] & 0x7fffu);
+      amax_bits = a > amax_bits ? a : amax_bits;
+    }
+    g = nvfp4::global_scale_from_amax(bf16_bits_to_float(amax_bits));
+    gb[0] = g;
+  }
+  for (int64_t b = 0; b < n / nvfp4::kBlock; ++b) {
+    sb[b] = detail::quantize_block_16(xb + b * nvfp4::kBlock, g, qb + b * (nvfp4::kBlock / 2));
+  }
+}
+
+void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
+                      const TensorView& global_scale, const TensorView& out) {
+  const int64_t n = out.numel();  // values: 2 * q.numel()
+  const auto* qb = q.ptr<const uint8_t>();
+  const auto* sb = scale.ptr<const uint8_t>();
+  const float g = global_scale.ptr<const float>()[0];
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t byte = qb[i / 2];
+    const uint8_t code = (i % 2) ? nvfp4::e2m1x2_second(byte) : nvfp4::e2m1x2_first(byte);
+    const float v = nvfp4::dequantize(code, sb[i / nvfp4::kBlock], g);
+    if (out.dtype == DType::BF16) {
+      out.ptr<uint16_t>()[i] = float_to_bf16_bits(v);
+    } else {
+      out.ptr<float>()[i] = v;
+    }
+  }
+}
+
+namespace {
+
+// dst row r of each expert <- src row of the gate or up half: rows [0, 2*half) per expert in
+// groups of 2G (G gate rows, then the matching G up rows), as for bf16 (experts.h,
+// WeightLayout). The gate half of src is [0, half) unless up_first. Rows are `row_bytes`.
+void gather_interleaved(const void* src, void* dst, int64_t num_experts, int64_t half,
+                        int64_t group_rows, bool up_first, int64_t row_bytes) {
+  const auto* s = static_cast<const unsigned char*>(src);
+  auto* d = static_cast<unsigned char*>(dst);
+  const int64_t rows = 2 * half;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t within = r % (2 * group_rows);
+      const bool is_gate = within < group_rows;
+      const int64_t i =
+          r / (2 * group_rows) * group_rows + (is_gate ? within : within - group_rows);
+      const int64_t src_row = is_gate != up_first ? i : half + i;
+      std::memcpy(d + (e * rows + r) * row_bytes, s + (e * rows + src_row) * row_bytes,
+                  static_cast<size_t>(row_bytes));
+    }
+  }
+}
+
+void copy(const TensorView& dst, const TensorView& src) {
+  if (src.defined() && src.nbytes() > 0) std::memcpy(dst.data, src.data, src.nbytes());
+}
+
+}  // namespace
+
+void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
+                           const PrepareWeightsOptions& options) {
+  const int64_t E = src.w13.size(0), rows = src.w13.size(1);
+  const int64_t row_bytes = src.w13.size(2);          // H/2 packed bytes
+  const int64_t scale_row_bytes = src.w13_scale.size(2);  // H/16 e4m3 scales
+  const int64_t I = src.intermediate();
+  const bool interleave = options.layout == WeightLayout::GateUpInterleaved && rows == 2 * I;
+  copy(dst.w2, src.w2);
+  copy(dst.w2_scale, src.w2_scale);
+  copy(dst.w2_bias, src.w2_bias);
+  copy(dst.w13_global_scale, src.w13_global_scale);
+  copy(dst.w2_global_scale, src.w2_global_scale);
+  if (!interleave) {
+    copy(dst.w13, src.w13);
+    copy(dst.w13_scale, src.w13_scale);
+    copy(dst.w13_bias, src.w13_bias);
+    return;
+  }
+  // One permutation of w13 rows, applied to the three tensors indexed by w13 row.
+  const int64_t G = options.interleave_rows;
+  const bool up_first = src.order == GateUpOrder::UpGate;
+  gather_interleaved(src.w13.data, dst.w13.data, E, I, G, up_first, row_bytes);
+  gather_interleaved(src.w13_scale.data, dst.w13_scale.data, E, I, G, up_first, scale_row_bytes);
+  if (src.w13_bias.defined()) {
+    gather_interleaved(src.w13_bias.data, dst.w13_bias.data, E, I, G, up_first, 4);
+  }
+}
+
+}  // namespace modmoe::reference

@@ -1,0 +1,153 @@
+// The NVFP4 numerics of src/core/nvfp4.h compiled for the device, against CUDA's conversions
+// and against the same header compiled for the host:
+//   - all 2^32 fp32 bit patterns: nvfp4::float_to_e2m1(x) on the device ==
+//     __nv_cvt_float_to_fp4(x, __NV_E2M1, cudaRoundNearest) and == its nibble of the paired
+//     __nv_cvt_float2_to_fp4x2 (.x in the low nibble). On an sm_100a build running on
+//     Blackwell that is the instruction cvt.rn.satfinite.e2m1x2.f32; on sm_90a CUDA emulates
+//     it in software, an implementation independent of modmoe's;
+//   - the 16 codes decoded by CUDA (fp4 -> half) == nvfp4::e2m1_to_float on the device;
+//   - the quantization steps (global scale, block scale, one value, dequantize) on the device
+//     == on the host, on random and edge inputs.
+// A .cu file because it needs its own kernels; it skips cleanly without a GPU.
+#include <cuda_fp16.h>
+#include <cuda_fp4.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "common/test_util.h"
+#include "core/nvfp4.h"
+#include "gpu_test_util.h"
+
+namespace modmoe {
+namespace {
+
+constexpr int kMaxReported = 16;
+
+struct Mismatches {
+  unsigned long long count;
+  unsigned int first[kMaxReported];
+};
+
+__global__ void exhaustive_kernel(Mismatches* out) {
+  const uint64_t stride = uint64_t(gridDim.x) * blockDim.x;
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (1ull << 32);
+       i += stride) {
+    const uint32_t u = static_cast<uint32_t>(i);
+    const float x = __uint_as_float(u);
+    const float y = __uint_as_float(u ^ 0x80000000u);
+    const uint8_t emu = nvfp4::float_to_e2m1(x);
+    const uint8_t cuda = __nv_cvt_float_to_fp4(x, __NV_E2M1, cudaRoundNearest);
+    const uint8_t pair = __nv_cvt_float2_to_fp4x2(make_float2(x, y), __NV_E2M1, cudaRoundNearest);
+    if (cuda != emu || pair != nvfp4::pack_e2m1x2(emu, nvfp4::float_to_e2m1(y))) {
+      const unsigned long long slot = atomicAdd(&out->count, 1ull);
+      if (slot < kMaxReported) out->first[slot] = u;
+    }
+  }
+}
+
+__global__ void decode_kernel(uint32_t* cuda, uint32_t* emu) {
+  const int c = threadIdx.x;  // 16 threads
+  const __half h = __half(__nv_cvt_fp4_to_halfraw(static_cast<__nv_fp4_storage_t>(c), __NV_E2M1));
+  cuda[c] = __float_as_uint(__half2float(h));
+  emu[c] = __float_as_uint(nvfp4::e2m1_to_float(static_cast<uint8_t>(c)));
+}
+
+// Per input i: global_scale_from_amax(a), block_scale_e4m3(a, g), quantize_e2m1(x, d) and
+// dequantize(code, scale, g), with d = block_divisor(scale, g).
+__global__ void steps_kernel(const float* x, const float* a, const float* g, float* global,
+                             uint8_t* scale, uint8_t* code, float* deq, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  global[i] = nvfp4::global_scale_from_amax(a[i]);
+  scale[i] = nvfp4::block_scale_e4m3(a[i], g[i]);
+  code[i] = nvfp4::quantize_e2m1(x[i], nvfp4::block_divisor(scale[i], g[i]));
+  deq[i] = nvfp4::dequantize(code[i], scale[i], g[i]);
+}
+
+class GpuNvfp4Convert : public test::GpuTest {};
+
+TEST_F(GpuNvfp4Convert, EmulationEqualsCudaOnAllFloats) {
+  Mismatches* d = nullptr;
+  MODMOE_CUDA_CHECK(cudaMalloc(&d, sizeof(Mismatches)));
+  MODMOE_CUDA_CHECK(cudaMemset(d, 0, sizeof(Mismatches)));
+  exhaustive_kernel<<<4096, 256>>>(d);
+  MODMOE_CUDA_CHECK(cudaGetLastError());
+  Mismatches h{};
+  MODMOE_CUDA_CHECK(cudaMemcpy(&h, d, sizeof(h), cudaMemcpyDeviceToHost));
+  MODMOE_CUDA_CHECK(cudaFree(d));
+  EXPECT_EQ(h.count, 0ull) << "inputs where nvfp4::float_to_e2m1 differs from "
+                              "__nv_cvt_float_to_fp4 or the x2 form";
+  for (unsigned long long i = 0; i < std::min<unsigned long long>(h.count, kMaxReported); ++i) {
+    const uint32_t u = h.first[i];
+    ADD_FAILURE() << "x bits 0x" << std::hex << u << " (" << std::bit_cast<float>(u)
+                  << "): emulation 0x" << int(nvfp4::float_to_e2m1(std::bit_cast<float>(u)));
+  }
+}
+
+TEST_F(GpuNvfp4Convert, DecodeEqualsCudaOnAllCodes) {
+  DeviceTensor cuda(DType::I32, {16}), emu(DType::I32, {16});
+  decode_kernel<<<1, 16>>>(reinterpret_cast<uint32_t*>(cuda.data<int32_t>()),
+                           reinterpret_cast<uint32_t*>(emu.data<int32_t>()));
+  MODMOE_CUDA_CHECK(cudaGetLastError());
+  const HostTensor hc = cuda.to_host(), he = emu.to_host();
+  for (int c = 0; c < 16; ++c) {
+    const uint32_t host = std::bit_cast<uint32_t>(nvfp4::e2m1_to_float(static_cast<uint8_t>(c)));
+    EXPECT_EQ(static_cast<uint32_t>(hc.data<int32_t>()[c]), host) << "code " << c;
+    EXPECT_EQ(static_cast<uint32_t>(he.data<int32_t>()[c]), host) << "code " << c;
+  }
+}
+
+TEST_F(GpuNvfp4Convert, QuantizationStepsEqualHost) {
+  std::mt19937_64 rng(test::seed(860));
+  std::normal_distribution<float> nd(0.0f, 4.0f);
+  std::uniform_int_distribution<int> ex(-30, 10);
+  std::uniform_int_distribution<uint32_t> any;
+  std::vector<float> x, a, g;
+  for (int i = 0; i < (1 << 20); ++i) {
+    x.push_back(nd(rng) * std::ldexp(1.0f, ex(rng) / 3));
+    a.push_back(std::fabs(i % 4 ? x.back() * 1.5f : std::bit_cast<float>(any(rng))));
+    g.push_back(std::ldexp(std::fabs(nd(rng)) + 0.01f, ex(rng)));
+  }
+  for (float v : {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1e-45f, 6.0f, 5.0f, 2688.0f}) {
+    for (float sc : {1.0f, 1e-10f / 2688.0f, INFINITY, NAN, 1e-40f}) {
+      x.push_back(v);
+      a.push_back(std::fabs(v));
+      g.push_back(sc);
+    }
+  }
+  const int n = static_cast<int>(x.size());
+  const DeviceTensor dx = test::device_from(x, DType::F32, {n});
+  const DeviceTensor da = test::device_from(a, DType::F32, {n});
+  const DeviceTensor dg = test::device_from(g, DType::F32, {n});
+  DeviceTensor dglobal(DType::F32, {n}), dscale(DType::U8, {n}), dcode(DType::U8, {n}),
+      ddeq(DType::F32, {n});
+  steps_kernel<<<(n + 255) / 256, 256>>>(dx.data<float>(), da.data<float>(), dg.data<float>(),
+                                         dglobal.data<float>(), dscale.data<uint8_t>(),
+                                         dcode.data<uint8_t>(), ddeq.data<float>(), n);
+  MODMOE_CUDA_CHECK(cudaGetLastError());
+  const HostTensor hg = dglobal.to_host(), hs = dscale.to_host(), hq = dcode.to_host(),
+                   hd = ddeq.to_host();
+  for (int i = 0; i < n; ++i) {
+    const uint8_t sc = nvfp4::block_scale_e4m3(a[i], g[i]);
+    const uint8_t q = nvfp4::quantize_e2m1(x[i], nvfp4::block_divisor(sc, g[i]));
+    const float deq = nvfp4::dequantize(q, sc, g[i]);
+    ASSERT_EQ(std::bit_cast<uint32_t>(hg.data<float>()[i]),
+              std::bit_cast<uint32_t>(nvfp4::global_scale_from_amax(a[i])))
+        << "amax " << a[i] << " (input " << i << ")";
+    ASSERT_EQ(hs.data<uint8_t>()[i], sc) << "amax " << a[i] << ", g " << g[i];
+    ASSERT_EQ(hq.data<uint8_t>()[i], q) << "x " << x[i] << ", scale " << int(sc) << ", g " << g[i];
+    const float dev = hd.data<float>()[i];
+    ASSERT_TRUE(std::bit_cast<uint32_t>(dev) == std::bit_cast<uint32_t>(deq) ||
+                (std::isnan(dev) && std::isnan(deq)))
+        << "code " << int(q) << ", scale " << int(sc) << ", g " << g[i];
+  }
+}
+
+}  // namespace
+}  // namespace modmoe
