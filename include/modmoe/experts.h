@@ -113,6 +113,7 @@ struct ExpertsInputs {
   // Standard: [M, H] bf16. Batched: [E_local, max_m, H] bf16. Rows 16-byte aligned.
   // FP8 weights (Fp8PerTensor, Fp8Block128): e4m3, with hidden_scale fp32: Fp8Block128
   // [M, H/128] (batched [E_local, max_m, H/128]); Fp8PerTensor [1] or one per row (quant.h).
+  // NVFP4 weights (Nvfp4, W4A16): bf16, no hidden_scale.
   TensorView hidden;
   TensorView hidden_scale;  // quantized schemes only
   // Standard: [M, k] int32 global ids; or, when topk_weights is undefined, the packed form

@@ -20,6 +20,8 @@ size_t fused_moe_workspace_size(int64_t num_tokens, const ExpertWeights& weights
 // FP8 weights (Fp8PerTensor, Fp8Block128; CPU tensors for now): hidden stays bf16 and is
 // quantized into the workspace with quantize_activations (dynamic scales of the weights'
 // scheme) after routing: bitwise equal to route() -> quantize_activations() -> experts().
+// NVFP4 weights (W4A16; CPU tensors for now): hidden stays bf16 and goes to experts() as it
+// is: bitwise equal to route() -> experts().
 void fused_moe(const TensorView& logits, const TensorView& bias, const TensorView& hidden,
                const ExpertWeights& weights, const RoutingParams& routing,
                const ExpertMap& map, const ExpertsOptions& options, const TensorView& out,

@@ -1,10 +1,11 @@
 // The monolithic fused_moe (include/modmoe/moe.h): route() into the workspace, then (FP8
 // weights) quantize_activations() into the workspace, then experts() with do_finalize, through
 // the same public calls on both backends, so that the fused output is bitwise equal to
-// calling the stages one by one.
+// calling the stages one by one. NVFP4 weights (W4A16) take the bf16 hidden as it is.
 #include "modmoe/moe.h"
 
 #include "api/api_util.h"
+#include "api/nvfp4_check.h"
 #include "api/quant_check.h"
 #include "core/check.h"
 #include "core/host_tensor.h"
@@ -16,7 +17,8 @@ namespace {
 // fused_moe workspace, from its 256-byte aligned base:
 //   [0, A)               topk_ids      [T, k] int32     A = align256(T * k * 4)
 //   [A, 2A)              topk_weights  [T, k] fp32
-//   FP8 weights only (Q = B + S; Q = 0 for bf16, whose layout is the same without them):
+//   FP8 weights only (Q = B + S; Q = 0 for bf16 and NVFP4, whose layout is the same without
+//   them):
 //   [2A, 2A + B)         hidden_q      [T, H] e4m3      B = align256(T * H)
 //   [2A + B, 2A + Q)     hidden_scale  fp8-block:  [T, H/128] fp32, S = align256(T * H/128 * 4)
 //                                      fp8-tensor: [1] fp32,          S = align256(4)
@@ -102,6 +104,9 @@ void fused_moe(const TensorView& logits, const TensorView& bias, const TensorVie
                  "] (H from weights.w2)");
     check::dense(hidden, "hidden", dev);
   }
+  // NVFP4 (W4A16): hidden passes to experts() as it is, bf16 (checked there). Refused on
+  // CUDA tensors here, before route() launches anything.
+  if (desc.scheme == QuantScheme::Nvfp4) api::check_nvfp4_experts_device(dev, "fused_moe");
   check::defined(logits, "logits");
   MODMOE_CHECK(logits.ndim == 2 && logits.size(0) == T && logits.size(1) == map.num_experts,
                "argument 'logits' has shape ", logits.shape_string(), ": expected [T, E] = [",

@@ -324,7 +324,17 @@ ExpertsDesc check_nvfp4_experts(const ExpertsInputs& in, const ExpertWeights& we
   shadow.w2_global_scale = {};
   ExpertsDesc desc = make_experts_desc(in, shadow, map, options, out);
   desc.scheme = QuantScheme::Nvfp4;
+  desc.validate();
   return desc;
+}
+
+void check_nvfp4_experts_device(const Device& dev, const char* function) {
+  if (!dev.is_cuda()) return;
+  MODMOE_NOT_SUPPORTED("NVFP4 experts on the GPU: ", function,
+                       " with quant scheme nvfp4 (W4A16) and tensors on ", dev.to_string(),
+                       ": the NVFP4 grouped GEMM (Hopper decode, Blackwell block-scaled) is not "
+                       "written yet; expected CPU tensors (the reference backend), or bf16 "
+                       "weights (quant scheme none) on the GPU");
 }
 
 }  // namespace api

@@ -12,11 +12,16 @@ namespace modmoe::api {
 void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
                            const PrepareWeightsOptions& options, Stream stream);
 
-// Validation of a W4A16 experts call (NVFP4 weights, bf16 hidden), shared by the CPU oracle
-// reference::experts_nvfp4 and, once the NVFP4 GEMM lands, by modmoe::experts. Returns the
-// desc with desc.scheme = Nvfp4 (ExpertsDesc::validate() still refuses it today).
+// Validation of a W4A16 experts call (NVFP4 weights, bf16 hidden), shared by modmoe::experts
+// (through make_experts_desc), modmoe::fused_moe and the CPU oracle reference::experts_nvfp4.
+// Throws modmoe::Error naming the first bad argument. Returns the desc with desc.scheme = Nvfp4
+// (validated: ExpertsDesc::validate() accepts Nvfp4).
 ExpertsDesc check_nvfp4_experts(const ExpertsInputs& in, const ExpertWeights& weights,
                                 const ExpertMap& map, const ExpertsOptions& options,
                                 const ExpertsOutputs& out);
+
+// NVFP4 experts run on the CPU reference only: throws "not supported yet: NVFP4 experts on the
+// GPU: ..." (naming `function`) for tensors on a CUDA device, in every build.
+void check_nvfp4_experts_device(const Device& dev, const char* function);
 
 }  // namespace modmoe::api

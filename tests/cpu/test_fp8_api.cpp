@@ -885,18 +885,16 @@ TEST_F(Fp8ApiBad, DescNotMultipleOf128) {
                       "quant scheme fp8-block", "multiples of 128");
   desc.hidden = 256;
   EXPECT_NO_THROW(experts_workspace_size(desc));
-  desc.scheme = QuantScheme::Nvfp4;
-  EXPECT_MODMOE_ERROR(experts_workspace_size(desc), "not supported yet", "quant scheme nvfp4");
+  desc.scheme = QuantScheme::Mxfp8;
+  EXPECT_MODMOE_ERROR(experts_workspace_size(desc), "not supported yet", "quant scheme mxfp8");
 }
 
 TEST_F(Fp8ApiBad, OtherSchemesNamed) {
-  for (QuantScheme scheme : {QuantScheme::Mxfp8, QuantScheme::Nvfp4}) {
-    w.scheme = scheme;
-    const std::string named = std::string("quant scheme ") + quant_scheme_name(scheme);
-    EXPECT_MODMOE_ERROR(run(), "not supported yet", named.c_str());
-    hidden = L.hidden;
-    EXPECT_MODMOE_ERROR(fused(), "not supported yet", named.c_str());
-  }
+  // Mxfp8 is not in the experts stage yet (NVFP4 is: tests/cpu/test_nvfp4_api.cpp).
+  w.scheme = QuantScheme::Mxfp8;
+  EXPECT_MODMOE_ERROR(run(), "not supported yet", "quant scheme mxfp8");
+  hidden = L.hidden;
+  EXPECT_MODMOE_ERROR(fused(), "not supported yet", "quant scheme mxfp8");
 }
 
 TEST_F(Fp8ApiBad, CudaTensorsNotSupportedYet) {

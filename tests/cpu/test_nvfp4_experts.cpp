@@ -506,10 +506,15 @@ TEST_F(Nvfp4ExpertsBad, SharedChecksStillRun) {
   EXPECT_MODMOE_ERROR(run(), "'weights.interleave_rows' = 12");
 }
 
-TEST_F(Nvfp4ExpertsBad, ExpertsEntryPointStillRefusesNvfp4) {
-  // modmoe::experts is wired to NVFP4 later (docs/nvfp4.md, "What the lead wires later").
-  EXPECT_MODMOE_ERROR(experts(in, w, p.spec.map, p.options(), out), "not supported yet",
-                      "nvfp4");
+TEST_F(Nvfp4ExpertsBad, ExpertsEntryPointRunsTheOracle) {
+  // modmoe::experts runs this oracle on CPU tensors (more in tests/cpu/test_nvfp4_api.cpp).
+  HostTensor want(DType::BF16, {p.spec.M, p.spec.H});
+  ExpertsOutputs o;
+  o.out = want;
+  reference::experts_nvfp4(in, w, p.spec.map, p.options(), o);
+  std::memset(out_buf.view().data, 0xFF, out_buf.nbytes());
+  experts(in, w, p.spec.map, p.options(), out);
+  EXPECT_TRUE(test::bitwise_equal(out_buf, want));
 }
 
 }  // namespace
