@@ -43,4 +43,14 @@ void finalize_rows(const uint16_t* gemm2_out, const float* weights,
                    const int32_t* expanded_to_perm, int64_t num_tokens, int top_k,
                    int64_t hidden, uint16_t* out);
 
+// prepare_weights' gate/up interleave, for any element size: dst row r of each expert <- the
+// canonical row it holds. Rows [0, 2*half) per expert in groups of 2G: G gate rows, then the
+// matching G up rows (experts.h, WeightLayout). The gate half of src is [0, half) unless
+// up_first. Rows are `row_bytes` bytes (a weight row, a bias element, a row of scales).
+void gather_interleaved(const void* src, void* dst, int64_t num_experts, int64_t half,
+                        int64_t group_rows, bool up_first, int64_t row_bytes);
+
+// Copies src's bytes into dst (same size) when src is defined.
+void copy_view(const TensorView& dst, const TensorView& src);
+
 }  // namespace modmoe::reference::detail

@@ -7,6 +7,7 @@
 
 #include "core/nvfp4.h"
 #include "modmoe/dtype.h"
+#include "reference/experts_common.h"
 
 namespace modmoe::reference {
 
@@ -71,34 +72,6 @@ void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
   }
 }
 
-namespace {
-
-// dst row r of each expert <- src row of the gate or up half: rows [0, 2*half) per expert in
-// groups of 2G (G gate rows, then the matching G up rows), as for bf16 (experts.h,
-// WeightLayout). The gate half of src is [0, half) unless up_first. Rows are `row_bytes`.
-void gather_interleaved(const void* src, void* dst, int64_t num_experts, int64_t half,
-                        int64_t group_rows, bool up_first, int64_t row_bytes) {
-  const auto* s = static_cast<const unsigned char*>(src);
-  auto* d = static_cast<unsigned char*>(dst);
-  const int64_t rows = 2 * half;
-  for (int64_t e = 0; e < num_experts; ++e) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t within = r % (2 * group_rows);
-      const bool is_gate = within < group_rows;
-      const int64_t i =
-          r / (2 * group_rows) * group_rows + (is_gate ? within : within - group_rows);
-      const int64_t src_row = is_gate != up_first ? i : half + i;
-      std::memcpy(d + (e * rows + r) * row_bytes, s + (e * rows + src_row) * row_bytes,
-                  static_cast<size_t>(row_bytes));
-    }
-  }
-}
-
-void copy(const TensorView& dst, const TensorView& src) {
-  if (src.defined() && src.nbytes() > 0) std::memcpy(dst.data, src.data, src.nbytes());
-}
-
-}  // namespace
 
 void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
                            const PrepareWeightsOptions& options) {
@@ -107,24 +80,24 @@ void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
   const int64_t scale_row_bytes = src.w13_scale.size(2);  // H/16 e4m3 scales
   const int64_t I = src.intermediate();
   const bool interleave = options.layout == WeightLayout::GateUpInterleaved && rows == 2 * I;
-  copy(dst.w2, src.w2);
-  copy(dst.w2_scale, src.w2_scale);
-  copy(dst.w2_bias, src.w2_bias);
-  copy(dst.w13_global_scale, src.w13_global_scale);
-  copy(dst.w2_global_scale, src.w2_global_scale);
+  detail::copy_view(dst.w2, src.w2);
+  detail::copy_view(dst.w2_scale, src.w2_scale);
+  detail::copy_view(dst.w2_bias, src.w2_bias);
+  detail::copy_view(dst.w13_global_scale, src.w13_global_scale);
+  detail::copy_view(dst.w2_global_scale, src.w2_global_scale);
   if (!interleave) {
-    copy(dst.w13, src.w13);
-    copy(dst.w13_scale, src.w13_scale);
-    copy(dst.w13_bias, src.w13_bias);
+    detail::copy_view(dst.w13, src.w13);
+    detail::copy_view(dst.w13_scale, src.w13_scale);
+    detail::copy_view(dst.w13_bias, src.w13_bias);
     return;
   }
   // One permutation of w13 rows, applied to the three tensors indexed by w13 row.
   const int64_t G = options.interleave_rows;
   const bool up_first = src.order == GateUpOrder::UpGate;
-  gather_interleaved(src.w13.data, dst.w13.data, E, I, G, up_first, row_bytes);
-  gather_interleaved(src.w13_scale.data, dst.w13_scale.data, E, I, G, up_first, scale_row_bytes);
+  detail::gather_interleaved(src.w13.data, dst.w13.data, E, I, G, up_first, row_bytes);
+  detail::gather_interleaved(src.w13_scale.data, dst.w13_scale.data, E, I, G, up_first, scale_row_bytes);
   if (src.w13_bias.defined()) {
-    gather_interleaved(src.w13_bias.data, dst.w13_bias.data, E, I, G, up_first, 4);
+    detail::gather_interleaved(src.w13_bias.data, dst.w13_bias.data, E, I, G, up_first, 4);
   }
 }
 

@@ -4,8 +4,34 @@
 #include <cstring>
 
 #include "backend.h"
+#include "reference/experts_common.h"
 
 namespace modmoe::reference {
+namespace detail {
+
+void gather_interleaved(const void* src, void* dst, int64_t num_experts, int64_t half,
+                        int64_t group_rows, bool up_first, int64_t row_bytes) {
+  const auto* s = static_cast<const unsigned char*>(src);
+  auto* d = static_cast<unsigned char*>(dst);
+  const int64_t rows = 2 * half;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t within = r % (2 * group_rows);
+      const bool is_gate = within < group_rows;
+      const int64_t i =
+          r / (2 * group_rows) * group_rows + (is_gate ? within : within - group_rows);
+      const int64_t src_row = is_gate != up_first ? i : half + i;
+      std::memcpy(d + (e * rows + r) * row_bytes, s + (e * rows + src_row) * row_bytes,
+                  static_cast<size_t>(row_bytes));
+    }
+  }
+}
+
+void copy_view(const TensorView& dst, const TensorView& src) {
+  if (src.defined() && src.nbytes() > 0) std::memcpy(dst.data, src.data, src.nbytes());
+}
+
+}  // namespace detail
 
 void prepare_weights(const ExpertWeights& src, ExpertWeights& dst,
                      const PrepareWeightsOptions& options, Stream /*stream*/) {
@@ -16,36 +42,20 @@ void prepare_weights(const ExpertWeights& src, ExpertWeights& dst,
   const bool interleave = options.layout == WeightLayout::GateUpInterleaved && rows == 2 * I;
 
   // w2 and w2_bias keep their layout.
-  std::memcpy(dst.w2.data, src.w2.data, src.w2.nbytes());
-  if (src.w2_bias.defined()) std::memcpy(dst.w2_bias.data, src.w2_bias.data, src.w2_bias.nbytes());
-
+  detail::copy_view(dst.w2, src.w2);
+  detail::copy_view(dst.w2_bias, src.w2_bias);
   if (!interleave) {
-    std::memcpy(dst.w13.data, src.w13.data, src.w13.nbytes());
-    if (src.w13_bias.defined()) {
-      std::memcpy(dst.w13_bias.data, src.w13_bias.data, src.w13_bias.nbytes());
-    }
+    detail::copy_view(dst.w13, src.w13);
+    detail::copy_view(dst.w13_bias, src.w13_bias);
     return;
   }
-
-  // dst row r of an expert: group g = r / 2G; the first G rows of a group are gate rows
-  // [g*G, (g+1)*G), the next G the matching up rows (experts.h, WeightLayout).
   const int64_t G = options.interleave_rows;
-  const bool gate_first = src.order == GateUpOrder::GateUp;
-  const auto* s13 = src.w13.ptr<const uint16_t>();
-  auto* d13 = dst.w13.ptr<uint16_t>();
-  const float* sb = src.w13_bias.defined() ? src.w13_bias.ptr<const float>() : nullptr;
-  float* db = src.w13_bias.defined() ? dst.w13_bias.ptr<float>() : nullptr;
-  for (int64_t e = 0; e < num_local; ++e) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t g = r / (2 * G);
-      const int64_t within = r % (2 * G);
-      const bool is_gate = within < G;
-      const int64_t i = g * G + (is_gate ? within : within - G);  // intermediate column
-      const int64_t src_row = (is_gate == gate_first) ? i : I + i;
-      std::memcpy(d13 + (e * rows + r) * H, s13 + (e * rows + src_row) * H,
-                  static_cast<size_t>(H) * sizeof(uint16_t));
-      if (sb) db[e * rows + r] = sb[e * rows + src_row];
-    }
+  const bool up_first = src.order == GateUpOrder::UpGate;
+  detail::gather_interleaved(src.w13.data, dst.w13.data, num_local, I, G, up_first,
+                             H * static_cast<int64_t>(sizeof(uint16_t)));
+  if (src.w13_bias.defined()) {
+    detail::gather_interleaved(src.w13_bias.data, dst.w13_bias.data, num_local, I, G, up_first,
+                               sizeof(float));
   }
 }
 

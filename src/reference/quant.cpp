@@ -7,6 +7,7 @@
 
 #include "core/fp8.h"
 #include "modmoe/dtype.h"
+#include "reference/experts_common.h"
 
 namespace modmoe::reference {
 
@@ -69,61 +70,33 @@ void dequantize_activations(const TensorView& q, QuantScheme scheme, const Tenso
   }
 }
 
-namespace {
-
-// dst row r of each expert <- src row canonical_row(r): rows [0, 2*half) per expert, in groups
-// of 2G (G gate rows, then the matching G up rows). The gate half of src is [0, half) when
-// !up_first, else [half, 2*half). Rows are `row_bytes` bytes.
-void gather_interleaved(const void* src, void* dst, int64_t num_experts, int64_t half,
-                        int64_t group_rows, bool up_first, int64_t row_bytes) {
-  const auto* s = static_cast<const unsigned char*>(src);
-  auto* d = static_cast<unsigned char*>(dst);
-  const int64_t rows = 2 * half;
-  for (int64_t e = 0; e < num_experts; ++e) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t within = r % (2 * group_rows);
-      const bool is_gate = within < group_rows;
-      const int64_t i =
-          r / (2 * group_rows) * group_rows + (is_gate ? within : within - group_rows);
-      const int64_t src_row = is_gate != up_first ? i : half + i;
-      std::memcpy(d + (e * rows + r) * row_bytes, s + (e * rows + src_row) * row_bytes,
-                  static_cast<size_t>(row_bytes));
-    }
-  }
-}
-
-void copy(const TensorView& dst, const TensorView& src) {
-  if (src.defined() && src.nbytes() > 0) std::memcpy(dst.data, src.data, src.nbytes());
-}
-
-}  // namespace
 
 void prepare_weights_fp8(const ExpertWeights& src, ExpertWeights& dst,
                          const PrepareWeightsOptions& options) {
   const int64_t E = src.w13.size(0), rows = src.w13.size(1), H = src.w13.size(2);
   const int64_t I = src.w2.size(2);
   const bool interleave = options.layout == WeightLayout::GateUpInterleaved && rows == 2 * I;
-  copy(dst.w2, src.w2);
-  copy(dst.w2_bias, src.w2_bias);
-  copy(dst.w2_scale, src.w2_scale);
+  detail::copy_view(dst.w2, src.w2);
+  detail::copy_view(dst.w2_bias, src.w2_bias);
+  detail::copy_view(dst.w2_scale, src.w2_scale);
   if (!interleave) {
-    copy(dst.w13, src.w13);
-    copy(dst.w13_bias, src.w13_bias);
-    copy(dst.w13_scale, src.w13_scale);
+    detail::copy_view(dst.w13, src.w13);
+    detail::copy_view(dst.w13_bias, src.w13_bias);
+    detail::copy_view(dst.w13_scale, src.w13_scale);
     return;
   }
   const int64_t G = options.interleave_rows;
   const bool up_first = src.order == GateUpOrder::UpGate;
-  gather_interleaved(src.w13.data, dst.w13.data, E, I, G, up_first, H);  // e4m3: 1 byte
+  detail::gather_interleaved(src.w13.data, dst.w13.data, E, I, G, up_first, H);  // e4m3: 1 byte
   if (src.w13_bias.defined()) {
-    gather_interleaved(src.w13_bias.data, dst.w13_bias.data, E, I, G, up_first, 4);
+    detail::gather_interleaved(src.w13_bias.data, dst.w13_bias.data, E, I, G, up_first, 4);
   }
   if (src.scheme == QuantScheme::Fp8Block128) {
     // Block rows: gate block j, then up block j (G = 1 in units of 128-row blocks).
-    gather_interleaved(src.w13_scale.data, dst.w13_scale.data, E, I / fp8::kBlock, 1, up_first,
+    detail::gather_interleaved(src.w13_scale.data, dst.w13_scale.data, E, I / fp8::kBlock, 1, up_first,
                        H / fp8::kBlock * 4);
   } else {
-    copy(dst.w13_scale, src.w13_scale);  // [E_local]: one scale per expert
+    detail::copy_view(dst.w13_scale, src.w13_scale);  // [E_local]: one scale per expert
   }
 }
 
