@@ -3,7 +3,9 @@
 # compiler needed there): the multigpu tests, `modmoe ep-demo` and `modmoe bench all-to-all`.
 #   bash bench/run_all_to_all.sh [BUILD_DIR] [steps...]
 #   steps: info tests bench demo demo_identity demo2 bench_ab (default: info tests bench demo)
-# Logs and the benchmark JSON go to $OUT (default ./out/all_to_all).
+# Logs go to $OUT (default ./out/all_to_all); the benchmark JSON to
+# $OUT/bench/results/<gpu>x<N>/all_to_all.json (N = the machine's GPUs used, rows for every
+# ep size in BENCH_GPUS, default "2,4" on 4+ GPUs, else "2"): copy that tree into the repo.
 # NCCL comes from PyTorch's nvidia-nccl wheel when it is not on the loader path already.
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0): it can take a shared host's GPUs out of service.
 set -u
@@ -43,11 +45,15 @@ for step in $STEPS; do
     bench_ab)  # tuning switches, NvLink only, same machine as `bench`
       for v in ${AB_VARS:-MODMOE_A2A_THREAD_FENCES=1 MODMOE_A2A_COMBINE_NC=1}; do
         env $v timeout ${T_AB:-60} "$B/apps/modmoe" bench all-to-all --gpus "$NGPU" --sms ${AB_SMS:-32} --backends nvlink \
-          --iters 20 --out "$OUT/ab_${v%%=*}.json" 2>&1 | tee -a "$OUT/bench.log" | tail -8
+          --layer none --iters 20 --out "$OUT/ab_${v%%=*}.json" 2>&1 | tee -a "$OUT/bench.log" | tail -8
       done
       ;;
-    bench)
-      timeout ${T_BENCH:-240} "$B/apps/modmoe" bench all-to-all --gpus "$NGPU" ${BENCH_ARGS:-} --out "$OUT/all_to_all.json" 2>&1 | tee "$OUT/bench.log"
+    bench)  # ep sizes 2 and 4 in one JSON, with the EP layer (nvlink, nccl) and fused_moe per row
+      G=2; [ "$NGPU" -ge 4 ] && G=2,4
+      BIN=$(realpath "$B/apps/modmoe")
+      # --time-limit < T_BENCH: ranks that hang are killed and the rows so far are still written.
+      (cd "$OUT" && timeout ${T_BENCH:-570} "$BIN" bench all-to-all --gpus "${BENCH_GPUS:-$G}" \
+        --time-limit $(( ${T_BENCH:-570} - 30 )) ${BENCH_ARGS:-}) 2>&1 | tee "$OUT/bench.log"
       ;;
   esac
 done

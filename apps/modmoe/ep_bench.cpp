@@ -1,4 +1,5 @@
-// `modmoe bench all-to-all --gpus N`: dispatch and combine of the expert-parallel all-to-all
+// `modmoe bench all-to-all --gpus 2,4`: for every listed ep size (one launch of ep_size
+// processes each, rows of all of them in one JSON), dispatch and combine of the expert-parallel all-to-all
 // (H=7168 bf16, E=256, k=8, topk_ids + hidden + fp32 weights dispatched), NvLink and NCCL
 // backends, and plain NCCL send/recv with exact uneven splits (the all_to_all_single baseline
 // of ANCHORS.md, which leaves out the host round trip for the split sizes), in one run.
@@ -9,6 +10,11 @@
 // CUDA-graph replays (one graph for dispatch, one for combine, replayed alternately), CUDA
 // events on each rank; the table shows the slowest rank. GB/s counts the bytes that leave
 // that rank's GPU (rows for other ranks) over its median time.
+//
+// Then the end-to-end EP layer (ep_layer.h, the code `modmoe ep-demo` runs: route, dispatch,
+// experts, combine) at every tokens-per-rank on the nvlink and nccl backends, one CUDA graph
+// per layer, checked against the single-GPU fused_moe over the same global batch (timed too,
+// when it fits in memory); its figures go into the rows of the same backend and settings.
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -26,11 +32,13 @@
 #include "args.h"
 #include "bench_common.h"
 #include "ep_common.h"
+#include "ep_layer.h"
 #include "modmoe/modmoe.h"
 #ifdef MODMOE_WITH_CUDA
 #include "core/host_tensor.h"
 #include "core/synth_fill.h"
 #include "cuda/comm/multiprocess.h"
+#include "core/presets.h"
 #include "cuda/device/device_tensor.h"
 #include "reference/ep_sim.h"
 #endif
@@ -44,6 +52,8 @@ constexpr int kE = 256, kK = 8;
 constexpr int64_t kH = 7168;
 constexpr int kMaxCells = 96;
 constexpr int kMaxRanksBench = 64;
+constexpr int kMaxTokenCounts = 16;
+constexpr int kMaxLayerVariants = 2;
 
 struct Variant {
   std::string backend;  // nvlink | nccl | nccl_a2a_uneven
@@ -56,26 +66,33 @@ struct Cell {
   int correct, valid;
 };
 
+// The whole EP layer (route, dispatch, experts, combine) at one tokens-per-rank, one rank.
+struct LayerCell {
+  double layer_us;     // CUDA-graph replay median (eager-run median when capture failed)
+  double fused_us;     // single-GPU fused_moe over the global batch, graph replay median; 0 = not run
+  double rel_l2;       // this rank's output vs fused_moe's rows of this rank; -1 = not checked
+  int fused_fits;      // the reference fitted in this GPU's free memory
+  int repeat_equal;    // output after the timed replays bitwise equal to the first run's
+  int graph;           // timed as a CUDA graph
+  int valid;
+};
+
 struct Shared {
   comm::mp::Rendezvous rv;
   char gpu[96];
   int nccl_version;
   Cell cells[kMaxCells][kMaxRanksBench];
+  LayerCell layer[kMaxLayerVariants][kMaxTokenCounts][kMaxRanksBench];
 };
 
 struct BenchOptions {
-  int gpus = 2;
+  int gpus = 2;  // ep_size of the current launch
   std::vector<int> tokens;
   std::vector<Variant> variants;
+  std::vector<Variant> layer_variants;  // EP layer runs (nvlink and/or nccl)
   int warmup = 5, iters = 30;
   uint64_t seed = 7;
 };
-
-double median_us(std::vector<float> v) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  return 1000.0 * v[v.size() / 2];
-}
 
 TensorView prefix(const TensorView& t, int64_t rows) {
   TensorView v = t;
@@ -200,6 +217,103 @@ std::string check_combine(const reference::EpPlan& plan, const AllInputs& in, co
     }
   }
   return "";
+}
+
+// Median microseconds of `iters` launches of `exec` (after `warmup`), CUDA events.
+double time_graph_us(cudaGraphExec_t exec, cudaStream_t s, int warmup, int iters) {
+  const int total = warmup + iters;
+  std::vector<cudaEvent_t> ev(static_cast<size_t>(2 * total));
+  for (auto& e : ev) MODMOE_CUDA_CHECK(cudaEventCreate(&e));
+  for (int i = 0; i < total; ++i) {
+    MODMOE_CUDA_CHECK(cudaEventRecord(ev[2 * i], s));
+    MODMOE_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    MODMOE_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1], s));
+  }
+  MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+  std::vector<float> ms;
+  for (int i = warmup; i < total; ++i) {
+    float a = 0;
+    MODMOE_CUDA_CHECK(cudaEventElapsedTime(&a, ev[2 * i], ev[2 * i + 1]));
+    ms.push_back(a);
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  return median_us(ms);
+}
+
+// The end-to-end EP layer of DeepSeek-V3 (the same shape as the all-to-all cells: H=7168,
+// E=256, k=8, but real routing of synthetic logits instead of uniform top-8) at every
+// tokens-per-rank, through the EpLayer that `modmoe ep-demo` runs. Each cell: one eager run,
+// checked against fused_moe on this GPU over the same global batch (all ranks' tokens, all E
+// experts) when it fits in memory; then the layer captured as one CUDA graph and replayed;
+// then the output compared bitwise with the eager run's. fused_moe is timed the same way.
+void layer_phase(const BenchOptions& o, int rank, comm::mp::RankComm& c, Shared* sh, cudaStream_t s) {
+  const int n = o.gpus;
+  const Preset& preset = find_preset("deepseek-v3");
+  MODMOE_CHECK(preset.hidden == kH && preset.num_experts == kE && preset.top_k == kK,
+               "bench all-to-all: the deepseek-v3 preset is not H=7168, E=256, k=8");
+  const int tmax = *std::max_element(o.tokens.begin(), o.tokens.end());
+  const int nt = static_cast<int>(o.tokens.size());
+  std::unique_ptr<FusedReference> ref;
+  bool ref_decided = false;
+  for (size_t li = 0; li < o.layer_variants.size(); ++li) {
+    const Variant& v = o.layer_variants[li];
+    EpLayerOptions lo;
+    lo.backend = parse_backend(v.backend);
+    lo.max_tokens = tmax;
+    lo.num_sms = v.num_sms;
+    lo.combine_pull = v.pull;
+    lo.seed = o.seed;
+    EpLayer layer(preset, n, rank, c.get(), lo);
+    if (!ref_decided) {  // the first layer is the largest allocation the reference shares the GPU with
+      ref_decided = true;
+      size_t free_b = 0, total_b = 0;
+      MODMOE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+      const size_t need = FusedReference::bytes_needed(layer.layer(), static_cast<int64_t>(n) * tmax) +
+                          static_cast<size_t>(n) * tmax * (kH * 2 + kE * 4) + (size_t{2} << 30);
+      if (need <= free_b) {
+        ref = std::make_unique<FusedReference>(preset, Device::cuda(rank), o.seed);
+      } else {
+        std::fprintf(stderr, "[rank %d] ep layer: fused_moe reference skipped: needs %.1f GB, %.1f GB free\n", rank,
+                     need / 1e9, free_b / 1e9);
+      }
+    }
+    for (int ti = 0; ti < nt; ++ti) {
+      const int t = o.tokens[ti];
+      LayerCell& cell = sh->layer[li][ti][rank];
+      cell = LayerCell{};
+      cell.rel_l2 = -1;
+      cell.fused_fits = ref != nullptr;
+      // The global batch, the same on every rank; my tokens are rows [rank*T, (rank+1)*T).
+      const Batch global(layer.layer(), static_cast<int64_t>(n) * t, o.seed + 1);
+      MODMOE_CUDA_CHECK(cudaDeviceSynchronize());  // the fills ran on the legacy stream
+      const TensorView hidden = rows_of(global.hidden, static_cast<int64_t>(rank) * t, t);
+      const TensorView logits = rows_of(global.logits, static_cast<int64_t>(rank) * t, t);
+      c.barrier();
+      layer.run(hidden, logits, t, s);
+      MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+      layer.a2a().check();
+      const HostTensor first = download(layer.out(t));
+      if (ref) {
+        ref->run(global, s);  // eager first: sizes the buffers outside the capture
+        MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+        cell.rel_l2 = rel_l2_bf16(layer.out(t), rows_of(ref->out(), static_cast<int64_t>(rank) * t, t));
+        cudaGraphExec_t gf = capture(s, [&] { ref->run(global, s); });
+        cell.fused_us = time_graph_us(gf, s, o.warmup, o.iters);
+        cudaGraphExecDestroy(gf);
+      }
+      cudaGraphExec_t gl = capture(s, [&] { layer.run(hidden, logits, t, s); });
+      cell.graph = 1;
+      c.barrier();
+      cell.layer_us = time_graph_us(gl, s, o.warmup, o.iters);
+      cudaGraphExecDestroy(gl);
+      layer.a2a().check();
+      const HostTensor again = download(layer.out(t));
+      cell.repeat_equal = std::memcmp(first.view().data, again.view().data, first.nbytes()) == 0;
+      if (!cell.repeat_equal) std::fprintf(stderr, "[rank %d] ep layer %s T=%d: replay output differs from the first run\n", rank, v.backend.c_str(), t);
+      cell.valid = 1;
+    }
+    c.barrier();
+  }
 }
 
 int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
@@ -349,6 +463,7 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
     a2a.reset();
     c.barrier();
   }
+  if (!o.layer_variants.empty()) layer_phase(o, rank, c, sh, s);
   MODMOE_CUDA_CHECK(cudaStreamDestroy(s));
   return 0;
 }
@@ -356,16 +471,22 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
 }  // namespace
 
 int run_ep_bench(const std::vector<std::string>& argv) {
-  const Args args(argv, {"--gpus", "--tokens", "--sms", "--backends", "--combine", "--iters", "--warmup", "--out", "--seed"}, {});
+  const Args args(argv, {"--gpus", "--tokens", "--sms", "--backends", "--combine", "--layer", "--iters", "--warmup",
+                         "--out", "--seed", "--time-limit"}, {});
   BenchOptions o;
-  o.gpus = static_cast<int>(args.get_int("--gpus", 2, 1, kMaxRanksBench));
+  const std::vector<int> ep_sizes = parse_int_list(args.get("--gpus", "2"), "--gpus", 1, kMaxRanksBench);
   o.tokens = parse_int_list(args.get("--tokens", "1,16,128,512,2048,4096"), "--tokens", 1, 1 << 16);
   const std::vector<int> sms = parse_int_list(args.get("--sms", "24"), "--sms", 1, 1024);
   const std::vector<std::string> backends = split_list(args.get("--backends", "nvlink,nccl,nccl_a2a_uneven"));
   const std::vector<std::string> modes = split_list(args.get("--combine", "pull"));
+  // The EP layer runs on these backends (each with the first --sms and --combine); "none" = off.
+  const std::string layer_arg = args.get("--layer", "nvlink,nccl");
   o.iters = static_cast<int>(args.get_int("--iters", 30, 1, 100000));
   o.warmup = static_cast<int>(args.get_int("--warmup", 5, 0, 100000));
   o.seed = static_cast<uint64_t>(args.get_int("--seed", 7, 0, 1ll << 40));
+  // Wall-clock limit of all launches together, split evenly between the ep sizes: a rank that
+  // hangs is killed and the rows measured so far are still written.
+  const double time_limit = static_cast<double>(args.get_int("--time-limit", 1800, 10, 86400));
   for (const auto& b : backends) {
     MODMOE_CHECK(b == "nvlink" || b == "nccl" || b == "nccl_a2a_uneven", "option '--backends': '", b,
                  "': expected nvlink, nccl or nccl_a2a_uneven");
@@ -380,37 +501,30 @@ int run_ep_bench(const std::vector<std::string>& argv) {
       o.variants.push_back({b, sms[0], true});
     }
   }
-  MODMOE_CHECK(o.variants.size() * o.tokens.size() <= static_cast<size_t>(kMaxCells), "too many cells (",
-               o.variants.size() * o.tokens.size(), "): expected at most ", kMaxCells);
-  MODMOE_CHECK(kE % o.gpus == 0, "option '--gpus' = ", o.gpus, ": expected a divisor of E = ", kE);
-  const int have = comm::mp::probe_gpu_count();
-  MODMOE_CHECK(have >= o.gpus, "option '--gpus' = ", o.gpus, ": this machine has ", have, " GPUs");
-
-  std::printf("modmoe bench all-to-all: %d GPUs, H=%lld bf16, E=%d, k=%d, tokens per rank", o.gpus,
-              static_cast<long long>(kH), kE, kK);
-  for (int t : o.tokens) std::printf(" %d", t);
-  std::printf("; CUDA-graph replay medians of %d runs, slowest rank\n", o.iters);
-  std::fflush(stdout);
-
-  comm::mp::SharedMemory shm(sizeof(Shared));
-  auto* sh = new (shm.data()) Shared();
-  sh->rv.state.store(0);
-  const std::vector<int> codes = comm::mp::run_ranks(o.gpus, 1800.0, [&](int rank) { return bench_rank(o, rank, sh); });
-  bool ok = true;
-  for (int r = 0; r < o.gpus; ++r) {
-    if (codes[r] != 0) {
-      std::fprintf(stderr, "rank %d exited with %d\n", r, codes[r]);
-      ok = false;
+  if (layer_arg != "none") {
+    for (const auto& b : split_list(layer_arg)) {
+      MODMOE_CHECK(b == "nvlink" || b == "nccl", "option '--layer': '", b, "': expected nvlink, nccl or none");
+      o.layer_variants.push_back({b, sms[0], b == "nccl" || modes[0] == "pull"});
     }
   }
+  MODMOE_CHECK(o.layer_variants.size() <= static_cast<size_t>(kMaxLayerVariants), "option '--layer': at most ",
+               kMaxLayerVariants, " backends");
+  MODMOE_CHECK(o.tokens.size() <= static_cast<size_t>(kMaxTokenCounts), "option '--tokens': at most ",
+               kMaxTokenCounts, " values");
+  MODMOE_CHECK(o.variants.size() * o.tokens.size() <= static_cast<size_t>(kMaxCells), "too many cells (",
+               o.variants.size() * o.tokens.size(), "): expected at most ", kMaxCells);
+  const int have = comm::mp::probe_gpu_count();
+  for (int g : ep_sizes) {
+    MODMOE_CHECK(kE % g == 0, "option '--gpus' = ", g, ": expected a divisor of E = ", kE);
+    MODMOE_CHECK(have >= g, "option '--gpus' = ", g, ": this machine has ", have, " GPUs");
+  }
+  const int max_ep = *std::max_element(ep_sizes.begin(), ep_sizes.end());
 
   nlohmann::json j;
   j["benchmark"] = "all_to_all";
-  j["gpu"] = sh->gpu;
-  j["gpu_count"] = o.gpus;
+  j["gpu_count"] = max_ep;  // the GPUs of the machine used; the folder is <gpu>x<gpu_count>
   j["commit"] = commit_id();
-  j["ep_size"] = o.gpus;
-  j["nccl_version"] = sh->nccl_version;
+  j["ep_sizes"] = ep_sizes;
   j["hidden"] = kH;
   j["num_experts"] = kE;
   j["top_k"] = kK;
@@ -418,56 +532,158 @@ int run_ep_bench(const std::vector<std::string>& argv) {
   j["dispatch_payload"] = "topk_ids int32 [T,8] + hidden bf16 [T,7168] + topk_weights fp32 [T,8]";
   j["gbps_counts"] = "bytes of rows sent to other ranks by the slowest rank / its median time";
   j["timing"] = "CUDA-graph replays of dispatch and combine, alternately, CUDA events, median per rank";
+  j["ep_layer"] =
+      "ep_layer_us: the whole DeepSeek-V3 EP layer per rank (modmoe::route of synthetic logits, dispatch, "
+      "modmoe::experts on the rank's E/ep experts writing into combine_buffer(), combine), one CUDA graph, "
+      "replay median, slowest rank; same EpLayer as `modmoe ep-demo`, on the backend of the row with the "
+      "row's num_sms and combine mode. single_gpu_fused_moe_us: fused_moe on one GPU over the same global "
+      "batch (ep_size * tokens_per_rank tokens, all 256 experts), graph replay median. ep_layer_rel_l2: "
+      "largest over ranks of the rank's output vs fused_moe's rows; ep_layer_correct: rel L2 <= 1e-2 and "
+      "the output after the replays bitwise equal to the first run's";
   {
     char date[32];
     const std::time_t now = std::time(nullptr);
     std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
     j["date"] = date;
   }
-  std::printf("\n%-16s %4s %5s %7s %12s %12s %14s %14s %8s\n", "backend", "sms", "comb", "tokens", "dispatch us",
-              "combine us", "dispatch GB/s", "combine GB/s", "correct");
+  j["rows"] = nlohmann::json::array();
+  bool ok = true;
   const int nt = static_cast<int>(o.tokens.size());
-  for (size_t vi = 0; vi < o.variants.size(); ++vi) {
-    const Variant& v = o.variants[vi];
-    for (int ti = 0; ti < nt; ++ti) {
-      const Cell* row = sh->cells[vi * nt + ti];
-      int sd = 0, sc = 0;
-      bool correct = true, valid = true;
-      nlohmann::json per;
-      for (int r = 0; r < o.gpus; ++r) {
-        valid = valid && row[r].valid;
-        correct = correct && row[r].correct;
-        if (row[r].d_us > row[sd].d_us) sd = r;
-        if (row[r].c_us > row[sc].c_us) sc = r;
-        per.push_back({{"rank", r}, {"dispatch_us", row[r].d_us}, {"combine_us", row[r].c_us},
-                       {"dispatch_bytes", row[r].d_bytes}, {"combine_bytes", row[r].c_bytes}});
-      }
-      correct = correct && valid;
-      ok = ok && correct;
-      const double dg = row[sd].d_us > 0 ? row[sd].d_bytes / (row[sd].d_us * 1e3) : 0.0;
-      const double cg = row[sc].c_us > 0 ? row[sc].c_bytes / (row[sc].c_us * 1e3) : 0.0;
-      const char* mode = v.backend == "nvlink" ? (v.pull ? "pull" : "push") : "-";
-      std::printf("%-16s %4d %5s %7d %12.1f %12.1f %14.1f %14.1f %8s\n", v.backend.c_str(),
-                  v.backend == "nccl_a2a_uneven" ? 0 : v.num_sms, mode, o.tokens[ti], row[sd].d_us, row[sc].c_us, dg,
-                  cg, correct ? "yes" : "NO");
-      j["rows"].push_back({{"ep_size", o.gpus}, {"backend", v.backend}, {"num_sms", v.backend == "nccl_a2a_uneven" ? 0 : v.num_sms},
-                           {"combine_mode", mode}, {"tokens_per_rank", o.tokens[ti]},
-                           {"dispatch_us", row[sd].d_us}, {"combine_us", row[sc].c_us}, {"dispatch_GBps", dg},
-                           {"combine_GBps", cg}, {"slowest_rank_dispatch", sd}, {"slowest_rank_combine", sc},
-                           {"correct", correct}, {"per_rank", per}});
-    }
-  }
-  // Ratios against NCCL's all-to-all measured in this run, at the same tokens per rank.
-  for (auto& row : j["rows"]) {
-    for (const auto& base : j["rows"]) {
-      if (base["backend"] == "nccl_a2a_uneven" && base["tokens_per_rank"] == row["tokens_per_rank"] &&
-          row["dispatch_us"].get<double>() > 0 && row["combine_us"].get<double>() > 0) {
-        row["dispatch_speedup_vs_nccl_a2a"] = base["dispatch_us"].get<double>() / row["dispatch_us"].get<double>();
-        row["combine_speedup_vs_nccl_a2a"] = base["combine_us"].get<double>() / row["combine_us"].get<double>();
+  for (const int ep : ep_sizes) {
+    o.gpus = ep;
+    std::printf("modmoe bench all-to-all: ep_size %d, H=%lld bf16, E=%d, k=%d, tokens per rank", o.gpus,
+                static_cast<long long>(kH), kE, kK);
+    for (int t : o.tokens) std::printf(" %d", t);
+    std::printf("; CUDA-graph replay medians of %d runs, slowest rank\n", o.iters);
+    std::fflush(stdout);
+
+    comm::mp::SharedMemory shm(sizeof(Shared));
+    auto* sh = new (shm.data()) Shared();
+    sh->rv.state.store(0);
+    const std::vector<int> codes = comm::mp::run_ranks(o.gpus, time_limit / static_cast<double>(ep_sizes.size()),
+                                                       [&](int rank) { return bench_rank(o, rank, sh); });
+    for (int r = 0; r < o.gpus; ++r) {
+      if (codes[r] != 0) {
+        std::fprintf(stderr, "ep_size %d: rank %d exited with %d\n", ep, r, codes[r]);
+        ok = false;
       }
     }
+    if (sh->gpu[0]) j["gpu"] = sh->gpu;
+    if (sh->nccl_version) j["nccl_version"] = sh->nccl_version;
+
+    // The EP layer per (layer variant, tokens): slowest rank, worst error, fused_moe of rank 0.
+    struct LayerRow {
+      bool valid = true, correct = true, checked = true, graph = true;
+      double us = 0, rel = 0, fused = 0;
+    };
+    std::vector<std::vector<LayerRow>> lrows(o.layer_variants.size(), std::vector<LayerRow>(nt));
+    for (size_t li = 0; li < o.layer_variants.size(); ++li) {
+      for (int ti = 0; ti < nt; ++ti) {
+        LayerRow& lr = lrows[li][ti];
+        for (int r = 0; r < o.gpus; ++r) {
+          const LayerCell& x = sh->layer[li][ti][r];
+          lr.valid = lr.valid && x.valid;
+          lr.checked = lr.checked && x.fused_fits && x.rel_l2 >= 0;
+          lr.graph = lr.graph && x.graph;
+          lr.us = std::max(lr.us, x.layer_us);
+          lr.rel = std::max(lr.rel, x.rel_l2);
+          lr.correct = lr.correct && x.repeat_equal && (!x.fused_fits || (std::isfinite(x.rel_l2) && x.rel_l2 >= 0 && x.rel_l2 <= 1e-2));
+        }
+        lr.correct = lr.correct && lr.valid;
+        lr.fused = sh->layer[li][ti][0].fused_fits ? sh->layer[li][ti][0].fused_us : 0.0;
+        ok = ok && lr.correct;
+      }
+    }
+    // fused_moe does not depend on the backend: the first layer variant that ran it.
+    auto fused_at = [&](int ti) {
+      for (size_t li = 0; li < lrows.size(); ++li) {
+        if (lrows[li][ti].fused > 0) return lrows[li][ti].fused;
+      }
+      return 0.0;
+    };
+
+    std::printf("\n%-16s %4s %5s %7s %12s %12s %14s %14s %8s %12s %12s\n", "backend", "sms", "comb", "tokens",
+                "dispatch us", "combine us", "dispatch GB/s", "combine GB/s", "correct", "ep layer us", "fused_moe us");
+    const size_t first_row = j["rows"].size();
+    for (size_t vi = 0; vi < o.variants.size(); ++vi) {
+      const Variant& v = o.variants[vi];
+      int li = -1;  // the EP layer measured with this variant's settings
+      for (size_t x = 0; x < o.layer_variants.size(); ++x) {
+        const Variant& lv = o.layer_variants[x];
+        if (lv.backend == v.backend && lv.num_sms == v.num_sms && (v.backend != "nvlink" || lv.pull == v.pull)) li = static_cast<int>(x);
+      }
+      for (int ti = 0; ti < nt; ++ti) {
+        const Cell* row = sh->cells[vi * nt + ti];
+        int sd = 0, sc = 0;
+        bool correct = true, valid = true;
+        nlohmann::json per;
+        for (int r = 0; r < o.gpus; ++r) {
+          valid = valid && row[r].valid;
+          correct = correct && row[r].correct;
+          if (row[r].d_us > row[sd].d_us) sd = r;
+          if (row[r].c_us > row[sc].c_us) sc = r;
+          nlohmann::json pr = {{"rank", r}, {"dispatch_us", row[r].d_us}, {"combine_us", row[r].c_us},
+                               {"dispatch_bytes", row[r].d_bytes}, {"combine_bytes", row[r].c_bytes}};
+          if (li >= 0) {
+            pr["ep_layer_us"] = sh->layer[li][ti][r].layer_us;
+            pr["ep_layer_rel_l2"] = sh->layer[li][ti][r].rel_l2;
+          }
+          per.push_back(pr);
+        }
+        correct = correct && valid;
+        ok = ok && correct;
+        const double dg = row[sd].d_us > 0 ? row[sd].d_bytes / (row[sd].d_us * 1e3) : 0.0;
+        const double cg = row[sc].c_us > 0 ? row[sc].c_bytes / (row[sc].c_us * 1e3) : 0.0;
+        const char* mode = v.backend == "nvlink" ? (v.pull ? "pull" : "push") : "-";
+        const double fused = fused_at(ti);
+        const double lus = li >= 0 && lrows[li][ti].valid ? lrows[li][ti].us : 0.0;
+        char lbuf[32] = "-", fbuf[32] = "-";
+        if (li >= 0) std::snprintf(lbuf, sizeof(lbuf), "%.1f%s", lus, lrows[li][ti].correct ? "" : " NO");
+        if (fused > 0) std::snprintf(fbuf, sizeof(fbuf), "%.1f", fused);
+        std::printf("%-16s %4d %5s %7d %12.1f %12.1f %14.1f %14.1f %8s %12s %12s\n", v.backend.c_str(),
+                    v.backend == "nccl_a2a_uneven" ? 0 : v.num_sms, mode, o.tokens[ti], row[sd].d_us, row[sc].c_us, dg,
+                    cg, correct ? "yes" : "NO", lbuf, fbuf);
+        nlohmann::json jr = {{"ep_size", o.gpus}, {"backend", v.backend},
+                             {"num_sms", v.backend == "nccl_a2a_uneven" ? 0 : v.num_sms}, {"combine_mode", mode},
+                             {"tokens_per_rank", o.tokens[ti]}, {"dispatch_us", row[sd].d_us},
+                             {"combine_us", row[sc].c_us}, {"dispatch_GBps", dg}, {"combine_GBps", cg},
+                             {"slowest_rank_dispatch", sd}, {"slowest_rank_combine", sc}, {"correct", correct}};
+        if (li >= 0) {
+          const LayerRow& lr = lrows[li][ti];
+          jr["ep_layer_us"] = lr.valid ? nlohmann::json(lr.us) : nlohmann::json(nullptr);
+          jr["ep_layer_correct"] = lr.correct;
+          jr["ep_layer_rel_l2"] = lr.checked ? nlohmann::json(lr.rel) : nlohmann::json(nullptr);
+          if (!lr.graph) jr["ep_layer_note"] = "not timed as a CUDA graph";
+        }
+        if (fused > 0) {
+          jr["single_gpu_fused_moe_us"] = fused;
+          if (li >= 0 && lrows[li][ti].valid && lrows[li][ti].us > 0) jr["ep_layer_speedup_vs_single_gpu"] = fused / lrows[li][ti].us;
+        } else if (!o.layer_variants.empty()) {
+          jr["single_gpu_fused_moe_us"] = nullptr;
+          jr["single_gpu_fused_moe_note"] =
+              "not run: all 256 experts' weights and the workspace for the global batch did not fit in one GPU's "
+              "free memory next to the rank's own layer (or the layer phase did not finish; see the log)";
+        }
+        jr["per_rank"] = per;
+        j["rows"].push_back(jr);
+      }
+    }
+    // Ratios against NCCL's all-to-all measured in this run, at the same ep_size and tokens per rank.
+    for (size_t ri = first_row; ri < j["rows"].size(); ++ri) {
+      auto& row = j["rows"][ri];
+      for (size_t bi = first_row; bi < j["rows"].size(); ++bi) {
+        const auto& base = j["rows"][bi];
+        if (base["backend"] == "nccl_a2a_uneven" && base["tokens_per_rank"] == row["tokens_per_rank"] &&
+            row["dispatch_us"].get<double>() > 0 && row["combine_us"].get<double>() > 0) {
+          row["dispatch_speedup_vs_nccl_a2a"] = base["dispatch_us"].get<double>() / row["dispatch_us"].get<double>();
+          row["combine_speedup_vs_nccl_a2a"] = base["combine_us"].get<double>() / row["combine_us"].get<double>();
+        }
+      }
+    }
+    std::printf("\n");
+    // Written after every ep size, so the rows measured so far survive a later failure.
+    write_bench_json(j, args.get("--out", ""), "all_to_all.json");
   }
-  write_bench_json(j, args.get("--out", ""), "all_to_all.json");
   return ok ? 0 : 1;
 }
 

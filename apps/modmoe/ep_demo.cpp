@@ -14,6 +14,7 @@
 #include "args.h"
 #include "check.h"
 #include "ep_common.h"
+#include "ep_layer.h"
 #include "layer.h"
 #include "modmoe/modmoe.h"
 #ifdef MODMOE_WITH_CUDA
@@ -49,23 +50,6 @@ struct DemoOptions {
   int num_sms = 0;
 };
 
-double median_us(std::vector<float> ms) {
-  std::sort(ms.begin(), ms.end());
-  return ms.empty() ? 0.0 : 1000.0 * ms[ms.size() / 2];
-}
-
-TensorView rows_of(const TensorView& t, int64_t first, int64_t count) {
-  TensorView v = t;
-  v.data = static_cast<char*>(t.data) + first * t.strides[0] * static_cast<int64_t>(dtype_bytes(t.dtype));
-  v.shape[0] = count;
-  return v;
-}
-
-// [a, b, c] -> [a*b, c]
-TensorView flatten01(const TensorView& t) {
-  return make_view(t.data, t.dtype, {t.size(0) * t.size(1), t.size(2)}, t.device);
-}
-
 int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankReport* rep) {
   const int n = o.gpus;
   comm::mp::RankComm c(rv, rank, n, rank);
@@ -79,78 +63,30 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
   cudaStream_t s;
   MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
 
-  // My experts only, filled by global id: the same numbers the full layer has.
-  const ExpertMap map = ExpertMap::for_rank(e, n, rank);
-  const Layer mine(preset, map, dev, o.seed, false);
+  EpLayerOptions lo;
+  lo.backend = o.backend;
+  lo.max_tokens = static_cast<int>(t);
+  lo.num_sms = o.num_sms;
+  lo.identity = o.identity;
+  lo.seed = o.seed;
+  EpLayer layer(preset, n, rank, c.get(), lo);
+  const Layer& mine = layer.layer();
   // The global batch, the same on every rank; my tokens are rows [rank*T, (rank+1)*T).
   const Batch global(mine, n * t, o.seed + 1);
   const TensorView hidden = rows_of(global.hidden, rank * t, t);
   const TensorView logits = rows_of(global.logits, rank * t, t);
   MODMOE_CUDA_CHECK(cudaDeviceSynchronize());  // the fills ran on the legacy stream
-
-  Buffer ids(DType::I32, {t, k}, dev), wts(DType::F32, {t, k}, dev), out(DType::BF16, {t, h}, dev);
-  AllToAllConfig cfg;
-  cfg.backend = o.backend;
-  cfg.ep_size = n;
-  cfg.ep_rank = rank;
-  cfg.num_experts = e;
-  cfg.top_k = k;
-  cfg.max_tokens_per_rank = static_cast<int>(t);
-  cfg.max_payload_bytes_per_token = static_cast<size_t>(h) * 2 + static_cast<size_t>(k) * 4;
-  cfg.hidden = h;
-  cfg.num_sms = o.num_sms;
-  auto a2a = create_all_to_all(cfg, c.get());
   const int rm = static_cast<int>(t);
-  const TensorView cb = a2a->combine_buffer(rm);
-
-  // The experts' problem is fixed by the shapes: [n*T] received rows.
-  ExpertsInputs ein;
-  ein.hidden = make_view(nullptr, DType::BF16, {n * t, h}, dev);
-  ein.topk_ids = make_view(nullptr, DType::I32, {n * t, k}, dev);
-  ein.topk_weights = make_view(nullptr, DType::F32, {n * t, k}, dev);
-  ExpertsOutputs eout;
-  eout.out = flatten01(cb);
-  size_t ws_bytes = 0;
-  if (!o.identity) {
-    ExpertsDesc desc;
-    desc.format = InputFormat::Standard;
-    desc.num_tokens = n * t;
-    desc.hidden = h;
-    desc.intermediate = preset.intermediate;
-    desc.top_k = k;
-    desc.expert_map = map;
-    desc.activation = mine.options.activation.kind;
-    desc.scheme = mine.weights.scheme;
-    desc.do_finalize = true;
-    ws_bytes = experts_workspace_size(desc);
-  }
-  Buffer ws_buf(DType::U8, {static_cast<int64_t>(ws_bytes) + 256}, dev);
-  const Workspace ws{ws_buf.view().data, ws_bytes};
+  const TensorView ids = layer.ids(rm), wts = layer.weights(rm), out = layer.out(rm);
 
   cudaEvent_t ev[5];
   for (auto& x : ev) MODMOE_CUDA_CHECK(cudaEventCreate(&x));
   std::vector<float> st[4], total;
-  DispatchResult res;
   c.barrier();
   for (int it = 0; it < o.reps + 2; ++it) {
-    MODMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
-    route(logits, mine.route_bias, preset.routing, ids, wts, s);
-    MODMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
-    res = a2a->dispatch(ids, {hidden, wts}, rm, s);
-    MODMOE_CUDA_CHECK(cudaEventRecord(ev[2], s));
-    if (o.identity) {
-      MODMOE_CUDA_CHECK(cudaMemcpyAsync(cb.data, res.payloads[0].data, cb.nbytes(), cudaMemcpyDeviceToDevice, s));
-    } else {
-      ein.hidden = flatten01(res.payloads[0]);
-      ein.topk_ids = flatten01(res.topk_ids);
-      ein.topk_weights = flatten01(res.payloads[1]);
-      experts(ein, mine.weights, map, mine.options, eout, ws, s);
-    }
-    MODMOE_CUDA_CHECK(cudaEventRecord(ev[3], s));
-    a2a->combine(cb, out, rm, s);
-    MODMOE_CUDA_CHECK(cudaEventRecord(ev[4], s));
+    layer.run(hidden, logits, rm, s, ev);
     MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
-    a2a->check();
+    layer.a2a().check();
     if (it < 2) continue;  // warm-up
     for (int i = 0; i < 4; ++i) {
       float ms = 0;
@@ -167,7 +103,7 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
   rep->combine_us = median_us(st[3]);
   rep->layer_us = median_us(total);
   {
-    const HostTensor counts = to_host(res.recv_counts);
+    const HostTensor counts = to_host(layer.last_dispatch().recv_counts);
     for (int r = 0; r < n; ++r) rep->received += counts.data<int32_t>()[r];
   }
   const HostTensor got = to_host(out);
@@ -193,18 +129,9 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
     }
   } else {
     // The single-GPU reference: fused_moe over the whole batch with all E experts.
-    const ExpertMap all = ExpertMap::single(e);
-    const Layer full(preset, all, dev, o.seed, false);
-    MODMOE_CUDA_CHECK(cudaDeviceSynchronize());  // the fills ran on the legacy stream
-    Buffer fused(DType::BF16, {n * t, h}, dev);
-    Buffer fids(DType::I32, {n * t, k}, dev), fwts(DType::F32, {n * t, k}, dev);
-    const size_t fws = fused_moe_workspace_size(n * t, full.weights, preset.routing, all, full.options);
-    Buffer fws_buf(DType::U8, {static_cast<int64_t>(fws) + 256}, dev);
-    const Workspace fw{fws_buf.view().data, fws};
-    auto run_fused = [&] {
-      fused_moe(global.logits, full.route_bias, global.hidden, full.weights, preset.routing, all,
-                full.options, fused, fw, s, fids, fwts);
-    };
+    FusedReference ref(preset, dev, o.seed);
+    const Layer& full = ref.layer();
+    auto run_fused = [&] { ref.run(global, s); };
     std::vector<float> fms;
     for (int it = 0; it < o.reps + 2; ++it) {
       MODMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
@@ -220,6 +147,7 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
     // experts() on my own tokens (expert parallelism without the all-to-all) agrees with
     // fused_moe and with the all-to-all path; one sampled token of each against float64.
     {
+      const TensorView fused = ref.out(), fids = ref.ids(), fwts = ref.weights();
       const HostTensor a = to_host(ids), b = to_host(rows_of(fids, rank * t, t));
       rep->ids_equal = std::memcmp(a.view().data, b.view().data, a.nbytes()) == 0;
       ExpertsDesc d1;
@@ -265,9 +193,9 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
       rep->fused_vs_f64 = check_sampled_tokens(full, rows_of(global.hidden, rank * t, t), rows_of(fids, rank * t, t),
                                                rows_of(fwts, rank * t, t), rows_of(fused, rank * t, t), 1).rel_l2;
     }
-    const HostTensor ref = to_host(rows_of(fused, rank * t, t));
+    const HostTensor want_t = to_host(rows_of(ref.out(), rank * t, t));
     for (int64_t i = 0; i < t * h; ++i) {
-      const double want = bf16_bits_to_float(ref.data<uint16_t>()[i]);
+      const double want = bf16_bits_to_float(want_t.data<uint16_t>()[i]);
       const double d = bf16_bits_to_float(got.data<uint16_t>()[i]) - want;
       err2 += d * d;
       ref2 += want * want;
@@ -278,7 +206,6 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
   rep->ok = std::isfinite(rep->rel_l2) && rep->rel_l2 <= bound;
   rep->finished = 1;
   for (auto& x : ev) cudaEventDestroy(x);
-  a2a.reset();
   c.barrier();
   MODMOE_CUDA_CHECK(cudaStreamDestroy(s));
   return rep->ok ? 0 : 3;

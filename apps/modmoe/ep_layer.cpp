@@ -1,0 +1,157 @@
+// See ep_layer.h.
+#ifdef MODMOE_WITH_CUDA
+#include "ep_layer.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "cuda/device/cuda_check.h"
+
+namespace modmoe::app {
+
+TensorView rows_of(const TensorView& t, int64_t first, int64_t count) {
+  TensorView v = t;
+  v.data = static_cast<char*>(t.data) + first * t.strides[0] * static_cast<int64_t>(dtype_bytes(t.dtype));
+  v.shape[0] = count;
+  return v;
+}
+
+TensorView flatten01(const TensorView& t) {
+  return make_view(t.data, t.dtype, {t.size(0) * t.size(1), t.size(2)}, t.device);
+}
+
+double median_us(std::vector<float> ms) {
+  std::sort(ms.begin(), ms.end());
+  return ms.empty() ? 0.0 : 1000.0 * ms[ms.size() / 2];
+}
+
+namespace {
+
+ExpertsDesc experts_desc(const Preset& preset, const Layer& l, const ExpertMap& map, int64_t rows) {
+  ExpertsDesc d;
+  d.format = InputFormat::Standard;
+  d.num_tokens = rows;
+  d.hidden = preset.hidden;
+  d.intermediate = preset.intermediate;
+  d.top_k = preset.top_k;
+  d.expert_map = map;
+  d.activation = l.options.activation.kind;
+  d.scheme = l.weights.scheme;
+  d.do_finalize = true;
+  return d;
+}
+
+}  // namespace
+
+EpLayer::EpLayer(const Preset& preset, int ep_size, int ep_rank, ncclComm* comm, const EpLayerOptions& o)
+    : preset_(preset), n_(ep_size), rank_(ep_rank), o_(o), map_(ExpertMap::for_rank(preset.num_experts, ep_size, ep_rank)) {
+  const Device dev = Device::cuda(ep_rank);
+  const int e = preset.num_experts, k = preset.top_k;
+  const int64_t h = preset.hidden, tm = o.max_tokens;
+  // My experts only, filled by global id: the same numbers the full layer has.
+  mine_ = std::make_unique<Layer>(preset, map_, dev, o.seed, false);
+  ids_ = Buffer(DType::I32, {tm, k}, dev);
+  wts_ = Buffer(DType::F32, {tm, k}, dev);
+  out_ = Buffer(DType::BF16, {tm, h}, dev);
+  AllToAllConfig cfg;
+  cfg.backend = o.backend;
+  cfg.ep_size = n_;
+  cfg.ep_rank = rank_;
+  cfg.num_experts = e;
+  cfg.top_k = k;
+  cfg.max_tokens_per_rank = o.max_tokens;
+  cfg.max_payload_bytes_per_token = static_cast<size_t>(h) * 2 + static_cast<size_t>(k) * 4;
+  cfg.hidden = h;
+  cfg.num_sms = o.num_sms;
+  cfg.combine_pull = o.combine_pull;
+  a2a_ = create_all_to_all(cfg, comm);
+  // The experts' problem is fixed by the shapes: [n*T] received rows; sized for T = max.
+  if (!o.identity) ws_bytes_ = experts_workspace_size(experts_desc(preset_, *mine_, map_, n_ * tm));
+  ws_buf_ = Buffer(DType::U8, {static_cast<int64_t>(ws_bytes_) + 256}, dev);
+  MODMOE_CUDA_CHECK(cudaDeviceSynchronize());  // the fills ran on the legacy stream
+}
+
+void EpLayer::run(const TensorView& hidden, const TensorView& logits, int t, cudaStream_t s, cudaEvent_t* ev) {
+  MODMOE_CHECK(t >= 1 && t <= o_.max_tokens, "EpLayer::run: T = ", t, ", expected 1..", o_.max_tokens);
+  const TensorView ids = this->ids(t), wts = weights(t), out = this->out(t);
+  const TensorView cb = a2a_->combine_buffer(t);
+  auto mark = [&](int i) {
+    if (ev) MODMOE_CUDA_CHECK(cudaEventRecord(ev[i], s));
+  };
+  mark(0);
+  route(logits, mine_->route_bias, preset_.routing, ids, wts, s);
+  mark(1);
+  res_ = a2a_->dispatch(ids, {hidden, wts}, t, s);
+  mark(2);
+  if (o_.identity) {
+    MODMOE_CUDA_CHECK(cudaMemcpyAsync(cb.data, res_.payloads[0].data, cb.nbytes(), cudaMemcpyDeviceToDevice, s));
+  } else {
+    const int64_t rows = static_cast<int64_t>(n_) * t;
+    const size_t need = experts_workspace_size(experts_desc(preset_, *mine_, map_, rows));
+    MODMOE_CHECK(need <= ws_bytes_, "EpLayer::run: experts workspace ", need, " > ", ws_bytes_);
+    ExpertsInputs ein;
+    ein.hidden = flatten01(res_.payloads[0]);
+    ein.topk_ids = flatten01(res_.topk_ids);
+    ein.topk_weights = flatten01(res_.payloads[1]);
+    ExpertsOutputs eout;
+    eout.out = flatten01(cb);
+    experts(ein, mine_->weights, map_, mine_->options, eout, Workspace{ws_buf_.view().data, ws_bytes_}, s);
+  }
+  mark(3);
+  a2a_->combine(cb, out, t, s);
+  mark(4);
+}
+
+FusedReference::FusedReference(const Preset& preset, Device dev, uint64_t seed)
+    : preset_(preset), dev_(dev), all_(ExpertMap::single(preset.num_experts)), full_(preset, all_, dev, seed, false) {
+  MODMOE_CUDA_CHECK(cudaDeviceSynchronize());  // the fills ran on the legacy stream
+}
+
+size_t FusedReference::bytes_needed(const Layer& slice, int64_t num_tokens) {
+  const Preset& p = slice.preset;
+  size_t w = 0;
+  for (const Buffer* b : {&slice.w13, &slice.w2, &slice.w13_bias, &slice.w2_bias}) {
+    if (b->view().data) w += b->view().nbytes();
+  }
+  const int local = std::max(1, slice.map.num_local_experts);
+  const size_t weights = w / static_cast<size_t>(local) * static_cast<size_t>(p.num_experts);
+  const size_t ws = fused_moe_workspace_size(num_tokens, slice.weights, p.routing, ExpertMap::single(p.num_experts),
+                                             slice.options);
+  const size_t io = static_cast<size_t>(num_tokens) * (static_cast<size_t>(p.hidden) * 2 + static_cast<size_t>(p.top_k) * 8);
+  return weights + ws + io;
+}
+
+void FusedReference::run(const Batch& batch, cudaStream_t s) {
+  const int64_t t = batch.hidden.view().size(0);
+  const int64_t h = preset_.hidden, k = preset_.top_k;
+  if (t > cap_) {  // grow the buffers (never inside a capture: the first call of a size is eager)
+    cap_ = t;
+    out_ = Buffer(DType::BF16, {t, h}, dev_);
+    ids_ = Buffer(DType::I32, {t, k}, dev_);
+    wts_ = Buffer(DType::F32, {t, k}, dev_);
+    ws_bytes_ = fused_moe_workspace_size(t, full_.weights, preset_.routing, all_, full_.options);
+    ws_buf_ = Buffer(DType::U8, {static_cast<int64_t>(ws_bytes_) + 256}, dev_);
+  }
+  cur_ = t;
+  fused_moe(batch.logits, full_.route_bias, batch.hidden, full_.weights, preset_.routing, all_, full_.options,
+            out(), Workspace{ws_buf_.view().data, ws_bytes_}, s, ids(), weights());
+}
+
+TensorView FusedReference::out() const { return rows_of(out_, 0, cur_); }
+TensorView FusedReference::ids() const { return rows_of(ids_, 0, cur_); }
+TensorView FusedReference::weights() const { return rows_of(wts_, 0, cur_); }
+
+double rel_l2_bf16(const TensorView& got, const TensorView& want) {
+  const HostTensor g = to_host(got), w = to_host(want);
+  MODMOE_CHECK(g.numel() == w.numel(), "rel_l2_bf16: sizes differ");
+  double e2 = 0, r2 = 0;
+  for (int64_t i = 0; i < g.numel(); ++i) {
+    const double a = bf16_bits_to_float(g.data<uint16_t>()[i]), b = bf16_bits_to_float(w.data<uint16_t>()[i]);
+    e2 += (a - b) * (a - b);
+    r2 += b * b;
+  }
+  return r2 > 0 ? std::sqrt(e2 / r2) : std::sqrt(e2);
+}
+
+}  // namespace modmoe::app
+#endif
