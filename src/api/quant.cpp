@@ -62,6 +62,23 @@ void check_no_global_scales(const ExpertWeights& w, const char* prefix) {
 }
 
 // H and I of FP8 weights: multiples of the 128 scale block.
+// src.w13: defined, `dtype`, [E_local, 2I, H] (gated) or [E_local, I, H], dense on `dev`, with
+// E_local, H and I from src.w2. Returns its rows (2I or I).
+int64_t check_w13(const ExpertWeights& src, DType dtype, int64_t num_local, int64_t H, int64_t I,
+                  const Device& dev) {
+  check::defined(src.w13, "src.w13");
+  check::dtype(src.w13, "src.w13", {dtype});
+  const bool shape_ok = src.w13.ndim == 3 && src.w13.size(0) == num_local &&
+                        (src.w13.size(1) == 2 * I || src.w13.size(1) == I) &&
+                        src.w13.size(2) == H;
+  MODMOE_CHECK(shape_ok, "argument 'src.w13' has shape ", src.w13.shape_string(),
+               ": expected [E_local, 2I, H] = [", num_local, ", ", 2 * I, ", ", H,
+               "] (gated) or [E_local, I, H] = [", num_local, ", ", I, ", ", H,
+               "] (non-gated), with E_local, H and I from src.w2");
+  check::dense(src.w13, "src.w13", dev);
+  return src.w13.size(1);
+}
+
 void check_fp8_dims(int64_t H, int64_t I, const char* w2_name) {
   MODMOE_CHECK(H > 0 && H % kBlock == 0, "argument 'hidden' = ", H, " (", w2_name,
                ".size(1)): expected a positive multiple of 128 with an FP8 scheme (the scale "
@@ -112,17 +129,7 @@ void prepare_weights_fp8(const ExpertWeights& src, ExpertWeights& dst,
   MODMOE_CHECK(num_local >= 1, "argument 'src.w2' has shape ", src.w2.shape_string(),
                ": expected at least one expert");
   check_fp8_dims(H, I, "src.w2");
-  check::defined(src.w13, "src.w13");
-  check::dtype(src.w13, "src.w13", {DType::E4M3});
-  const bool shape_ok = src.w13.ndim == 3 && src.w13.size(0) == num_local &&
-                        (src.w13.size(1) == 2 * I || src.w13.size(1) == I) &&
-                        src.w13.size(2) == H;
-  MODMOE_CHECK(shape_ok, "argument 'src.w13' has shape ", src.w13.shape_string(),
-               ": expected [E_local, 2I, H] = [", num_local, ", ", 2 * I, ", ", H,
-               "] (gated) or [E_local, I, H] = [", num_local, ", ", I, ", ", H,
-               "] (non-gated), with E_local, H and I from src.w2");
-  check::dense(src.w13, "src.w13", dev);
-  const int64_t rows = src.w13.size(1);
+  const int64_t rows = check_w13(src, DType::E4M3, num_local, H, I, dev);
   const bool gated = rows == 2 * I;
   if (src.w13_bias.defined()) check_f32(src.w13_bias, "src.w13_bias", dev, {num_local, rows});
   if (src.w2_bias.defined()) check_f32(src.w2_bias, "src.w2_bias", dev, {num_local, H});
@@ -271,17 +278,7 @@ void prepare_weights(const ExpertWeights& src, ExpertWeights& dst,
   MODMOE_CHECK(I > 0 && I % 64 == 0, "argument 'intermediate' = ", I,
                " (src.w2.size(2)): expected a multiple of 64 (the GEMM tile)");
 
-  check::defined(src.w13, "src.w13");
-  check::dtype(src.w13, "src.w13", {DType::BF16});
-  const bool shape_ok = src.w13.ndim == 3 && src.w13.size(0) == num_local &&
-                        (src.w13.size(1) == 2 * I || src.w13.size(1) == I) &&
-                        src.w13.size(2) == H;
-  MODMOE_CHECK(shape_ok, "argument 'src.w13' has shape ", src.w13.shape_string(),
-               ": expected [E_local, 2I, H] = [", num_local, ", ", 2 * I, ", ", H,
-               "] (gated) or [E_local, I, H] = [", num_local, ", ", I, ", ", H,
-               "] (non-gated), with E_local, H and I from src.w2");
-  check::dense(src.w13, "src.w13", dev);
-  const int64_t rows = src.w13.size(1);
+  const int64_t rows = check_w13(src, DType::BF16, num_local, H, I, dev);
   const bool gated = rows == 2 * I;
 
   if (src.w13_bias.defined()) {
