@@ -51,34 +51,6 @@ void check_like(const TensorView& t, const char* name, const TensorView& ref, in
                " = ", want);
 }
 
-void check_disjoint(const TensorView& a, const char* a_name, const TensorView& b,
-                    const char* b_name) {
-  const auto* a0 = static_cast<const char*>(a.data);
-  const auto* b0 = static_cast<const char*>(b.data);
-  const bool disjoint = a0 + a.nbytes() <= b0 || b0 + b.nbytes() <= a0;
-  MODMOE_CHECK(disjoint || a.nbytes() == 0 || b.nbytes() == 0, "argument '", a_name,
-               "' overlaps '", b_name, "': expected separate memory");
-}
-
-// dst has src's dtype and shape, is contiguous, on `dev`, and does not overlap src.
-void check_same_as(const TensorView& dst, const TensorView& src, const std::string& dst_name,
-                   const std::string& src_name, const Device& dev) {
-  check::defined(dst, dst_name.c_str());
-  MODMOE_CHECK(dst.dtype == src.dtype, "argument '", dst_name, "' has dtype ",
-               dtype_name(dst.dtype), ": expected ", dtype_name(src.dtype), " like ", src_name);
-  bool same = dst.ndim == src.ndim;
-  for (int d = 0; same && d < src.ndim; ++d) same = dst.shape[d] == src.shape[d];
-  MODMOE_CHECK(same, "argument '", dst_name, "' has shape ", dst.shape_string(), ": expected ",
-               src.shape_string(), " like ", src_name);
-  check::contiguous(dst, dst_name.c_str());
-  check::device(dst, dst_name.c_str(), dev);
-  const auto* d0 = static_cast<const char*>(dst.data);
-  const auto* s0 = static_cast<const char*>(src.data);
-  const bool disjoint = d0 + dst.nbytes() <= s0 || s0 + src.nbytes() <= d0;
-  MODMOE_CHECK(disjoint || src.nbytes() == 0, "argument '", dst_name, "' overlaps ", src_name,
-               ": expected separate memory (prepare_weights does not work in place)");
-}
-
 void check_k(int64_t k, const char* what, const std::string& origin) {
   MODMOE_CHECK(k > 0 && k % kKMultiple == 0, "argument '", what, "' = ", k, " (", origin,
                "): expected a positive multiple of 32 with NVFP4 (16-value scale blocks, and "
@@ -201,12 +173,12 @@ void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& 
   check_rows(q, "q", {DType::E2M1x2}, dev);
   check_like(q, "q", x, H / 2, "x's shape with H/2 (E2M1x2: two values per byte)");
   check_activation_scales(scale, global_scale, x, H, dev);
-  check_disjoint(q, "q", x, "x");
-  check_disjoint(scale, "scale", x, "x");
-  check_disjoint(scale, "scale", q, "q");
-  check_disjoint(global_scale, "global_scale", x, "x");
-  check_disjoint(global_scale, "global_scale", q, "q");
-  check_disjoint(global_scale, "global_scale", scale, "scale");
+  check::disjoint(q, "q", x, "x");
+  check::disjoint(scale, "scale", x, "x");
+  check::disjoint(scale, "scale", q, "q");
+  check::disjoint(global_scale, "global_scale", x, "x");
+  check::disjoint(global_scale, "global_scale", q, "q");
+  check::disjoint(global_scale, "global_scale", scale, "scale");
   if (dev.is_cuda()) cuda_not_supported("quantize_nvfp4", dev);
   if (options.static_global_scale) {
     const float g = global_scale.ptr<const float>()[0];
@@ -228,9 +200,9 @@ void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
   check_activation_scales(scale, global_scale, q, H, dev);
   check_rows(out, "out", {DType::F32, DType::BF16}, dev);
   check_like(out, "out", q, H, "q's shape with H = 2 * q.size(-1)");
-  check_disjoint(out, "out", q, "q");
-  check_disjoint(out, "out", scale, "scale");
-  check_disjoint(out, "out", global_scale, "global_scale");
+  check::disjoint(out, "out", q, "q");
+  check::disjoint(out, "out", scale, "scale");
+  check::disjoint(out, "out", global_scale, "global_scale");
   if (dev.is_cuda()) cuda_not_supported("dequantize_nvfp4", dev);
   reference::dequantize_nvfp4(q, scale, global_scale, out);
 }
@@ -261,19 +233,19 @@ void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
                  g, ": expected a positive multiple of 8 that divides intermediate = ", d.inter);
   }
 
-  check_same_as(dst.w13, src.w13, "dst.w13", "src.w13", dev);
-  check_same_as(dst.w2, src.w2, "dst.w2", "src.w2", dev);
-  check_same_as(dst.w13_scale, src.w13_scale, "dst.w13_scale", "src.w13_scale", dev);
-  check_same_as(dst.w2_scale, src.w2_scale, "dst.w2_scale", "src.w2_scale", dev);
-  check_same_as(dst.w13_global_scale, src.w13_global_scale, "dst.w13_global_scale",
-                "src.w13_global_scale", dev);
-  check_same_as(dst.w2_global_scale, src.w2_global_scale, "dst.w2_global_scale",
-                "src.w2_global_scale", dev);
+  check::same_as(dst.w13, src.w13, "dst.w13", "src.w13", dev);
+  check::same_as(dst.w2, src.w2, "dst.w2", "src.w2", dev);
+  check::same_as(dst.w13_scale, src.w13_scale, "dst.w13_scale", "src.w13_scale", dev);
+  check::same_as(dst.w2_scale, src.w2_scale, "dst.w2_scale", "src.w2_scale", dev);
+  check::same_as(dst.w13_global_scale, src.w13_global_scale, "dst.w13_global_scale",
+                 "src.w13_global_scale", dev);
+  check::same_as(dst.w2_global_scale, src.w2_global_scale, "dst.w2_global_scale",
+                 "src.w2_global_scale", dev);
   if (src.w13_bias.defined()) {
-    check_same_as(dst.w13_bias, src.w13_bias, "dst.w13_bias", "src.w13_bias", dev);
+    check::same_as(dst.w13_bias, src.w13_bias, "dst.w13_bias", "src.w13_bias", dev);
   }
   if (src.w2_bias.defined()) {
-    check_same_as(dst.w2_bias, src.w2_bias, "dst.w2_bias", "src.w2_bias", dev);
+    check::same_as(dst.w2_bias, src.w2_bias, "dst.w2_bias", "src.w2_bias", dev);
   }
   if (dev.is_cuda()) {
     MODMOE_NOT_SUPPORTED("prepare_weights with quant scheme nvfp4 on ", dev.to_string(),

@@ -19,24 +19,6 @@
 namespace modmoe {
 namespace {
 
-void check_same_as(const TensorView& dst, const TensorView& src, const char* dst_name,
-                   const char* src_name, const Device& dev) {
-  check::defined(dst, dst_name);
-  MODMOE_CHECK(dst.dtype == src.dtype, "argument '", dst_name, "' has dtype ",
-               dtype_name(dst.dtype), ": expected ", dtype_name(src.dtype), " like ", src_name);
-  bool same_shape = dst.ndim == src.ndim;
-  for (int d = 0; same_shape && d < src.ndim; ++d) same_shape = dst.shape[d] == src.shape[d];
-  MODMOE_CHECK(same_shape, "argument '", dst_name, "' has shape ", dst.shape_string(),
-               ": expected ", src.shape_string(), " like ", src_name);
-  check::contiguous(dst, dst_name);
-  check::device(dst, dst_name, dev);
-  const auto* d0 = static_cast<const char*>(dst.data);
-  const auto* s0 = static_cast<const char*>(src.data);
-  const bool disjoint = d0 + dst.nbytes() <= s0 || s0 + src.nbytes() <= d0;
-  MODMOE_CHECK(disjoint || src.nbytes() == 0, "argument '", dst_name, "' overlaps ", src_name,
-               ": expected separate memory (prepare_weights does not work in place)");
-}
-
 using api::is_fp8;
 
 constexpr int64_t kBlock = kFp8BlockSize;
@@ -143,15 +125,15 @@ void prepare_weights_fp8(const ExpertWeights& src, ExpertWeights& dst,
   const bool interleave = options.layout == WeightLayout::GateUpInterleaved && gated;
   if (interleave) check_fp8_interleave(options.interleave_rows, "options.interleave_rows");
 
-  check_same_as(dst.w13, src.w13, "dst.w13", "src.w13", dev);
-  check_same_as(dst.w2, src.w2, "dst.w2", "src.w2", dev);
-  check_same_as(dst.w13_scale, src.w13_scale, "dst.w13_scale", "src.w13_scale", dev);
-  check_same_as(dst.w2_scale, src.w2_scale, "dst.w2_scale", "src.w2_scale", dev);
+  check::same_as(dst.w13, src.w13, "dst.w13", "src.w13", dev);
+  check::same_as(dst.w2, src.w2, "dst.w2", "src.w2", dev);
+  check::same_as(dst.w13_scale, src.w13_scale, "dst.w13_scale", "src.w13_scale", dev);
+  check::same_as(dst.w2_scale, src.w2_scale, "dst.w2_scale", "src.w2_scale", dev);
   if (src.w13_bias.defined()) {
-    check_same_as(dst.w13_bias, src.w13_bias, "dst.w13_bias", "src.w13_bias", dev);
+    check::same_as(dst.w13_bias, src.w13_bias, "dst.w13_bias", "src.w13_bias", dev);
   }
   if (src.w2_bias.defined()) {
-    check_same_as(dst.w2_bias, src.w2_bias, "dst.w2_bias", "src.w2_bias", dev);
+    check::same_as(dst.w2_bias, src.w2_bias, "dst.w2_bias", "src.w2_bias", dev);
   }
 
   dst.scheme = src.scheme;
@@ -229,15 +211,6 @@ void check_activation_scale(const TensorView& scale, const char* name, QuantSche
                act.size(-1) / kBlock, "] (token-major)");
 }
 
-void check_disjoint(const TensorView& a, const char* a_name, const TensorView& b,
-                    const char* b_name) {
-  const auto* a0 = static_cast<const char*>(a.data);
-  const auto* b0 = static_cast<const char*>(b.data);
-  const bool disjoint = a0 + a.nbytes() <= b0 || b0 + b.nbytes() <= a0;
-  MODMOE_CHECK(disjoint || a.nbytes() == 0 || b.nbytes() == 0, "argument '", a_name,
-               "' overlaps '", b_name, "': expected separate memory");
-}
-
 }  // namespace
 
 void prepare_weights(const ExpertWeights& src, ExpertWeights& dst,
@@ -305,13 +278,13 @@ void prepare_weights(const ExpertWeights& src, ExpertWeights& dst,
                  ": expected a positive multiple of 8 that divides intermediate = ", I);
   }
 
-  check_same_as(dst.w13, src.w13, "dst.w13", "src.w13", dev);
-  check_same_as(dst.w2, src.w2, "dst.w2", "src.w2", dev);
+  check::same_as(dst.w13, src.w13, "dst.w13", "src.w13", dev);
+  check::same_as(dst.w2, src.w2, "dst.w2", "src.w2", dev);
   if (src.w13_bias.defined()) {
-    check_same_as(dst.w13_bias, src.w13_bias, "dst.w13_bias", "src.w13_bias", dev);
+    check::same_as(dst.w13_bias, src.w13_bias, "dst.w13_bias", "src.w13_bias", dev);
   }
   if (src.w2_bias.defined()) {
-    check_same_as(dst.w2_bias, src.w2_bias, "dst.w2_bias", "src.w2_bias", dev);
+    check::same_as(dst.w2_bias, src.w2_bias, "dst.w2_bias", "src.w2_bias", dev);
   }
 
   // dst's descriptor: the views stay the caller's, the rest follows the preparation.
@@ -363,9 +336,9 @@ void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorV
                quant_scheme_name(scheme),
                ": expected false (static scales are for Fp8PerTensor; 1x128 group scales are "
                "always computed)");
-  check_disjoint(q, "q", x, "x");
-  check_disjoint(scale, "scale", x, "x");
-  check_disjoint(scale, "scale", q, "q");
+  check::disjoint(q, "q", x, "x");
+  check::disjoint(scale, "scale", x, "x");
+  check::disjoint(scale, "scale", q, "q");
   if (!dev.is_cuda()) {
     if (options.static_scale) {
       const float s = scale.ptr<const float>()[0];
@@ -392,8 +365,8 @@ void dequantize_activations(const TensorView& q, QuantScheme scheme, const Tenso
   check_activation_scale(scale, "scale", scheme, q, dev);
   check_activation(out, "out", {DType::F32, DType::BF16}, dev);
   check_same_shape(out, "out", q, "q");
-  check_disjoint(out, "out", q, "q");
-  check_disjoint(out, "out", scale, "scale");
+  check::disjoint(out, "out", q, "q");
+  check::disjoint(out, "out", scale, "scale");
   if (!dev.is_cuda()) {
     reference::dequantize_activations(q, scheme, scale, out);
     return;

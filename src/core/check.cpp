@@ -76,4 +76,30 @@ void dense(const TensorView& t, const char* name, const Device& dev) {
   rows_aligned16(t, name);
 }
 
+void disjoint(const TensorView& a, const char* a_name, const TensorView& b, const char* b_name) {
+  const auto* a0 = static_cast<const char*>(a.data);
+  const auto* b0 = static_cast<const char*>(b.data);
+  const bool apart = a0 + a.nbytes() <= b0 || b0 + b.nbytes() <= a0;
+  MODMOE_CHECK(apart || a.nbytes() == 0 || b.nbytes() == 0, "argument '", a_name,
+               "' overlaps '", b_name, "': expected separate memory");
+}
+
+void same_as(const TensorView& dst, const TensorView& src, const char* dst_name,
+             const char* src_name, const Device& dev) {
+  defined(dst, dst_name);
+  MODMOE_CHECK(dst.dtype == src.dtype, "argument '", dst_name, "' has dtype ",
+               dtype_name(dst.dtype), ": expected ", dtype_name(src.dtype), " like ", src_name);
+  bool same_shape = dst.ndim == src.ndim;
+  for (int d = 0; same_shape && d < src.ndim; ++d) same_shape = dst.shape[d] == src.shape[d];
+  MODMOE_CHECK(same_shape, "argument '", dst_name, "' has shape ", dst.shape_string(),
+               ": expected ", src.shape_string(), " like ", src_name);
+  contiguous(dst, dst_name);
+  device(dst, dst_name, dev);
+  const auto* d0 = static_cast<const char*>(dst.data);
+  const auto* s0 = static_cast<const char*>(src.data);
+  const bool apart = d0 + dst.nbytes() <= s0 || s0 + src.nbytes() <= d0;
+  MODMOE_CHECK(apart || src.nbytes() == 0, "argument '", dst_name, "' overlaps ", src_name,
+               ": expected separate memory (prepare_weights does not work in place)");
+}
+
 }  // namespace modmoe::check

@@ -25,6 +25,13 @@ void device(const TensorView& t, const char* name, const Device& expected);
 // Defined, contiguous, 16-byte aligned rows, and on `dev`: the usual set for a dense input.
 void dense(const TensorView& t, const char* name, const Device& dev);
 
+// a and b do not share a byte (empty views never overlap).
+void disjoint(const TensorView& a, const char* a_name, const TensorView& b, const char* b_name);
+// dst has src's dtype and shape, is contiguous, on `dev`, and does not overlap src: an output
+// that prepare_weights fills from src.
+void same_as(const TensorView& dst, const TensorView& src, const char* dst_name,
+             const char* src_name, const Device& dev);
+
 std::string dtypes_string(std::initializer_list<DType> allowed);
 
 }  // namespace modmoe::check
