@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <random>
 #include <string>
@@ -55,6 +56,12 @@ inline uint64_t seed(uint64_t salt = 0) {
               static_cast<unsigned long long>(s), static_cast<unsigned long long>(base),
               static_cast<unsigned long long>(salt));
   return s;
+}
+
+// The poison before each run: 0xFF bytes are NaN in bf16 and fp32 and -1 in integers, so an
+// element the code under test never wrote fails the comparison.
+inline void poison(HostTensor& t) {
+  if (t.nbytes()) std::memset(t.view().data, 0xFF, t.nbytes());
 }
 
 // Fills a bf16 / fp32 host tensor with N(0, std^2), never exactly zero.

@@ -31,11 +31,6 @@ struct ProblemSpec {
   double junk_fraction = 0.0;
 };
 
-// Fills every byte with 0xFF: bf16 and fp32 NaN, int32 -1. The poison before each run.
-inline void poison(HostTensor& t) {
-  if (t.nbytes()) std::memset(t.view().data, 0xFF, t.nbytes());
-}
-
 struct Problem {
   ProblemSpec spec;
   HostTensor hidden;    // [M, H] bf16, N(0, 0.1^2)

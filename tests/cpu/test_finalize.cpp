@@ -13,9 +13,7 @@
 namespace modmoe {
 namespace {
 
-void poison(HostTensor& t) {
-  if (t.nbytes()) std::memset(t.view().data, 0xFF, t.nbytes());
-}
+using test::poison;
 
 struct Case {
   HostTensor gemm2_out;  // [P + extra, H] bf16; rows past P poisoned

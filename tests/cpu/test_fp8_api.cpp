@@ -21,6 +21,7 @@
 
 #include "common/test_util.h"
 #include "core/fp8.h"
+#include "cpu/experts_outputs.h"
 #include "cpu/fp8_weights.h"
 #include "modmoe/modmoe.h"
 #include "reference/quant.h"
@@ -38,9 +39,9 @@ constexpr double kBf16Tol = 6e-3;     // a bf16 pipeline against float64 (contra
 constexpr double kFp8Tol = 0.04;      // FP8 against float64 with no intermediate rounding
 constexpr double kFp8EmulTol = 5e-3;  // FP8 against float64 with the intermediate as defined
 
-void poison(HostTensor& t) {
-  if (t.nbytes()) std::memset(t.view().data, 0xFF, t.nbytes());
-}
+using test::expect_same;
+using test::poison;
+using test::StdOutputs;
 
 // ---------------------------------------------------------------------------------------
 // One MoE layer: float master weights, bf16 hidden states, routing. Every scheme's tensors
@@ -417,43 +418,7 @@ class Fp8Api : public ::testing::TestWithParam<Case> {
   HostTensor p13, p2, ps13, ps2, pb13, pb2;
 };
 
-// Every output of a standard call, poisoned.
-struct StdOutputs {
-  HostTensor out, g2, ew, e2p, off, act;
-  StdOutputs(const Layer& L, bool do_finalize) {
-    const int64_t M = L.M, k = L.k;
-    if (do_finalize) out.reset(DType::BF16, {M, L.H});
-    g2.reset(DType::BF16, {M * k, L.H});
-    ew.reset(DType::F32, {M, k});
-    e2p.reset(DType::I32, {M, k});
-    off.reset(DType::I64, {L.E + 1});
-    act.reset(DType::BF16, {M * k, L.I});
-    for (HostTensor* t : {&out, &g2, &ew, &e2p, &off, &act}) poison(*t);
-  }
-  ExpertsOutputs views() const {
-    ExpertsOutputs o;
-    if (out.view().ndim) o.out = out;
-    o.gemm2_out = g2;
-    o.expert_weights = ew;
-    o.expanded_idx_to_permuted_idx = e2p;
-    o.expert_first_token_offset = off;
-    o.gemm1_activation_output = act;
-    return o;
-  }
-};
 
-void expect_same(const StdOutputs& a, const StdOutputs& b) {
-  if (a.out.view().ndim) EXPECT_TRUE(test::bitwise_equal(a.out, b.out)) << "out";
-  const int64_t P = a.off.data<int64_t>()[a.off.numel() - 1];
-  ASSERT_EQ(P, b.off.data<int64_t>()[b.off.numel() - 1]);
-  const int64_t H = a.g2.view().shape[1], I = a.act.view().shape[1];
-  EXPECT_EQ(std::memcmp(a.g2.view().data, b.g2.view().data, P * H * 2), 0) << "gemm2_out";
-  EXPECT_EQ(std::memcmp(a.act.view().data, b.act.view().data, P * I * 2), 0)
-      << "gemm1_activation_output";
-  EXPECT_TRUE(test::bitwise_equal(a.ew, b.ew)) << "expert_weights";
-  EXPECT_TRUE(test::bitwise_equal(a.e2p, b.e2p)) << "expanded_idx_to_permuted_idx";
-  EXPECT_TRUE(test::bitwise_equal(a.off, b.off)) << "expert_first_token_offset";
-}
 
 TEST_P(Fp8Api, ExpertsEqualsOracle) {
   const ExpertMap map = ExpertMap::single(L.E);

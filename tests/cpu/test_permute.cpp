@@ -12,9 +12,7 @@
 namespace modmoe {
 namespace {
 
-void poison(HostTensor& t) {
-  if (t.nbytes()) std::memset(t.view().data, 0xFF, t.nbytes());
-}
+using test::poison;
 
 struct PermuteResult {
   HostTensor offsets, e2p, p2e;
