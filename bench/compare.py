@@ -5,6 +5,7 @@ then `modmoe bench experts` in the same run with that baseline, then one PNG per
 against T for both, with the weight-read and compute floors).
 
     python3 bench/compare.py --modmoe build/apps/modmoe [--models qwen3,...] [--tokens 1,16,...]
+        [--ab MODMOE_GEMM_TAIL=1,MODMOE_FUSED_PERMUTE=1]   (A/B columns: modmoe with each variable set)
 """
 import argparse
 import json
@@ -142,6 +143,7 @@ def main():
     ap.add_argument("--skew", action="store_true")
     ap.add_argument("--out", default="")
     ap.add_argument("--plots", default="")
+    ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: modmoe times each cell again with each variable set")
     args = ap.parse_args()
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -150,7 +152,8 @@ def main():
     with open(base_path, "w") as f:
         json.dump(base, f, indent=1)
     cmd = [args.modmoe, "bench", "experts", "--models", args.models, "--tokens", args.tokens,
-           "--torch-baseline", base_path] + (["--out", args.out] if args.out else []) + (["--skew"] if args.skew else [])
+           "--torch-baseline", base_path] + (["--out", args.out] if args.out else []) + (["--skew"] if args.skew else []) \
+        + (["--ab", args.ab] if args.ab else [])
     print("running", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     print(proc.stdout + proc.stderr)

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <algorithm>
 #include <numeric>
@@ -97,9 +98,41 @@ struct Cell {
   double us = 0, flops = 0, bytes = 0, floor_us = 0, rel_l2 = 0;
   std::string floor_kind;
   bool correct = false;
+  std::vector<double> ab_us;  // per --ab variant
 };
 
-Cell run_cell(const Model& m, int64_t tokens, bool zipf, const Ceilings& ceil, uint64_t seed) {
+// One --ab variant: an environment variable the experts stage reads at every call
+// (MODMOE_GEMM_TAIL=1, MODMOE_FUSED_PERMUTE=1, MODMOE_GEMM_CONFIG=...), set while the same
+// cell is captured and timed again.
+class EnvVariant {
+ public:
+  explicit EnvVariant(const std::string& assignment) {
+    const size_t eq = assignment.find('=');
+    MODMOE_CHECK(eq != std::string::npos && eq > 0, "option '--ab': '", assignment,
+                 "': expected NAME=VALUE");
+    name_ = assignment.substr(0, eq);
+    const char* old = std::getenv(name_.c_str());
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv(name_.c_str(), assignment.substr(eq + 1).c_str(), 1);
+  }
+  ~EnvVariant() {
+    if (had_) {
+      setenv(name_.c_str(), old_.c_str(), 1);
+    } else {
+      unsetenv(name_.c_str());
+    }
+  }
+  EnvVariant(const EnvVariant&) = delete;
+  EnvVariant& operator=(const EnvVariant&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
+Cell run_cell(const Model& m, int64_t tokens, bool zipf, const Ceilings& ceil, uint64_t seed,
+              const std::vector<std::string>& ab) {
   const Preset& p = m.preset;
   const int e = p.num_experts, k = p.top_k;
   const int64_t h = p.hidden, inter = p.intermediate;
@@ -165,10 +198,16 @@ Cell run_cell(const Model& m, int64_t tokens, bool zipf, const Ceilings& ceil, u
   c.rel_l2 = chk.rel_l2;
   c.correct = chk.rel_l2 <= 1e-2;
 
-  const double per_call_ms = time_graph_ms(rot, [&](int r, cudaStream_t s) {
-    experts(inputs(r), prepared, map, layer.options, outputs(r), ws, s);
-  });
-  c.us = per_call_ms * 1e3;
+  auto time_us = [&] {
+    return 1e3 * time_graph_ms(rot, [&](int r, cudaStream_t s) {
+      experts(inputs(r), prepared, map, layer.options, outputs(r), ws, s);
+    });
+  };
+  c.us = time_us();
+  for (const std::string& v : ab) {
+    const EnvVariant env(v);
+    c.ab_us.push_back(time_us());
+  }
   const double w_bytes_per_expert = static_cast<double>(3 * inter * h) * 2;
   c.bytes = c.touched * w_bytes_per_expert + static_cast<double>(tokens) * h * 2 * 2;
   c.flops = 2.0 * tokens * k * 3.0 * static_cast<double>(inter) * h;
@@ -182,7 +221,16 @@ Cell run_cell(const Model& m, int64_t tokens, bool zipf, const Ceilings& ceil, u
 }  // namespace
 
 int run_bench_experts(const std::vector<std::string>& argv) {
-  const Args args(argv, {"--models", "--tokens", "--out", "--torch-baseline", "--seed"}, {"--skew"});
+  const Args args(argv, {"--models", "--tokens", "--out", "--torch-baseline", "--seed", "--ab"},
+                  {"--skew"});
+  // --ab NAME=VALUE[,NAME=VALUE...]: each cell is timed again with each variable set (A/B
+  // of a run-time option in the same process, after the default's validation).
+  std::vector<std::string> ab;
+  for (std::string rest = args.get("--ab", ""); !rest.empty();) {
+    const size_t comma = rest.find(',');
+    ab.push_back(rest.substr(0, comma));
+    rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+  }
   const std::string models_arg = args.get("--models", "mixtral,qwen3,deepseek-ep8,gpt-oss");
   const std::string tokens_arg = args.get("--tokens", "1,16,128,1024,4096,16384");
   const uint64_t seed = static_cast<uint64_t>(args.get_int("--seed", 7, 0, 1ll << 40));
@@ -198,8 +246,11 @@ int run_bench_experts(const std::vector<std::string>& argv) {
   const Ceilings ceil = measure_ceilings();
   std::printf("modmoe bench experts on %s: copy %.0f GB/s, dense bf16 %.0f TFLOP/s (measured now)\n",
               gpu_name().c_str(), ceil.copy_GBps, ceil.dense_TFLOPs);
-  std::printf("%-13s %-7s %6s %5s %10s %10s %7s %7s %8s %8s %8s %s\n", "model", "routing", "T",
+  std::printf("%-13s %-7s %6s %5s %10s %10s %7s %7s %8s %8s %8s %s", "model", "routing", "T",
               "exp", "us", "floor us", "t/floor", "TFLOP/s", "GB/s", "vs trit", "vs t_gm", "ok");
+  for (size_t i = 0; i < ab.size(); ++i) std::printf("  ab%zu us", i + 1);
+  std::printf("\n");
+  for (size_t i = 0; i < ab.size(); ++i) std::printf("  (ab%zu: %s)\n", i + 1, ab[i].c_str());
 
   nlohmann::json cells = nlohmann::json::array();
   std::vector<double> ratios;
@@ -214,7 +265,7 @@ int run_bench_experts(const std::vector<std::string>& argv) {
       runs.push_back({3000, false});
     }
     for (auto [t, zipf] : runs) {
-      const Cell c = run_cell(m, t, zipf, ceil, seed);
+      const Cell c = run_cell(m, t, zipf, ceil, seed, ab);
       const Anchor* a = zipf ? nullptr : find_anchor(m.name, t);
       const std::string key = m.name + "/" + std::to_string(t) + "/" + c.routing;
       const double tgm = torch_base.contains(key) ? torch_base[key].get<double>() : 0.0;
@@ -234,12 +285,21 @@ int run_bench_experts(const std::vector<std::string>& argv) {
         j["torch_grouped_mm_us"] = tgm;
         j["speedup_vs_torch_grouped_mm"] = tgm / c.us;
       }
+      if (!ab.empty()) {
+        nlohmann::json v = nlohmann::json::object();
+        for (size_t i = 0; i < ab.size(); ++i) v[ab[i]] = c.ab_us[i];
+        j["ab_us"] = v;
+      }
       cells.push_back(j);
-      std::printf("%-13s %-7s %6lld %5d %10.1f %10.1f %7.2f %7.0f %8.0f %8s %8s %s\n",
+      std::printf("%-13s %-7s %6lld %5d %10.1f %10.1f %7.2f %7.0f %8.0f %8s %8s %s",
                   c.model.c_str(), c.routing.c_str(), static_cast<long long>(t), c.touched, c.us,
                   c.floor_us, ratio, c.flops / (c.us * 1e6), c.bytes / (c.us * 1e3),
                   a ? format_ratio(a->triton_us / c.us).c_str() : "-",
                   tgm > 0 ? format_ratio(tgm / c.us).c_str() : "-", c.correct ? "yes" : "NO");
+      for (size_t i = 0; i < ab.size(); ++i) {
+        std::printf(" %8.1f", c.ab_us[i]);
+      }
+      std::printf("\n");
       std::fflush(stdout);
     }
   }

@@ -2,6 +2,8 @@
 //
 //   standard: permute -> routing weights -> [scaled input] -> work list -> GEMM1 -> GEMM2
 //             -> finalize (do_finalize) or the caller's metadata views
+//             (at decode sizes permute, routing weights and work list are one one-block
+//             kernel: permute_prepare_kernel)
 //   batched:  work list -> GEMM1 -> GEMM2 -> zero the rows past each expert's count
 //
 // Asynchronous on `stream`: no allocation, no host synchronisation, capturable in a CUDA
@@ -22,6 +24,7 @@
 #include "cuda/device/cuda_check.h"
 #include "cuda/device/sm90_ptx.cuh"
 #include "cuda/gemm/grouped_gemm.h"
+#include "cuda/permute/permute_block.cuh"
 
 namespace modmoe::cuda {
 namespace {
@@ -241,11 +244,13 @@ struct WorkListArgs {
   int64_t max_m;           // batched
   int num_experts;         // E_local
   int block_m1;            // GEMM1 tile rows
+  int tail_m1;             // GEMM1 tail rows (GemmConfig::tail_m)
   int block_m2;            // GEMM2 tile rows
+  int tail_m2;
   int32_t* row_begin;      // [E_local]
   int32_t* row_count;      // [E_local]
-  int32_t* tiles1;         // [E_local + 1] exclusive prefix of ceil(count / block_m1)
-  int32_t* tiles2;         // [E_local + 1] same for block_m2
+  int32_t* tiles1;         // [E_local + 1] exclusive prefix of row_tiles(count, block_m1, tail_m1)
+  int32_t* tiles2;         // [E_local + 1] same for GEMM2
   int32_t* counters;       // [num_counters] split-K arrival counts, zeroed here
   int64_t num_counters;
   // Standard format: the routing weights, computed by the same launch (grid-stride).
@@ -254,31 +259,16 @@ struct WorkListArgs {
   float* expert_weights;   // [M, k] fp32
 };
 
-// Block 0 builds the work list; every block zeroes its share of the split-K counters and, in
-// the standard format, computes the routing weights (one launch instead of two).
+// The work list, by one block of kBlock threads: row_begin, row_count, tiles1, tiles2.
 // A batched count outside [0, max_m] is clamped: a corrupt count must not make the GEMMs read
 // or write out of bounds (docs/contract.md, "Stage 2").
-__global__ void __launch_bounds__(kThreads) prepare_gemms_kernel(const WorkListArgs a) {
-  // The GEMMs wait for this grid to finish (programmatic dependent launch); let them start
-  // their prologue now.
-  sm90::grid_launch_dependents();
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  for (int64_t i = first; i < a.num_counters; i += stride) a.counters[i] = 0;
-  if (a.with_weights) {
-    for (int64_t i = first; i < a.routing.num_entries; i += stride) {
-      bool local;
-      const float w = routing_weight(a.routing, i, local);
-      a.expert_weights[i] = local ? (a.routing.on_input ? 1.0f : w) : 0.0f;
-    }
-  }
-  if (blockIdx.x != 0) return;
-
-  using Scan = cub::BlockScan<int32_t, kThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
+template <int kBlock>
+__device__ __forceinline__ void build_work_list(
+    const WorkListArgs& a, typename cub::BlockScan<int32_t, kBlock>::TempStorage& scan_storage) {
+  using Scan = cub::BlockScan<int32_t, kBlock>;
   int32_t carry1 = 0;
   int32_t carry2 = 0;
-  for (int base = 0; base < a.num_experts; base += kThreads) {
+  for (int base = 0; base < a.num_experts; base += kBlock) {
     const int e = base + static_cast<int>(threadIdx.x);
     int32_t count = 0;
     if (e < a.num_experts) {
@@ -296,9 +286,9 @@ __global__ void __launch_bounds__(kThreads) prepare_gemms_kernel(const WorkListA
       a.row_count[e] = count;
     }
     int32_t prefix1, total1, prefix2, total2;
-    Scan(scan_storage).ExclusiveSum((count + a.block_m1 - 1) / a.block_m1, prefix1, total1);
+    Scan(scan_storage).ExclusiveSum(gemm::row_tiles(count, a.block_m1, a.tail_m1), prefix1, total1);
     __syncthreads();
-    Scan(scan_storage).ExclusiveSum((count + a.block_m2 - 1) / a.block_m2, prefix2, total2);
+    Scan(scan_storage).ExclusiveSum(gemm::row_tiles(count, a.block_m2, a.tail_m2), prefix2, total2);
     __syncthreads();
     if (e < a.num_experts) {
       a.tiles1[e] = carry1 + prefix1;
@@ -311,6 +301,70 @@ __global__ void __launch_bounds__(kThreads) prepare_gemms_kernel(const WorkListA
     a.tiles1[a.num_experts] = carry1;
     a.tiles2[a.num_experts] = carry2;
   }
+}
+
+// Routing weights (standard format) and split-K counters, grid-stride from `first`.
+__device__ __forceinline__ void weights_and_counters(const WorkListArgs& a, int64_t first,
+                                                     int64_t stride) {
+  for (int64_t i = first; i < a.num_counters; i += stride) a.counters[i] = 0;
+  if (a.with_weights) {
+    for (int64_t i = first; i < a.routing.num_entries; i += stride) {
+      bool local;
+      const float w = routing_weight(a.routing, i, local);
+      a.expert_weights[i] = local ? (a.routing.on_input ? 1.0f : w) : 0.0f;
+    }
+  }
+}
+
+// Block 0 builds the work list; every block zeroes its share of the split-K counters and, in
+// the standard format, computes the routing weights (one launch instead of two).
+__global__ void __launch_bounds__(kThreads) prepare_gemms_kernel(const WorkListArgs a) {
+  sm90::grid_dependency_wait();
+  // The GEMMs wait for this grid to finish (programmatic dependent launch); let them start
+  // their prologue now.
+  sm90::grid_launch_dependents();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  weights_and_counters(a, blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x, stride);
+  if (blockIdx.x != 0) return;
+  __shared__ typename cub::BlockScan<int32_t, kThreads>::TempStorage scan_storage;
+  build_work_list<kThreads>(a, scan_storage);
+}
+
+// Decode sizes (standard format, block_permute_fits): the permutation, the routing weights,
+// the counters and the work list in one block, one launch instead of four (each launch costs
+// ~2-4 us in a graph, more than its work at these sizes). The permute metadata is that of
+// cuda::permute to the bit. hist: [E_local][32] int32, dynamic.
+__global__ void __launch_bounds__(kBlockPermuteThreads)
+    permute_prepare_kernel(const BlockPermuteArgs pa, const WorkListArgs a) {
+  extern __shared__ int32_t hist[];
+  __shared__ BlockPermuteScan::TempStorage scan_storage;
+  __shared__ int32_t total;
+  sm90::grid_dependency_wait();
+  sm90::grid_launch_dependents();
+  block_permute(pa, hist, scan_storage, total);
+  __syncthreads();  // expert_first_token_offset is written: the work list reads it
+  weights_and_counters(a, threadIdx.x, kBlockPermuteThreads);
+  build_work_list<kBlockPermuteThreads>(a, scan_storage);
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch
+// when MODMOE_STAGE_PDL=1 (gemm::use_stage_pdl): every kernel so launched waits (griddepcontrol.wait) before it
+// reads or writes what the kernels before it touch.
+template <class... KArgs, class... Args>
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, unsigned block, size_t smem,
+                cudaStream_t stream, const Args&... args) {
+  cudaLaunchConfig_t lc{};
+  lc.gridDim = grid;
+  lc.blockDim = dim3(block);
+  lc.dynamicSmemBytes = smem;
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  lc.attrs = attr;
+  lc.numAttrs = gemm::use_stage_pdl() ? 1 : 0;
+  MODMOE_CUDA_CHECK(cudaLaunchKernelEx(&lc, kernel, args...));
+  MODMOE_LAUNCH_CHECK(stream);
 }
 
 // Batched: gemm2_out [E_local, max_m, H] rows past expert e's count are written as zero.
@@ -355,8 +409,14 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 //   MODMOE_GEMM_CONFIG=<name>  use this compiled config (GemmConfig::to_string() without the
 //                              split suffix) for both GEMMs where it can run; "sm80" keeps the
 //                              mma.sync kernels only;
-//   MODMOE_GEMM_SPLIT_K=<n>    sm90 split-K slices (clamped to what the problem allows).
+//   MODMOE_GEMM_SPLIT_K=<n>    sm90 split-K slices (clamped to what the problem allows);
+//   MODMOE_GEMM_TAIL=0|1       tail rows (GemmConfig::tail_m) on the sm90 kernels off / on
+//                              (unset: select_config's rule 3);
+//   MODMOE_FUSED_PERMUTE=0|1   the one-block permute_prepare_kernel off / on wherever it fits
+//                              (unset: up to kBlockPermuteDefaultItems entries), instead of
+//                              the chunked permute kernels and the work-list kernel.
 gemm::GemmConfig apply_overrides(const gemm::GemmDesc& d, gemm::GemmConfig c) {
+  const bool selected_tail = c.tail_m > 0;
   const char* name = std::getenv("MODMOE_GEMM_CONFIG");
   if (name != nullptr && name[0] != '\0') {
     for (const gemm::GemmConfig& k : gemm::compiled_configs()) {
@@ -371,6 +431,11 @@ gemm::GemmConfig apply_overrides(const gemm::GemmDesc& d, gemm::GemmConfig c) {
     const int want = std::atoi(split);
     c.split_k = c.block_m == 64 ? std::max(1, std::min(want, cap.max_split)) : 1;
   }
+  // Tail rows: select_config's rule 3 (kept for a forced config too), or the variable's choice.
+  const char* tail = std::getenv("MODMOE_GEMM_TAIL");
+  const bool tail_set = tail != nullptr && tail[0] != '\0';
+  const bool tail_on = tail_set ? std::strcmp(tail, "1") == 0 : selected_tail;
+  c.tail_m = c.arch == 90 && c.split_k == 1 && tail_on ? gemm::sm90_tail_rows(c) : 0;
   return c;
 }
 
@@ -422,6 +487,9 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
                rows, ", ", H, "] bf16 tensor when do_finalize is false");
 
   RoutingArgs ra{};
+  // Decode sizes: permute, routing weights and work list in one launch (permute_prepare_kernel).
+  const bool fused_permute = standard && use_block_permute(N, E);
+  BlockPermuteArgs pa{};
   if (standard) {
     if (M == 0) {
       if (out.expert_first_token_offset.defined()) {
@@ -430,11 +498,17 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
       return;
     }
     const bool packed = !in.topk_weights.defined();
-    const PermuteMetadata meta{make_view(offsets, DType::I64, {E + 1}, dev),
-                               make_view(e2p, DType::I32, {M, k}, dev),
-                               make_view(ws.p2e, DType::I32, {N}, dev)};
-    cuda::permute(in.topk_ids, packed, map, meta, Workspace{ws.permute_ws, ws.permute_bytes},
-                  stream);
+    if (fused_permute) {
+      MODMOE_CHECK(in.topk_ids.is_contiguous(), "cuda::experts: topk_ids must be contiguous");
+      pa = BlockPermuteArgs{in.topk_ids.ptr<const int32_t>(), offsets, e2p, ws.p2e,
+                            static_cast<int>(N), map.local_expert_offset, E, packed};
+    } else {
+      const PermuteMetadata meta{make_view(offsets, DType::I64, {E + 1}, dev),
+                                 make_view(e2p, DType::I32, {M, k}, dev),
+                                 make_view(ws.p2e, DType::I32, {N}, dev)};
+      cuda::permute(in.topk_ids, packed, map, meta, Workspace{ws.permute_ws, ws.permute_bytes},
+                    stream);
+    }
 
     ra.topk_ids = in.topk_ids.ptr<const int32_t>();
     if (!packed) {
@@ -499,7 +573,9 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   wl.max_m = M;
   wl.num_experts = E;
   wl.block_m1 = c1.block_m;
+  wl.tail_m1 = c1.tail_m;
   wl.block_m2 = c2.block_m;
+  wl.tail_m2 = c2.tail_m;
   wl.row_begin = ws.row_begin;
   wl.row_count = ws.row_count;
   wl.tiles1 = ws.tiles1;
@@ -509,12 +585,16 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   wl.with_weights = standard;
   wl.routing = ra;
   wl.expert_weights = expert_weights;
-  // One block builds the work list; the others share the routing weights and the counters.
-  const int64_t spread = std::max<int64_t>(standard ? N : 0, ws.num_counters);
-  const unsigned prep_blocks =
-      static_cast<unsigned>(std::clamp<int64_t>(ceil_div(spread, kThreads * 4), 1, 264));
-  prepare_gemms_kernel<<<prep_blocks, kThreads, 0, stream>>>(wl);
-  MODMOE_LAUNCH_CHECK(stream);
+  if (fused_permute) {
+    launch_pdl(permute_prepare_kernel, dim3(1), kBlockPermuteThreads,
+               sizeof(int32_t) * E * kBlockPermuteWarps, stream, pa, wl);
+  } else {
+    // One block builds the work list; the others share the routing weights and the counters.
+    const int64_t spread = std::max<int64_t>(standard ? N : 0, ws.num_counters);
+    const unsigned prep_blocks =
+        static_cast<unsigned>(std::clamp<int64_t>(ceil_div(spread, kThreads * 4), 1, 264));
+    launch_pdl(prepare_gemms_kernel, dim3(prep_blocks), kThreads, 0, stream, wl);
+  }
 
   // ---- GEMM1: act [rows, I] = activation(A @ w13[e]^T + bias + lora) ----
   GemmArgs g1;

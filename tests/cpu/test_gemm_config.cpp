@@ -7,6 +7,7 @@
 
 #ifdef MODMOE_WITH_CUDA
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
@@ -57,7 +58,7 @@ GemmDesc gemm_desc(bool gemm1, int experts_local, int experts, int top_k, int64_
 TEST(GemmConfig, SelectOnlyReturnsCompiledConfigs) {
   const auto compiled = cuda::gemm::compiled_configs();
   ASSERT_FALSE(compiled.empty());
-  int checked = 0, sm90 = 0, split = 0;
+  int checked = 0, sm90 = 0, split = 0, tail = 0;
   for (const DeviceProps& props : {hopper(), ampere()}) {
     for (int stage = 0; stage < 2; ++stage) {
       for (int64_t rows : {1, 2, 7, 16, 64, 100, 1000, 8192, 65536, 1 << 20}) {
@@ -86,6 +87,13 @@ TEST(GemmConfig, SelectOnlyReturnsCompiledConfigs) {
                   EXPECT_TRUE(d.sm90_supported()) << c.to_string() << " group " << group;
                   EXPECT_TRUE(!d.gated || group == 8);
                 }
+                // Tail rows (rule 3): sm90, never with split-K, the tile's own count.
+                if (c.tail_m != 0) {
+                  ++tail;
+                  EXPECT_EQ(c.arch, 90) << c.to_string();
+                  EXPECT_EQ(c.split_k, 1) << c.to_string();
+                  EXPECT_EQ(c.tail_m, cuda::gemm::sm90_tail_rows(c)) << c.to_string();
+                }
                 if (c.split_k > 1) {
                   ++split;
                   const auto cap = cuda::gemm::split_k_capacity(d);
@@ -102,11 +110,13 @@ TEST(GemmConfig, SelectOnlyReturnsCompiledConfigs) {
       }
     }
   }
-  std::printf("checked %d descs (%d on sm90, %d split); compiled:", checked, sm90, split);
+  std::printf("checked %d descs (%d on sm90, %d split, %d tail rows); compiled:", checked, sm90,
+              split, tail);
   for (const auto& c : compiled) std::printf(" %s", c.to_string().c_str());
   std::printf("\n");
   EXPECT_GT(sm90, 0);
   EXPECT_GT(split, 0);
+  EXPECT_GT(tail, 0);
 }
 
 TEST(GemmConfig, UncompiledConfigsAreRecognised) {
@@ -119,7 +129,44 @@ TEST(GemmConfig, UncompiledConfigsAreRecognised) {
     EXPECT_EQ(cuda::gemm::is_compiled(s), c.arch == 90) << s.to_string();
     s.split_k = cuda::gemm::max_split_k() + 1;
     EXPECT_FALSE(cuda::gemm::is_compiled(s)) << s.to_string();
+    // Tail rows: the tile's own count, sm90 only, never with split-K.
+    GemmConfig t = c;
+    t.tail_m = c.arch == 90 ? cuda::gemm::sm90_tail_rows(c) : 16;
+    EXPECT_EQ(cuda::gemm::is_compiled(t), c.arch == 90) << t.to_string();
+    t.split_k = 2;
+    EXPECT_FALSE(cuda::gemm::is_compiled(t)) << t.to_string();
+    t.split_k = 1;
+    t.tail_m = 8;
+    EXPECT_FALSE(cuda::gemm::is_compiled(t)) << t.to_string();
   }
+}
+
+// row_tiles: every tile but the last has block_m rows, the last 1..block_m (+ tail_m) rows;
+// without tail rows it is ceil(count / block_m). The sm90 kernel decodes tiles this way.
+TEST(GemmConfig, RowTilesCoverEveryRowOnce) {
+  for (int bm : {64, 256}) {
+    for (int tail : {0, bm == 64 ? 16 : 32}) {
+      for (int32_t count = 0; count <= 1200; ++count) {
+        const int32_t tiles = cuda::gemm::row_tiles(count, bm, tail);
+        if (count == 0) {
+          EXPECT_EQ(tiles, 0);
+          continue;
+        }
+        ASSERT_GE(tiles, 1);
+        const int32_t last = count - (tiles - 1) * bm;
+        EXPECT_GE(last, 1) << "count " << count << " bm " << bm << " tail " << tail;
+        EXPECT_LE(last, bm + tail) << "count " << count << " bm " << bm << " tail " << tail;
+        if (tail == 0) EXPECT_EQ(tiles, (count + bm - 1) / bm);
+        // The tail never adds a tile, and takes one away where the rest fits in it.
+        EXPECT_EQ(tiles, std::max(1, (count - tail + bm - 1) / bm)) << count;
+      }
+    }
+  }
+  EXPECT_EQ(cuda::gemm::row_tiles(288, 256, 32), 1);
+  EXPECT_EQ(cuda::gemm::row_tiles(289, 256, 32), 2);
+  EXPECT_EQ(cuda::gemm::row_tiles(544, 256, 32), 2);
+  EXPECT_EQ(cuda::gemm::row_tiles(80, 64, 16), 1);
+  EXPECT_EQ(cuda::gemm::row_tiles(81, 64, 16), 2);
 }
 
 // What a Hopper gets on the ANCHORS.md grid (GateUpInterleaved G = 8 weights, as `modmoe

@@ -48,4 +48,30 @@ DeviceTensor device_from(const std::vector<T>& values, DType dtype, std::vector<
   return DeviceTensor::from_host(h);
 }
 
+// Sets an environment variable for the scope (the stage hooks are read at every call: see
+// apply_overrides in src/cuda/experts.cu and use_block_permute in src/cuda/permute/permute.cu).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (had_) {
+      setenv(name_, old_.c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
+
 }  // namespace modmoe::test

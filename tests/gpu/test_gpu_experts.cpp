@@ -33,6 +33,7 @@
 #include "core/presets.h"
 #include "core/synth_fill.h"
 #include "cuda/device/cuda_check.h"
+#include "gpu_test_util.h"
 #include "cuda/device/device_tensor.h"
 #include "cuda/gemm/grouped_gemm.h"
 #include "modmoe/experts.h"
@@ -797,11 +798,7 @@ struct GemmProblem {
     }
     row_begin = upload_i32(begin);
     row_count = upload_i32(counts);
-    for (const auto& c : cuda::gemm::compiled_configs()) {
-      std::vector<int32_t> t(static_cast<size_t>(E + 1), 0);
-      for (int j = 0; j < E; ++j) t[j + 1] = t[j] + (counts[j] + c.block_m - 1) / c.block_m;
-      tiles.push_back(upload_i32(t));
-    }
+    for (const auto& c : cuda::gemm::compiled_configs()) tiles.push_back(tiles_for(c));
     x.reset(DType::BF16, {std::max<int64_t>(rows, 1), H});
     w13.reset(DType::BF16, {E, 2 * I, H});
     w2.reset(DType::BF16, {E, H, I});
@@ -817,6 +814,14 @@ struct GemmProblem {
       synth::fill_device(b2.view(), seed, 5, 0.05f);
     }
     MODMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  // The work list's tile offsets for `c` (its tail rows included), as experts.cu builds them.
+  DeviceTensor tiles_for(const cuda::gemm::GemmConfig& c) const {
+    std::vector<int32_t> t(static_cast<size_t>(E + 1), 0);
+    for (int j = 0; j < E; ++j) {
+      t[j + 1] = t[j] + cuda::gemm::row_tiles(counts[j], c.block_m, c.tail_m);
+    }
+    return upload_i32(t);
   }
   static DeviceTensor upload_i32(const std::vector<int32_t>& v) {
     HostTensor h(DType::I32, {static_cast<int64_t>(v.size())});
@@ -836,8 +841,11 @@ struct GemmProblem {
     return d;
   }
   cuda::gemm::GemmArgs args(bool gemm1, size_t config_index) const {
+    return args_with(gemm1, tiles[config_index]);
+  }
+  cuda::gemm::GemmArgs args_with(bool gemm1, const DeviceTensor& tile_offsets) const {
     cuda::gemm::GemmArgs a;
-    a.tile_offsets = tiles[config_index].data<int32_t>();
+    a.tile_offsets = tile_offsets.data<int32_t>();
     a.row_begin = row_begin.data<int32_t>();
     a.row_count = row_count.data<int32_t>();
     if (gemm1) {
@@ -886,18 +894,31 @@ TEST_F(GpuExperts, GemmConfigsAgreeBitwise) {
   counts[3] = 0;
   counts[5] = 1;
   counts[7] = 128;
-  counts[8] = 257;  // two wide tiles, the second of one row
+  counts[8] = 257;   // two wide tiles, the second of one row; one tile with tail rows
+  counts[9] = 80;    // narrow: one tile with all 16 tail rows
+  counts[10] = 288;  // wide: one tile with all 32 tail rows
+  counts[11] = 289;  // wide with tail rows: 256 + 33
+  counts[2] = 65;    // narrow with tail rows: one tile of 65
   GemmProblem g(12, 256, 192, counts, true, seed);
   std::vector<HostTensor> acts, ys;
-  const auto configs = cuda::gemm::compiled_configs();
+  // The compiled configs, then the sm90 ones with tail rows (a run-time option).
+  std::vector<cuda::gemm::GemmConfig> configs(cuda::gemm::compiled_configs().begin(),
+                                              cuda::gemm::compiled_configs().end());
+  for (const auto& c : cuda::gemm::compiled_configs()) {
+    if (c.arch != 90) continue;
+    cuda::gemm::GemmConfig t = c;
+    t.tail_m = cuda::gemm::sm90_tail_rows(c);
+    configs.push_back(t);
+  }
   const cuda::gemm::DeviceProps props = cuda::gemm::DeviceProps::query(0);
   std::vector<size_t> ran;
   for (size_t c = 0; c < configs.size(); ++c) {
     if (configs[c].arch == 90 && !(props.cc_major == 9 && props.cc_minor == 0)) continue;
     g.act.fill_bytes(0xFF);
     g.y.fill_bytes(0xFF);
-    cuda::gemm::launch_grouped_gemm(g.desc(true), configs[c], g.args(true, c), nullptr);
-    cuda::gemm::launch_grouped_gemm(g.desc(false), configs[c], g.args(false, c), nullptr);
+    const DeviceTensor tiles = g.tiles_for(configs[c]);
+    cuda::gemm::launch_grouped_gemm(g.desc(true), configs[c], g.args_with(true, tiles), nullptr);
+    cuda::gemm::launch_grouped_gemm(g.desc(false), configs[c], g.args_with(false, tiles), nullptr);
     MODMOE_CUDA_CHECK(cudaDeviceSynchronize());
     acts.push_back(first_rows(g.act.to_host(), g.rows));
     ys.push_back(first_rows(g.y.to_host(), g.rows));
@@ -1535,31 +1556,7 @@ bool is_sm90() {
   return p.cc_major == 9 && p.cc_minor == 0;
 }
 
-// Sets an environment variable for the scope (the experts stage reads the GEMM hooks at
-// every call, see apply_overrides in src/cuda/experts.cu).
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const std::string& value) : name_(name) {
-    const char* old = std::getenv(name);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    setenv(name, value.c_str(), 1);
-  }
-  ~ScopedEnv() {
-    if (had_) {
-      setenv(name_, old_.c_str(), 1);
-    } else {
-      unsetenv(name_);
-    }
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-  bool had_ = false;
-  std::string old_;
-};
+using test::ScopedEnv;
 
 std::string sm90_config_name(bool wide) {
   for (const auto& c : cuda::gemm::compiled_configs()) {
@@ -1677,6 +1674,9 @@ INSTANTIATE_TEST_SUITE_P(
         Sm90GatedCase{"wide_swiglu", true, 1, Activation::Swiglu, 300, 192, 192},
         Sm90GatedCase{"narrow_oai", false, 1, Activation::SwigluOai, 70, 128, 64},
         Sm90GatedCase{"wide_oai", true, 1, Activation::SwigluOai, 200, 64, 128},
+        // ~275 and ~75 rows per expert: tiles with tail rows (on by default).
+        Sm90GatedCase{"wide_tail_swiglu", true, 1, Activation::Swiglu, 1100, 128, 128},
+        Sm90GatedCase{"narrow_tail_oai", false, 1, Activation::SwigluOai, 300, 128, 64},
         // Decode shapes: <= 16 rows per expert, K long enough for 3 and 4 slices (k-blocks
         // of 64, at least 4 per slice).
         Sm90GatedCase{"split3_swiglu", false, 3, Activation::Swiglu, 5, 1024, 64},
@@ -1854,6 +1854,76 @@ TEST_F(GpuExperts, Sm90GraphReplayIsBitwiseEqual) {
     MODMOE_CUDA_CHECK(cudaStreamDestroy(stream));
   }
 }
+
+// Tail rows (GemmConfig::tail_m): the last row tile of an expert takes up to 16 (narrow) or
+// 32 (wide) rows past block_m. Small integers, bitwise equal to the reference, with the tail on
+// and off, through the gather (standard GEMM1) and TMA (batched GEMM1, every GEMM2) producers.
+// Counts per expert around 75 (narrow) and 275-300 (wide) land on both sides of each limit.
+struct TailCase {
+  std::string name;
+  bool wide;
+  bool tail;
+  bool batched;
+  int64_t tokens;
+};
+
+class Sm90TailRows : public GpuExpertsP<TailCase> {};
+
+TEST_P(Sm90TailRows, EqualsReference) {
+  if (!is_sm90()) GTEST_SKIP() << "needs an sm_90 GPU";
+  const TailCase& c = GetParam();
+  ScopedEnv force("MODMOE_GEMM_CONFIG", sm90_config_name(c.wide));
+  ScopedEnv tail("MODMOE_GEMM_TAIL", c.tail ? "1" : "0");
+  Spec s;
+  s.name = c.name;
+  s.small_int = true;
+  s.act = Activation::Relu2;
+  s.biases = true;
+  s.lora = !c.batched;
+  s.batched = c.batched;
+  s.tokens = c.tokens;
+  s.salt = 1300 + std::hash<std::string>{}(c.name) % 100;
+  const Problem p = make_problem(s);
+  expect_bitwise(p, c.batched ? Mode{false, false, false, false} : Mode{true, true, true, true});
+}
+
+std::vector<TailCase> tail_cases() {
+  std::vector<TailCase> v;
+  for (bool tail : {true, false}) {
+    const std::string t = tail ? "_tail" : "_notail";
+    // E = 8, k = 2: 2 * tokens / 8 rows per expert.
+    v.push_back({"narrow_std" + t, false, tail, false, 300});   // ~75 per expert
+    v.push_back({"narrow_batched" + t, false, tail, true, 80});  // counts 0, 80, random
+    v.push_back({"wide_std" + t, true, tail, false, 1100});     // ~275 per expert
+    v.push_back({"wide_std300" + t, true, tail, false, 1200});  // ~300: 256 + ~44
+    v.push_back({"wide_batched" + t, true, tail, true, 300});   // counts 0, 300, random
+  }
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, Sm90TailRows, ::testing::ValuesIn(tail_cases()),
+                         [](const auto& info) { return info.param.name; });
+
+// Both permute paths of the stage, whichever the default takes at a size: the one-block
+// permute_prepare_kernel (MODMOE_FUSED_PERMUTE=1) and the chunked permute kernels with the
+// separate work-list kernel (=0), bitwise equal to the reference on every small-integer case,
+// metadata included.
+class OneBlockPermute : public GpuExpertsP<BitwiseCase> {};
+
+TEST_P(OneBlockPermute, EqualsReference) {
+  const BitwiseCase& c = GetParam();
+  ScopedEnv one_block("MODMOE_FUSED_PERMUTE", "1");
+  expect_bitwise(make_problem(c.spec), c.mode);
+}
+
+TEST_P(OneBlockPermute, ChunkedPathEqualsReference) {
+  const BitwiseCase& c = GetParam();
+  ScopedEnv chunked("MODMOE_FUSED_PERMUTE", "0");
+  expect_bitwise(make_problem(c.spec), c.mode);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, OneBlockPermute, ::testing::ValuesIn(bitwise_cases()),
+                         [](const auto& info) { return info.param.spec.name; });
 
 TEST_F(GpuExperts, EmptyBatch) {
   for (const bool batched : {false, true}) {

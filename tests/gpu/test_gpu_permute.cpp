@@ -1,6 +1,9 @@
 // permute on the GPU: every output exactly as reference::permute gives it (plain and packed
 // ids; -1 padding, num_experts and other ranks' ids dropped; M = 0 up to large M), the
 // permutation invariants on their own, repeated runs and a CUDA graph replay bitwise equal.
+// The one-block kernel (permute_block.cuh) runs by default up to 4096 entries, with
+// MODMOE_FUSED_PERMUTE=1 up to 16384 entries and 256 local experts; past that (or with
+// MODMOE_FUSED_PERMUTE=0) the chunked kernels: the cases cover both and the limits.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -125,8 +128,7 @@ void check_invariants(const HostMeta& h, const HostTensor& ids, bool packed, con
 
 class GpuPermute : public test::GpuTestWithParam<Case> {};
 
-TEST_P(GpuPermute, MatchesReference) {
-  const Case c = GetParam();
+void check_case(const Case& c) {
   std::mt19937_64 rng(test::seed(static_cast<uint64_t>(c.num_tokens) * 131 + c.ep_rank));
   const ExpertMap map = ExpertMap::for_rank(c.num_experts, c.ep_size, c.ep_rank);
   const HostTensor ids = make_ids(c, rng);
@@ -176,6 +178,21 @@ TEST_P(GpuPermute, MatchesReference) {
   MODMOE_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
+// The default choice, the chunked kernels (MODMOE_FUSED_PERMUTE=0) and the one-block kernel
+// (MODMOE_FUSED_PERMUTE=1, taken up to 16384 entries and 256 local experts) must all give the
+// reference's bits.
+TEST_P(GpuPermute, MatchesReference) { check_case(GetParam()); }
+
+TEST_P(GpuPermute, ChunkedPathMatchesReference) {
+  test::ScopedEnv chunked("MODMOE_FUSED_PERMUTE", "0");
+  check_case(GetParam());
+}
+
+TEST_P(GpuPermute, OneBlockPathMatchesReference) {
+  test::ScopedEnv one_block("MODMOE_FUSED_PERMUTE", "1");
+  check_case(GetParam());
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, GpuPermute,
     ::testing::Values(Case{0, 8, 256, 1, 0, false, false},  // M = 0
@@ -184,6 +201,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{77, 6, 64, 4, 2, true, false},      // packed, other ranks' ids
                       Case{1000, 8, 256, 8, 7, false, false},  // last rank
                       Case{1000, 8, 256, 8, 0, true, true},
+                      // The largest one-block sort (N = 16384, E_local = 256), and one past it.
+                      Case{2048, 8, 256, 1, 0, false, true},
+                      Case{2049, 8, 256, 1, 0, true, false},
                       Case{4096, 8, 256, 1, 0, false, false},  // 16 chunks
                       Case{4096, 32, 512, 2, 1, false, false},
                       Case{3000, 4, 12288, 1, 0, false, false},   // the largest E_local

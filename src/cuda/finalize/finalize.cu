@@ -6,12 +6,17 @@
 // the CPU reference bit for bit. The multiply and the add are explicit round-to-nearest
 // intrinsics: nvcc would otherwise fuse them into an FMA, which the host reference does not
 // do. Rows with no local pick get +0.
+//
+// Launched with programmatic dependent launch where the experts stage uses it: the blocks
+// start while the GEMM before them drains and wait (griddepcontrol.wait) before any read.
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
 #include "backend.h"
 #include "cuda/device/cuda_check.h"
+#include "cuda/device/sm90_ptx.cuh"
+#include "cuda/gemm/grouped_gemm.h"
 
 namespace modmoe::cuda {
 namespace {
@@ -36,6 +41,8 @@ struct alignas(2 * kVec) BF16Vec {
 
 template <int kVec>
 __global__ void finalize_kernel(const FinalizeArgs a) {
+  sm90::grid_dependency_wait();  // gemm2_out and the metadata come from the kernels before
+  sm90::grid_launch_dependents();
   const int64_t m = blockIdx.x;
   // NOTE: every thread reads the token's k slots itself (one broadcast load per warp, cached).
   // A shared-memory copy of them let ptxas read four slots at once (LDS.128) also when fewer
@@ -98,11 +105,16 @@ void finalize(const TensorView& gemm2_out, const TensorView& expert_weights,
   const int threads =
       static_cast<int>(chunks >= kMaxThreads ? kMaxThreads : (chunks + 31) / 32 * 32);
   MODMOE_CHECK(M <= INT32_MAX, "cuda::finalize: num_tokens = ", M, ": expected < 2^31");
-  if (vec8) {
-    finalize_kernel<8><<<static_cast<unsigned>(M), threads, 0, stream>>>(args);
-  } else {
-    finalize_kernel<1><<<static_cast<unsigned>(M), threads, 0, stream>>>(args);
-  }
+  cudaLaunchConfig_t lc{};
+  lc.gridDim = dim3(static_cast<unsigned>(M));
+  lc.blockDim = dim3(static_cast<unsigned>(threads));
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  lc.attrs = attr;
+  lc.numAttrs = gemm::use_stage_pdl() ? 1 : 0;
+  MODMOE_CUDA_CHECK(cudaLaunchKernelEx(&lc, vec8 ? finalize_kernel<8> : finalize_kernel<1>, args));
   MODMOE_LAUNCH_CHECK(stream);
 }
 

@@ -148,6 +148,7 @@ std::string GemmConfig::to_string() const {
   if (arch == 90) {
     os << "sm90_" << block_m << "x" << block_n << "x" << block_k << "_s" << stages;
     if (split_k > 1) os << "_k" << split_k;
+    if (tail_m > 0) os << "_t" << tail_m;
     return os.str();
   }
   os << block_m << "x" << block_n << "x" << block_k << "_s" << stages << "_w" << warps_m << "x"
@@ -162,9 +163,14 @@ int max_split_k() { return kMaxSplitK; }
 bool is_compiled(const GemmConfig& config) {
   GemmConfig base = config;
   base.split_k = 1;
+  base.tail_m = 0;
   if (std::find(configs().begin(), configs().end(), base) == configs().end()) return false;
-  return config.split_k == 1 ||
-         (config.arch == 90 && config.split_k >= 1 && config.split_k <= kMaxSplitK);
+  const bool split_ok = config.split_k == 1 ||
+                        (config.arch == 90 && config.split_k >= 1 && config.split_k <= kMaxSplitK);
+  const bool tail_ok = config.tail_m == 0 ||
+                       (config.arch == 90 && config.split_k == 1 &&
+                        config.tail_m == sm90_tail_rows(base));
+  return split_ok && tail_ok;
 }
 
 SplitKCapacity split_k_capacity(const GemmDesc& desc) {
@@ -231,6 +237,17 @@ GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& props) {
     }
     c.split_k = best;
   }
+  // Rule 3: tail rows when the tiles are not split and a group has at most ~2048 rows. Under
+  // uniform routing an expert's count spreads around its mean (std ~ sqrt(mean)): at 256 rows
+  // per expert about half the experts would get a second, nearly empty wide tile that streams
+  // the whole weight tile again; with 32 tail rows 98 % fit in one tile.
+  // Measured on an H100 SXM (2026-11-27, `modmoe bench experts --ab MODMOE_GEMM_TAIL=1`,
+  // bench/results/nvidia-h100-80gb-hbm3/experts_v3_ab.json): mixtral / deepseek T=1024 (256
+  // rows per expert) -17 % / -10 %, qwen3 T=4096 (256) -16 %, qwen3 T=1024 (64, narrow) -7 %,
+  // gpt-oss T=16384 (512) -9 %, qwen3 T=16384 (1024) -2 %, mixtral T=4096 (1024) -2 %; at 4096
+  // rows per expert (mixtral / deepseek T=16384) +9 % / +11 % (the 32-token staging rounds and
+  // a longer last tile, with run-to-run noise of ~5 % on those cells), so not there.
+  c.tail_m = c.split_k == 1 && rows_per_group <= 2048.0 ? sm90_tail_rows(c) : 0;
   return c;
 }
 
@@ -289,6 +306,16 @@ bool use_pdl() {
   static const bool v = [] {
     const char* e = std::getenv("MODMOE_NO_PDL");
     return e == nullptr || e[0] == '\0' || std::strcmp(e, "0") == 0;
+  }();
+  return v;
+}
+
+bool use_stage_pdl() {
+  // NOTE: opt-in (MODMOE_STAGE_PDL=1): correct on an H100 (the GPU tests), but no gain measured
+  // (`--ab MODMOE_STAGE_PDL=1`: every cell within noise, experts_v3_ab.json).
+  static const bool v = [] {
+    const char* e = std::getenv("MODMOE_STAGE_PDL");
+    return use_pdl() && e != nullptr && std::strcmp(e, "1") == 0;
   }();
   return v;
 }

@@ -90,17 +90,36 @@ struct GemmConfig {
   // sm90 only, a run-time choice (not compiled): K is cut into split_k slices whose fp32
   // partial tiles are summed in slice order by the last CTA to finish a tile (deterministic).
   int split_k = 1;
+  // sm90 only, a run-time choice (not compiled): the last row tile of an expert may hold up to
+  // block_m + tail_m rows (0, or the tile's tail: 16 narrow, 32 wide; never with split-K), so
+  // an expert of block_m + a few rows runs one tile, not a full one plus a nearly empty one
+  // that reads the whole weight tile again. The work list counts tiles with row_tiles().
+  int tail_m = 0;
 
   int threads() const { return arch == 90 ? 128 * (warps_m + warps_n) : 32 * warps_m * warps_n; }
-  std::string to_string() const;  // "128x128x32_s4_w2x4", "sm90_64x128x64_s8", "..._k4"
+  // "128x128x32_s4_w2x4", "sm90_64x128x64_s8", "..._k4" (split-K), "..._t32" (tail rows)
+  std::string to_string() const;
   bool operator==(const GemmConfig&) const = default;
 };
 
-// Every config that grouped_gemm.cu instantiates (split_k = 1), the only ones select_config
-// may return (with split_k in [1, max_split_k()] for sm90 configs).
+// Row tiles of an expert with `count` rows: ceil(count / block_m) without tail rows; with them
+// the last tile takes up to block_m + tail_m rows (every other tile has block_m):
+// count <= block_m + tail_m -> 1, else ceil((count - tail_m) / block_m). 0 for count <= 0.
+// The work-list kernel (experts.cu) and the sm90 kernel's tile decode follow this formula.
+constexpr int32_t row_tiles(int32_t count, int32_t block_m, int32_t tail_m) {
+  if (count <= 0) return 0;
+  if (count <= block_m + tail_m) return 1;
+  return (count - tail_m + block_m - 1) / block_m;
+}
+
+// Every config that grouped_gemm.cu instantiates (split_k = 1, tail_m = 0), the only ones
+// select_config may return (with split_k in [1, max_split_k()] and tail_m in {0,
+// sm90_tail_rows()} for sm90 configs).
 std::span<const GemmConfig> compiled_configs();
 bool is_compiled(const GemmConfig& config);
 int max_split_k();
+// The tail rows an sm90 config may take (tail_m when on): the tile's wgmma N step.
+int sm90_tail_rows(const GemmConfig& config);
 
 // Split-K capacity of a problem, a pure function of the sizes (the workspace is sized by it):
 // split-K is for decode, where every group has at most 16 rows and the tiles are too few to
@@ -186,6 +205,9 @@ void launch_grouped_gemm(const GemmDesc& desc, const GemmConfig& config, const G
 // Whether kernels of the experts stage use programmatic dependent launch (MODMOE_NO_PDL unset
 // or 0), read once.
 bool use_pdl();
+// The same for the stage's other kernels (permute, work list, finalize): only with
+// MODMOE_STAGE_PDL=1 as well, read once.
+bool use_stage_pdl();
 
 // sm90 launcher (sm90_grouped_gemm.cu); launch_grouped_gemm calls it for arch 90 configs.
 void launch_sm90_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,

@@ -3,7 +3,8 @@
 // sm90_wgmma_grouped_gemm.cuh.
 //
 // Instantiations: 2 tiles x 2 stages (GEMM1, GEMM2) = 4 kernels. The per-tile wgmma width is a
-// run-time switch inside each (4 widths for the narrow tile, 8 for the wide one).
+// run-time switch inside each (4 widths for the narrow tile, 8 for the wide one, plus the tail
+// variant of each).
 #include <cuda.h>
 
 #include <atomic>
@@ -15,16 +16,20 @@
 
 namespace modmoe::cuda::gemm {
 
-// Narrow: up to 64 tokens per tile, N in steps of 16, 8 stages of 16 KB of weights + 8 KB of
-// tokens: decode and few tokens per expert, where every SM must keep many weight loads in
-// flight (8 x 16 KB).
-using Sm90Narrow = Sm90Tile<64, 8>;
-// Wide: up to 256 tokens per tile, N in steps of 32, 4 stages of 16 KB + 32 KB: prefill and
-// the middle, where the tile must be large for the tensor cores (128 x 256 per CTA).
-using Sm90Wide = Sm90Tile<256, 4>;
+// Narrow: up to 64 tokens per tile (80 with the tail rows), N in steps of 16, 8 stages of 16 KB
+// of weights + 10 KB of tokens: decode and few tokens per expert, where every SM must keep
+// many weight loads in flight (8 x 16 KB).
+using Sm90Narrow = Sm90Tile<64, 8, 32>;
+// Wide: up to 256 tokens per tile (288 with the tail rows), N in steps of 32, 4 stages of
+// 16 KB + 36 KB: prefill and the middle, where the tile must be large for the tensor cores
+// (128 x 256 per CTA).
+using Sm90Wide = Sm90Tile<256, 4, 32>;
 
 GemmConfig sm90_narrow_config() { return Sm90Narrow::config(); }
 GemmConfig sm90_wide_config() { return Sm90Wide::config(); }
+int sm90_tail_rows(const GemmConfig& config) {
+  return config.block_m == Sm90Wide::kBlockM ? Sm90Wide::kTail : Sm90Narrow::kTail;
+}
 
 namespace {
 
@@ -118,6 +123,9 @@ void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs&
                  "sm90 grouped GEMM: split_k = ", config.split_k, " with ", config.to_string(),
                  ": the problem allows at most ", cap.max_split, " (and needs the scratch)");
   }
+  MODMOE_CHECK(config.tail_m == 0 || (config.tail_m == Tile::kTail && config.split_k == 1),
+               "sm90 grouped GEMM: tail_m = ", config.tail_m, " with ", config.to_string(),
+               ": expected 0 or ", Tile::kTail, " (and no split-K)");
 
   Sm90Params params{};
   params.tmap_w = weight_map(desc, args);
@@ -132,6 +140,7 @@ void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs&
   params.n_tiles = static_cast<int>(n_tiles);
   params.split_k = config.split_k;
   params.gated = desc.gated ? 1 : 0;
+  params.tail = config.tail_m > 0 ? 1 : 0;
 
   const int sms = props.sm_count > 0 ? props.sm_count : 132;
   const unsigned grid = static_cast<unsigned>(units < sms ? units : sms);
@@ -173,6 +182,7 @@ void launch_sm90_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
                args.ldc, ")");
   GemmConfig base = config;
   base.split_k = 1;
+  base.tail_m = 0;
   if (base == Sm90Narrow::config()) return launch_stage<Sm90Narrow>(desc, config, args, stream);
   if (base == Sm90Wide::config()) return launch_stage<Sm90Wide>(desc, config, args, stream);
   MODMOE_FAIL("sm90 grouped GEMM: config ", config.to_string(), " is not compiled");

@@ -30,6 +30,14 @@
 // Per-tile N: a tile with r valid rows runs the smallest compiled wgmma N >= r (multiples of
 // kNStep), so a 20-row tail costs a 32-wide MMA, not a kBlockM-wide one.
 //
+// Tail rows (run-time option p.tail, GemmConfig::tail_m): the last row tile of an expert may
+// hold up to kBlockM + kTail rows (kTail = kNStep). Such a tile runs the kBlockM-wide MMA and a
+// second kTail-wide MMA on rows kBlockM.. of the same stage, with its own accumulators: the
+// weight tile is read once for all of them. Without it, an expert with 256 + 20 rows costs a
+// full tile plus a 20-row tile that streams the whole weight tile again for a 32-wide MMA
+// (bound by the L2 -> SM rate, ~40 % of a full tile's time). The work list counts such tiles
+// with row_tiles() (grouped_gemm.h).
+//
 // Split-K (decode; every tile has <= 16 rows): slice s of a tile accumulates k-blocks
 // [s * KB / S, (s + 1) * KB / S), writes its fp32 fragment to the scratch, and the CTA that
 // completes the tile's arrival count sums the S fragments in slice order, then runs the
@@ -41,10 +49,11 @@
 //
 // Shared memory (dynamic, 1024-byte aligned):
 //   W      [kStages][128][64] bf16   16 KB per stage, TMA 128-byte swizzle
-//   X      [kStages][kBlockM][64] bf16  kBlockM * 128 B per stage, same swizzle (TMA, or by
-//                                       hand for cp.async: chunk c of row r at c ^ (r % 8))
+//   X      [kStages][kMaxRows][64] bf16  kMaxRows * 128 B per stage (kMaxRows = kBlockM +
+//                                       kTail), same swizzle (TMA, or by hand for cp.async:
+//                                       chunk c of row r at c ^ (r % 8))
 //   stage  [2][kStagingTokens][72] bf16  epilogue staging, one per consumer warpgroup
-//   xsrc   [kBlockM] uint64            producer (gather): address of each token row, 0 none
+//   xsrc   [kMaxRows] uint64           producer (gather): address of each token row, 0 none
 //   bars   full[kStages], empty[kStages] uint64; flag int32
 #pragma once
 
@@ -61,31 +70,39 @@
 
 namespace modmoe::cuda::gemm {
 
-template <int BlockM, int Stages>
+// StagingTokens: tokens per epilogue staging round (the staging memory is what is left once
+// the stages, with their tail rows, are carved: 32 tokens in both tiles).
+template <int BlockM, int Stages, int StagingTokens>
 struct Sm90Tile {
-  static constexpr int kBlockM = BlockM;  // tokens per tile, at most
+  static constexpr int kBlockM = BlockM;  // tokens per tile (without the tail rows)
   static constexpr int kBlockN = 128;     // weight rows per tile
   static constexpr int kBlockK = 64;      // one 128-byte swizzle row
   static constexpr int kStages = Stages;
   static constexpr int kThreads = 384;
   static constexpr int kNStep = BlockM >= 128 ? 32 : 16;  // granularity of the per-tile N
+  static constexpr int kTail = kNStep;  // rows a tile may hold past kBlockM (p.tail)
+  static constexpr int kMaxRows = BlockM + kTail;
+  // Variants 0 .. kNumVariants - 1: N = (v + 1) * kNStep; variant kNumVariants: the tail.
   static constexpr int kNumVariants = BlockM / kNStep;
   static constexpr int kAccRegs = BlockM / 2;  // fp32 accumulators per consumer thread
+  static constexpr int kTailRegs = kTail / 2;  // and those of the tail rows
   static constexpr int kWStageBytes = kBlockN * kBlockK * 2;
-  static constexpr int kXStageBytes = BlockM * kBlockK * 2;
-  static constexpr int kStagingTokens = BlockM < 64 ? BlockM : 64;
+  static constexpr int kXStageBytes = kMaxRows * kBlockK * 2;
+  static constexpr int kStagingTokens = StagingTokens;
   static constexpr int kStagingPitch = 144;  // bytes: 64 features + 16 bytes of pad
   static constexpr int kStagingBytes = kStagingTokens * kStagingPitch;
   static constexpr int kWOffset = 0;
   static constexpr int kXOffset = kStages * kWStageBytes;
   static constexpr int kStagingOffset = kXOffset + kStages * kXStageBytes;
   static constexpr int kXRowOffset = kStagingOffset + 2 * kStagingBytes;
-  static constexpr int kBarOffset = kXRowOffset + BlockM * 8;
+  static constexpr int kBarOffset = kXRowOffset + kMaxRows * 8;
   static constexpr int kFlagOffset = kBarOffset + 2 * kStages * 8;
   static constexpr int kSmemBytes = kFlagOffset + 16 + 1024;  // + 1024: alignment slack
 
   static_assert(kXStageBytes % 1024 == 0, "X stages must stay 1024-byte aligned");
+  static_assert((kBlockM * kBlockK * 2) % 1024 == 0, "tail rows must start 1024-byte aligned");
   static_assert(BlockM % kNStep == 0 && kNStep % 16 == 0, "N variants in 16-token pairs");
+  static_assert(kStagingTokens % 16 == 0 && BlockM % kStagingTokens == 0, "staging rounds");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
 
   static GemmConfig config() { return {BlockM, kBlockN, kBlockK, Stages, 2, 1, 90, 1}; }
@@ -103,6 +120,7 @@ struct Sm90Params {
   int n_tiles;      // ceil(b_rows / 128)
   int split_k;
   int gated;
+  int tail;  // the last row tile of an expert holds up to kBlockM + kTail rows (row_tiles())
 };
 
 // Split-K fragments: [unit][2][256][4] fp32 (n <= 16 tokens: j = 0, 1 of the accumulator).
@@ -141,7 +159,11 @@ __device__ __forceinline__ Sm90TileCoord sm90_decode_unit(const Sm90Params& p, i
   const int m_tile = idx / group_cols;
   c.n_tile = group * kGroup + (idx - m_tile * group_cols);
   c.row0 = __ldg(g.row_begin + lo) + m_tile * Tile::kBlockM;
-  c.rows = min(Tile::kBlockM, __ldg(g.row_count + lo) - m_tile * Tile::kBlockM);
+  // Every row tile but the last has kBlockM rows; the last has the rest: at most kBlockM, or
+  // kBlockM + kTail with tail rows (the work list counted the tiles with row_tiles()).
+  const int left = __ldg(g.row_count + lo) - m_tile * Tile::kBlockM;
+  c.rows = m_tile == m_tiles - 1 ? min(left, p.tail ? Tile::kMaxRows : Tile::kBlockM)
+                                 : Tile::kBlockM;
   return c;
 }
 
@@ -150,10 +172,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// The consumer main loop of one tile at wgmma width N: k-blocks [kb_begin, kb_end), pipeline
-// position `it` (running count of k-blocks this CTA consumed before the tile).
-template <class Tile, int N>
-__device__ __forceinline__ void sm90_mainloop(float (&acc)[Tile::kAccRegs], uint32_t smem,
+// The consumer main loop of one tile at wgmma width N (kTail: N = kBlockM, plus the kTail-wide
+// MMA of the tail rows into acc_tail): k-blocks [kb_begin, kb_end), pipeline position `it`
+// (running count of k-blocks this CTA consumed before the tile).
+template <class Tile, int N, bool kTail>
+__device__ __forceinline__ void sm90_mainloop(float (&acc)[Tile::kAccRegs],
+                                              float (&acc_tail)[Tile::kTailRegs], uint32_t smem,
                                               int cwg, int lane, int kb_begin, int kb_end,
                                               int it, bool x_tma) {
   const uint32_t full = smem + Tile::kBarOffset;
@@ -164,13 +188,23 @@ __device__ __forceinline__ void sm90_mainloop(float (&acc)[Tile::kAccRegs], uint
     // NOTE: gathered token rows were written by cp.async (generic proxy); wgmma reads through
     // the async proxy. TMA-loaded rows need no fence.
     if (!x_tma) sm90::fence_proxy_async_smem();
+    const uint32_t xs = smem + Tile::kXOffset + s * Tile::kXStageBytes;
     const uint64_t da = sm90::smem_desc_sw128(smem + Tile::kWOffset + s * Tile::kWStageBytes +
                                               cwg * (Tile::kWStageBytes / 2));
-    const uint64_t db = sm90::smem_desc_sw128(smem + Tile::kXOffset + s * Tile::kXStageBytes);
+    const uint64_t db = sm90::smem_desc_sw128(xs);
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Tile::kBlockK / 16; ++kk) {
       sm90::Wgmma<N>::mma(acc, da + 2 * kk, db + 2 * kk, (kb > kb_begin || kk > 0) ? 1 : 0);
+    }
+    if constexpr (kTail) {
+      // Rows kBlockM.. of the stage: 1024-byte aligned, so the same swizzle phase.
+      const uint64_t dt = sm90::smem_desc_sw128(xs + Tile::kBlockM * Tile::kBlockK * 2);
+#pragma unroll
+      for (int kk = 0; kk < Tile::kBlockK / 16; ++kk) {
+        sm90::Wgmma<Tile::kTail>::mma(acc_tail, da + 2 * kk, dt + 2 * kk,
+                                      (kb > kb_begin || kk > 0) ? 1 : 0);
+      }
     }
     sm90::wgmma_commit();
     sm90::wgmma_wait<1>();  // the k-block before this one is done reading its stage
@@ -178,22 +212,29 @@ __device__ __forceinline__ void sm90_mainloop(float (&acc)[Tile::kAccRegs], uint
   }
   sm90::wgmma_wait<0>();
   sm90::fence_regs(acc);
+  if constexpr (kTail) sm90::fence_regs(acc_tail);
   if (lane == 0) sm90::mbar_arrive(empty + 8 * ((it - 1) % Tile::kStages));
 }
 
-// Runs the main loop with the variant N = (v + 1) * kNStep (compile-time recursion over v).
+// Runs the main loop of variant v (compile-time recursion over V): N = (v + 1) * kNStep for
+// v < kNumVariants, the tail variant (kBlockM + kTail rows) for v = kNumVariants.
 template <class Tile, int V>
 __device__ __forceinline__ void sm90_mainloop_variant(int v, float (&acc)[Tile::kAccRegs],
+                                                      float (&acc_tail)[Tile::kTailRegs],
                                                       uint32_t smem, int cwg, int lane,
                                                       int kb_begin, int kb_end, int it,
                                                       bool x_tma) {
   if constexpr (V < Tile::kNumVariants) {
     if (v == V) {
-      sm90_mainloop<Tile, (V + 1) * Tile::kNStep>(acc, smem, cwg, lane, kb_begin, kb_end, it,
-                                                  x_tma);
+      sm90_mainloop<Tile, (V + 1) * Tile::kNStep, false>(acc, acc_tail, smem, cwg, lane,
+                                                         kb_begin, kb_end, it, x_tma);
     } else {
-      sm90_mainloop_variant<Tile, V + 1>(v, acc, smem, cwg, lane, kb_begin, kb_end, it, x_tma);
+      sm90_mainloop_variant<Tile, V + 1>(v, acc, acc_tail, smem, cwg, lane, kb_begin, kb_end,
+                                         it, x_tma);
     }
+  } else {
+    sm90_mainloop<Tile, Tile::kBlockM, true>(acc, acc_tail, smem, cwg, lane, kb_begin, kb_end,
+                                             it, x_tma);
   }
 }
 
@@ -238,9 +279,12 @@ struct Sm90Epilogue {
 // bf16; staged by stmatrix.trans as [token][features] rows, then 16-byte chunks of the valid
 // rows and columns to C. kGated: rows r8 and r8 + 8 of the warp's 16-row slice are the gate and
 // up rows of intermediate column (slice / 16) * 8 + r8 (GateUpInterleaved, G = 8).
-template <class Tile, bool kGated, class Act>
-__device__ __forceinline__ void sm90_epilogue(float (&acc)[Tile::kAccRegs], const Sm90Epilogue& e,
+// kTokens: the token columns of `acc` (kBlockM, or kTail for the tail rows, whose coordinate
+// then starts at row0 + kBlockM).
+template <class Tile, int kTokens, bool kGated, class Act>
+__device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2], const Sm90Epilogue& e,
                                               const Act& act_fn) {
+  constexpr int kStaging = kTokens < Tile::kStagingTokens ? kTokens : Tile::kStagingTokens;
   const Sm90Params& p = e.p;
   const Sm90TileCoord& c = e.c;
   const GemmArgs& g = p.args;
@@ -279,11 +323,11 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[Tile::kAccRegs], cons
   };
 
 #pragma unroll
-  for (int cb = 0; cb < Tile::kBlockM; cb += Tile::kStagingTokens) {
+  for (int cb = 0; cb < kTokens; cb += kStaging) {
     if (cb >= e.n_used) break;
     sm90::named_barrier_sync(2 + e.cwg, 128);  // the staging tile is free
 #pragma unroll
-    for (int jp = 0; jp < Tile::kStagingTokens / 16; ++jp) {
+    for (int jp = 0; jp < kStaging / 16; ++jp) {
       const int j = cb / 8 + 2 * jp;  // 8-token blocks j and j + 1
       if (8 * j >= e.n_used) break;
       uint32_t regs[4];
@@ -343,7 +387,7 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[Tile::kAccRegs], cons
     sm90::named_barrier_sync(2 + e.cwg, 128);
     // 16-byte chunks of the staged rows to the valid rows and columns of C.
     constexpr int kChunks = kOutColsWg / 8;
-    for (int idx = wtid; idx < Tile::kStagingTokens * kChunks; idx += 128) {
+    for (int idx = wtid; idx < kStaging * kChunks; idx += 128) {
       const int r = idx / kChunks;
       const int ch = idx - r * kChunks;
       const int t = cb + r;
@@ -352,6 +396,39 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[Tile::kAccRegs], cons
         *reinterpret_cast<uint4*>(g.c + static_cast<int64_t>(c.row0 + t) * g.ldc + col) =
             *reinterpret_cast<const uint4*>(e.staging_ptr + r * Tile::kStagingPitch + ch * 16);
       }
+    }
+  }
+}
+
+// The epilogue of kTokens accumulator columns with the activation of the call: one
+// compile-time activation per copy of the unrolled code.
+template <class Tile, int kTokens, bool kGemm1>
+__device__ __forceinline__ void sm90_epilogue_dispatch(float (&acc)[kTokens / 2],
+                                                       const Sm90Epilogue& e) {
+  if constexpr (!kGemm1) {
+    sm90_epilogue<Tile, kTokens, false, ActIdentity>(acc, e, ActIdentity{});
+  } else {
+    const Sm90Params& p = e.p;
+    const EpilogueActivation& ea = p.args.activation;
+    if (p.gated == 0) {
+      sm90_epilogue<Tile, kTokens, false, ActRelu2>(acc, e, ActRelu2{});  // the one non-gated kind
+      return;
+    }
+    switch (static_cast<Activation>(ea.kind)) {
+      case Activation::SwigluOai: {
+        const int x = e.c.expert;
+        const float alpha = ea.alpha_per_expert ? ea.alpha_per_expert[x] : ea.alpha;
+        const float beta = ea.beta_per_expert ? ea.beta_per_expert[x] : ea.beta;
+        const float limit = ea.limit_per_expert ? ea.limit_per_expert[x] : ea.limit;
+        sm90_epilogue<Tile, kTokens, true, ActSwigluOai>(acc, e, ActSwigluOai{alpha, beta, limit});
+        break;
+      }
+      case Activation::Geglu:
+        sm90_epilogue<Tile, kTokens, true, ActGeglu>(acc, e, ActGeglu{});
+        break;
+      default:
+        sm90_epilogue<Tile, kTokens, true, ActSwiglu>(acc, e, ActSwiglu{});
+        break;
     }
   }
 }
@@ -497,9 +574,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   const int lane = threadIdx.x & 31;
   const uint32_t staging = smem + Tile::kStagingOffset + cwg * Tile::kStagingBytes;
   const uint8_t* staging_ptr = smem_ptr + Tile::kStagingOffset + cwg * Tile::kStagingBytes;
-  const bool gated = kGemm1 && p.gated != 0;
-
   float acc[Tile::kAccRegs];
+  float acc_tail[Tile::kTailRegs];  // the tail rows' columns (tail variant only)
   int it = 0;
   for (int unit = blockIdx.x; unit < total_units; unit += gridDim.x) {
     const Sm90TileCoord c = sm90_decode_unit<Tile>(p, unit);
@@ -507,7 +583,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     const int n_used = (variant + 1) * Tile::kNStep;
     const int kb_begin = c.slice * num_kb / p.split_k;
     const int kb_end = (c.slice + 1) * num_kb / p.split_k;
-    sm90_mainloop_variant<Tile, 0>(variant, acc, smem, cwg, lane, kb_begin, kb_end, it,
+    sm90_mainloop_variant<Tile, 0>(variant, acc, acc_tail, smem, cwg, lane, kb_begin, kb_end, it,
                                    p.x_tma != 0);
     it += kb_end - kb_begin;
 
@@ -560,30 +636,16 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
       }
     }
 
-    // ---- epilogue: one compile-time activation per copy of the unrolled code ----
-    const Sm90Epilogue e{p, c, n_used, cwg, warp, lane, staging, staging_ptr};
-    if constexpr (!kGemm1) {
-      sm90_epilogue<Tile, false, ActIdentity>(acc, e, ActIdentity{});
-    } else {
-      const EpilogueActivation& ea = g.activation;
-      const float alpha = ea.alpha_per_expert ? ea.alpha_per_expert[c.expert] : ea.alpha;
-      const float beta = ea.beta_per_expert ? ea.beta_per_expert[c.expert] : ea.beta;
-      const float limit = ea.limit_per_expert ? ea.limit_per_expert[c.expert] : ea.limit;
-      if (!gated) {
-        sm90_epilogue<Tile, false, ActRelu2>(acc, e, ActRelu2{});  // the one non-gated kind
-      } else {
-        switch (static_cast<Activation>(ea.kind)) {
-          case Activation::SwigluOai:
-            sm90_epilogue<Tile, true, ActSwigluOai>(acc, e, ActSwigluOai{alpha, beta, limit});
-            break;
-          case Activation::Geglu:
-            sm90_epilogue<Tile, true, ActGeglu>(acc, e, ActGeglu{});
-            break;
-          default:
-            sm90_epilogue<Tile, true, ActSwiglu>(acc, e, ActSwiglu{});
-            break;
-        }
-      }
+    // ---- epilogue: the kBlockM columns, then the tail rows' columns if the tile has them ----
+    const Sm90Epilogue e{p, c, n_used < Tile::kBlockM ? n_used : Tile::kBlockM, cwg, warp, lane,
+                         staging, staging_ptr};
+    sm90_epilogue_dispatch<Tile, Tile::kBlockM, kGemm1>(acc, e);
+    if (n_used > Tile::kBlockM) {
+      Sm90TileCoord ct = c;
+      ct.row0 += Tile::kBlockM;
+      ct.rows -= Tile::kBlockM;
+      const Sm90Epilogue et{p, ct, Tile::kTail, cwg, warp, lane, staging, staging_ptr};
+      sm90_epilogue_dispatch<Tile, Tile::kTail, kGemm1>(acc_tail, et);
     }
   }
 #endif

@@ -13,14 +13,24 @@
 // No global atomics, no host synchronisation, fixed launch shapes: the result is the same on
 // every run and the three launches can be captured in a CUDA graph.
 //
+// Small batches (N <= 16384 entries, E_local <= 256: decode and the middle) run the same sort
+// in one block of one launch instead (permute_block.cuh), with the same result. The kernels
+// are launched with programmatic dependent launch where the experts stage uses it (they wait
+// for the previous kernel of the stream before reading anything).
+//
 // NOTE: not cub::DeviceRadixSort: its temp-storage query needs a CUDA device, and
 // permute_workspace_size (which the API also calls for CPU tensors in a CUDA build) must be
 // a pure function of the sizes, valid on a machine without a GPU.
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <cub/block/block_scan.cuh>
 
 #include "backend.h"
 #include "cuda/device/cuda_check.h"
+#include "cuda/device/sm90_ptx.cuh"
+#include "cuda/gemm/grouped_gemm.h"
+#include "cuda/permute/permute_block.cuh"
 
 namespace modmoe::cuda {
 namespace {
@@ -68,6 +78,8 @@ __device__ __forceinline__ int local_expert(const PermuteArgs& a, int i) {
 
 __global__ void __launch_bounds__(kCountThreads) permute_count_kernel(const PermuteArgs a) {
   extern __shared__ int32_t hist[];  // [E_local]
+  sm90::grid_dependency_wait();
+  sm90::grid_launch_dependents();
   for (int e = threadIdx.x; e < a.num_local_experts; e += blockDim.x) hist[e] = 0;
   __syncthreads();
   const int begin = blockIdx.x * kChunk;
@@ -84,6 +96,8 @@ __global__ void __launch_bounds__(kCountThreads) permute_count_kernel(const Perm
 __global__ void __launch_bounds__(kScanThreads) permute_scan_kernel(const PermuteArgs a) {
   using BlockScan = cub::BlockScan<int32_t, kScanThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
+  sm90::grid_dependency_wait();
+  sm90::grid_launch_dependents();
   const int64_t len = int64_t(a.num_local_experts) * a.num_chunks;
   const int64_t per_thread = (len + kScanThreads - 1) / kScanThreads;
   const int64_t begin = threadIdx.x * per_thread;
@@ -106,6 +120,8 @@ __global__ void __launch_bounds__(kScanThreads) permute_scan_kernel(const Permut
 
 __global__ void __launch_bounds__(32) permute_scatter_kernel(const PermuteArgs a) {
   extern __shared__ int32_t cursor[];  // [E_local] next permuted row of each expert
+  sm90::grid_dependency_wait();
+  sm90::grid_launch_dependents();
   const int lane = threadIdx.x;
   for (int e = lane; e < a.num_local_experts; e += 32) {
     cursor[e] = a.counts[int64_t(e) * a.num_chunks + blockIdx.x];
@@ -134,7 +150,45 @@ __global__ void __launch_bounds__(32) permute_scatter_kernel(const PermuteArgs a
   }
 }
 
+// One block: the whole permutation (permute_block.cuh). hist: [E_local][32] int32, dynamic.
+__global__ void __launch_bounds__(kBlockPermuteThreads) permute_block_kernel(const BlockPermuteArgs a) {
+  extern __shared__ int32_t block_hist[];
+  __shared__ BlockPermuteScan::TempStorage scan_storage;
+  __shared__ int32_t total;
+  sm90::grid_dependency_wait();
+  sm90::grid_launch_dependents();
+  block_permute(a, block_hist, scan_storage, total);
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args), with programmatic dependent launch
+// where the experts stage uses it (gemm::use_pdl()).
+template <class Kernel, class Args>
+void launch_pdl(Kernel kernel, unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                const Args& args) {
+  cudaLaunchConfig_t lc{};
+  lc.gridDim = dim3(grid);
+  lc.blockDim = dim3(block);
+  lc.dynamicSmemBytes = smem;
+  lc.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  lc.attrs = attr;
+  lc.numAttrs = gemm::use_stage_pdl() ? 1 : 0;
+  MODMOE_CUDA_CHECK(cudaLaunchKernelEx(&lc, kernel, args));
+}
+
 }  // namespace
+
+bool use_block_permute(int64_t num_items, int num_local_experts) {
+  // Read at every call (a test and benchmark hook): MODMOE_FUSED_PERMUTE=1 takes the one-block
+  // kernel wherever it fits, =0 never; unset, up to kBlockPermuteDefaultItems entries.
+  const char* v = std::getenv("MODMOE_FUSED_PERMUTE");
+  if (v != nullptr && v[0] != '\0') {
+    return std::strcmp(v, "1") == 0 && block_permute_fits(num_items, num_local_experts);
+  }
+  return num_items <= kBlockPermuteDefaultItems && block_permute_fits(num_items, num_local_experts);
+}
 
 size_t permute_workspace_size(int64_t num_tokens, int top_k, int num_local_experts) {
   const int64_t n = num_tokens * top_k;
@@ -171,14 +225,23 @@ void permute(const TensorView& topk_ids, bool packed, const ExpertMap& map,
   a.packed = packed;
   const size_t cursor_bytes = sizeof(int32_t) * E_local;  // <= 48 KiB: no opt-in needed
 
+  if (use_block_permute(n, E_local)) {
+    const BlockPermuteArgs b{a.topk_ids, a.first_token_offset, a.expanded_to_permuted,
+                             a.permuted_to_expanded, a.num_items, a.local_expert_offset,
+                             a.num_local_experts, a.packed};
+    launch_pdl(permute_block_kernel, 1, kBlockPermuteThreads,
+               sizeof(int32_t) * E_local * kBlockPermuteWarps, stream, b);
+    MODMOE_LAUNCH_CHECK(stream);
+    return;
+  }
   if (a.num_chunks > 0) {
-    permute_count_kernel<<<a.num_chunks, kCountThreads, cursor_bytes, stream>>>(a);
+    launch_pdl(permute_count_kernel, a.num_chunks, kCountThreads, cursor_bytes, stream, a);
     MODMOE_LAUNCH_CHECK(stream);
   }
-  permute_scan_kernel<<<1, kScanThreads, 0, stream>>>(a);
+  launch_pdl(permute_scan_kernel, 1, kScanThreads, 0, stream, a);
   MODMOE_LAUNCH_CHECK(stream);
   if (a.num_chunks > 0) {
-    permute_scatter_kernel<<<a.num_chunks, 32, cursor_bytes, stream>>>(a);
+    launch_pdl(permute_scatter_kernel, a.num_chunks, 32, cursor_bytes, stream, a);
     MODMOE_LAUNCH_CHECK(stream);
   }
 }
