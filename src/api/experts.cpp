@@ -376,10 +376,9 @@ ExpertsDesc make_experts_desc(const ExpertsInputs& in, const ExpertWeights& weig
 size_t experts_workspace_size(const ExpertsDesc& desc) {
   desc.validate();
   size_t bytes = reference::experts_workspace_size(desc);
-  // NOTE: FP8 and NVFP4 run on the CPU oracle only, which needs no workspace (it holds its
-  // scratch itself, as the bf16 reference does). The quantized GEMMs' carves join here when
-  // they land.
-  if (api::is_fp8(desc.scheme) || desc.scheme == QuantScheme::Nvfp4) return bytes;
+  // NOTE: NVFP4 runs on the CPU oracle only, which needs no workspace (it holds its scratch
+  // itself, as the bf16 reference does). FP8 has the CUDA carve too (cuda::experts).
+  if (desc.scheme == QuantScheme::Nvfp4) return bytes;
 #ifdef MODMOE_WITH_CUDA
   bytes = std::max(bytes, cuda::experts_workspace_size(desc));
 #endif
@@ -392,9 +391,11 @@ void experts(const ExpertsInputs& in, const ExpertWeights& weights, const Expert
   const ExpertsDesc desc = make_experts_desc(in, weights, map, options, out);
   const Device dev = in.hidden.device;
   if (api::is_fp8(desc.scheme)) {
-    api::check_fp8_experts_device(desc.scheme, dev, "experts");
-    reference::experts_fp8(in, weights, map, options, out);
-    return;
+    api::check_fp8_experts_device(desc.scheme, weights, options.activation.kind, dev, "experts");
+    if (!dev.is_cuda()) {
+      reference::experts_fp8(in, weights, map, options, out);
+      return;
+    }
   }
   if (desc.scheme == QuantScheme::Nvfp4) {
     api::check_nvfp4_experts_device(dev, "experts");

@@ -92,7 +92,8 @@ void fused_moe(const TensorView& logits, const TensorView& bias, const TensorVie
   const ExpertsDesc desc = fused_desc(T, weights, routing, map, options);
   const bool fp8 = api::is_fp8(desc.scheme);
   if (fp8) {
-    api::check_fp8_experts_device(desc.scheme, dev, "fused_moe");
+    api::check_fp8_experts_device(desc.scheme, weights, options.activation.kind, dev,
+                                  "fused_moe");
     // experts() checks the quantized copy; the caller's hidden is checked here.
     MODMOE_CHECK(hidden.dtype == DType::BF16, "argument 'hidden' has dtype ",
                  dtype_name(hidden.dtype), " with FP8 weights (quant scheme ",

@@ -446,12 +446,22 @@ ExpertsDesc check_fp8_experts(const ExpertsInputs& in, const ExpertWeights& weig
   return desc;
 }
 
-void check_fp8_experts_device(QuantScheme scheme, const Device& dev, const char* function) {
-  if (!dev.is_cuda()) return;
+void check_fp8_experts_device(QuantScheme scheme, const ExpertWeights& weights,
+                              const Activation activation, const Device& dev,
+                              const char* function) {
+  if (!dev.is_cuda() || !is_gated(activation)) return;
+  const bool prepared =
+      weights.layout == WeightLayout::GateUpInterleaved && weights.interleave_rows == 8;
+  if (prepared) return;
   MODMOE_NOT_SUPPORTED("FP8 experts on the GPU: ", function, " with quant scheme ",
                        quant_scheme_name(scheme), " and tensors on ", dev.to_string(),
-                       ": the FP8 wgmma grouped GEMM is not written yet; expected CPU tensors "
-                       "(the reference backend), or bf16 weights (quant scheme none) on the GPU");
+                       ": the FP8 grouped GEMM reads w13 in the layout of prepare_weights "
+                       "(GateUpInterleaved with interleave_rows = 8); got ",
+                       weights.layout == WeightLayout::GateUpInterleaved
+                           ? "GateUpInterleaved with interleave_rows = " +
+                                 std::to_string(weights.interleave_rows)
+                           : std::string("the Canonical layout"),
+                       ": call prepare_weights first");
 }
 
 }  // namespace api

@@ -16,8 +16,13 @@ ExpertsDesc check_fp8_experts(const ExpertsInputs& in, const ExpertWeights& weig
                               const ExpertMap& map, const ExpertsOptions& options,
                               const ExpertsOutputs& out);
 
-// FP8 experts run on the CPU reference only: throws "not supported yet: FP8 experts on the
-// GPU: ..." (naming `function` and the scheme) for tensors on a CUDA device, in every build.
-void check_fp8_experts_device(QuantScheme scheme, const Device& dev, const char* function);
+// What the GPU path of FP8 experts needs beyond check_fp8_experts, checked before anything
+// runs (nothing for CPU tensors): gated w13 in the layout of prepare_weights
+// (GateUpInterleaved, interleave_rows = 8). Throws "not supported yet: FP8 experts on the GPU:
+// ..." naming `function`, the scheme and the device. (The device must also be sm_90: checked
+// by cuda::experts, which can query it.)
+void check_fp8_experts_device(QuantScheme scheme, const ExpertWeights& weights,
+                              const Activation activation, const Device& dev,
+                              const char* function);
 
 }  // namespace modmoe::api

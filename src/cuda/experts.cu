@@ -5,6 +5,10 @@
 //             (at decode sizes permute, routing weights and work list are one one-block
 //             kernel: permute_prepare_kernel)
 //   batched:  work list -> GEMM1 -> GEMM2 -> zero the rows past each expert's count
+//   FP8 (Fp8PerTensor, Fp8Block128; docs/fp8.md): e4m3 hidden rows with their scales in,
+//             the FP8 GEMMs, and between them the bf16 intermediate re-quantized with 1x128
+//             groups (quantize_rows_block128); apply_router_weight_on_input scales the input
+//             scales instead of the input.
 //
 // Asynchronous on `stream`: no allocation, no host synchronisation, capturable in a CUDA
 // graph. Every size the launches depend on comes from the desc; every count that depends on
@@ -25,6 +29,7 @@
 #include "cuda/device/sm90_ptx.cuh"
 #include "cuda/gemm/grouped_gemm.h"
 #include "cuda/permute/permute_block.cuh"
+#include "cuda/quant/quant.h"
 
 namespace modmoe::cuda {
 namespace {
@@ -34,6 +39,8 @@ constexpr int kThreads = 256;
 
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+bool is_fp8(QuantScheme s) { return s == QuantScheme::Fp8PerTensor || s == QuantScheme::Fp8Block128; }
+constexpr int64_t kFp8Block = 128;
 
 // The two GEMM problems of a call, from the sizes alone (the workspace is sized from them).
 // The caller fills in what depends on the tensors (gate/up layout, alignment).
@@ -61,6 +68,7 @@ GemmDescs make_gemm_descs(const ExpertsDesc& d) {
   // Sized as if the sm90 kernel may run (GateUpInterleaved, aligned): the workspace must not
   // depend on the tensors.
   d1.gate_up_group = d1.gated ? 8 : 0;
+  d1.fp8 = is_fp8(d.scheme);
   gemm::GemmDesc& d2 = g.d2;
   d2 = d1;
   d2.stage = gemm::GemmStage::Gemm2;
@@ -108,9 +116,13 @@ class Carver {
 //     tiles1         int32 [E_local + 1]   m-tiles of GEMM1's block_m    4 (E_local + 1)
 //     tiles2         int32 [E_local + 1]   m-tiles of GEMM2's block_m    4 (E_local + 1)
 //   standard, top_k == 1 only (apply_router_weight_on_input may be asked)
-//     scaled         bf16  [M, H]          bf16(float(x) * w)            2 M H
+//     scaled         bf16  [M, H]          bf16(float(x) * w)            2 M H      (bf16)
+//     in_scale       fp32  [M, H/128 or 1] x's scales * w                4 M HB     (FP8)
 //   both
-//     act            bf16  [R, I]          GEMM1 output = GEMM2 input    2 R I
+//     act            bf16  [R, I]          GEMM1 output (= GEMM2 input for bf16)   2 R I
+//   FP8 only
+//     act_q          e4m3  [R, I]          act re-quantized: GEMM2 input R I
+//     act_scale      fp32  [R, I/128]      its 1x128 scales              4 R I/128
 //   standard, do_finalize only
 //     g2             bf16  [N, H]          gemm2_out, permuted           2 N H
 //   sm90 split-K scratch (decode sizes only; gemm::split_k_capacity of each GEMM)
@@ -132,7 +144,10 @@ struct Layout {
   int32_t* tiles1 = nullptr;
   int32_t* tiles2 = nullptr;
   __nv_bfloat16* scaled = nullptr;
+  float* in_scale = nullptr;
   __nv_bfloat16* act = nullptr;
+  uint8_t* act_q = nullptr;
+  float* act_scale = nullptr;
   __nv_bfloat16* g2 = nullptr;
   float* split1 = nullptr;
   float* split2 = nullptr;
@@ -162,8 +177,20 @@ Layout carve(const ExpertsDesc& d, void* base) {
   l.row_count = c.take<int32_t>(E);
   l.tiles1 = c.take<int32_t>(E + 1);
   l.tiles2 = c.take<int32_t>(E + 1);
-  if (standard && d.top_k == 1) l.scaled = c.take<__nv_bfloat16>(M * d.hidden);
+  const bool fp8 = is_fp8(d.scheme);
+  const int64_t in_scale_cols = d.scheme == QuantScheme::Fp8Block128 ? d.hidden / kFp8Block : 1;
+  if (standard && d.top_k == 1) {
+    if (fp8) {
+      l.in_scale = c.take<float>(M * in_scale_cols);
+    } else {
+      l.scaled = c.take<__nv_bfloat16>(M * d.hidden);
+    }
+  }
   l.act = c.take<__nv_bfloat16>(R * d.intermediate);
+  if (fp8) {
+    l.act_q = c.take<uint8_t>(R * d.intermediate);
+    l.act_scale = c.take<float>(R * (d.intermediate / kFp8Block));
+  }
   if (standard && d.do_finalize) l.g2 = c.take<__nv_bfloat16>(N * d.hidden);
   const GemmDescs g = make_gemm_descs(d);
   const gemm::SplitKCapacity cap1 = gemm::split_k_capacity(g.d1);
@@ -236,6 +263,19 @@ __global__ void scale_input_kernel(const RoutingArgs a, const __nv_bfloat16* x,
     o[i] = __floats2bfloat162_rn(__fmul_rn(f.x, w), __fmul_rn(f.y, w));
   }
   reinterpret_cast<uint4*>(scaled)[idx] = outv;
+}
+
+// FP8, top_k == 1: in_scale [M, cols] = fp32(x_scale(m, c) * w) (docs/fp8.md: the router
+// weight multiplies the row's activation scales). x_scale(m, c) = x_scale[m * ld + c * step].
+__global__ void scale_input_scales_kernel(const RoutingArgs a, const float* x_scale, int64_t ld,
+                                          int64_t step, float* in_scale, int64_t cols) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= a.num_entries * cols) return;
+  const int64_t m = idx / cols;
+  const int64_t col = idx - m * cols;
+  bool local;
+  const float w = routing_weight(a, m, local);
+  in_scale[idx] = __fmul_rn(x_scale[m * ld + col * step], w);
 }
 
 struct WorkListArgs {
@@ -405,6 +445,34 @@ class DeviceGuard {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Where row a's scale of k-block kb is in an FP8 hidden_scale: [a * ld + kb * kb_step];
+// `cols` scales per row of the router-weighted copy (in_scale).
+struct ScaleIndex {
+  int64_t ld = 0;
+  int64_t kb = 0;
+  int64_t cols = 1;
+};
+ScaleIndex hidden_scale_index(const ExpertsDesc& desc, const TensorView& hidden_scale) {
+  if (desc.scheme == QuantScheme::Fp8Block128) {
+    const int64_t hb = desc.hidden / kFp8Block;
+    return {hb, 1, hb};
+  }
+  if (desc.scheme == QuantScheme::Fp8PerTensor) {
+    return {hidden_scale.numel() == 1 ? 0 : 1, 0, 1};  // [1], or one per row
+  }
+  return {};
+}
+
+// The FP8 weight scales of one GEMM as the kernel indexes them (grouped_gemm.h, GemmArgs):
+// Fp8Block128 [E_local, row blocks, k blocks], Fp8PerTensor [E_local].
+void set_weight_scales(gemm::GemmArgs& g, const TensorView& scale, bool gate_up_interleaved) {
+  g.b_scale = scale.ptr<const float>();
+  g.b_scale_expert = scale.stride(0);
+  g.b_scale_ld = scale.ndim == 3 ? scale.stride(1) : 0;
+  g.b_scale_kb = scale.ndim == 3 ? static_cast<int>(scale.stride(2)) : 0;
+  g.b_scale_gate_up = gate_up_interleaved && scale.ndim == 3 ? 1 : 0;
+}
+
 // Test and benchmark hooks, read at every call:
 //   MODMOE_GEMM_CONFIG=<name>  use this compiled config (GemmConfig::to_string() without the
 //                              split suffix) for both GEMMs where it can run; "sm80" keeps the
@@ -420,7 +488,7 @@ gemm::GemmConfig apply_overrides(const gemm::GemmDesc& d, gemm::GemmConfig c) {
   const char* name = std::getenv("MODMOE_GEMM_CONFIG");
   if (name != nullptr && name[0] != '\0') {
     for (const gemm::GemmConfig& k : gemm::compiled_configs()) {
-      if (k.to_string() == name && (k.arch != 90 || (d.sm90_supported() && d.allow_sm90))) {
+      if (k.to_string() == name && gemm::config_runs(d, k)) {
         c = k;
       }
     }
@@ -456,8 +524,9 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   using gemm::GemmArgs;
   using gemm::GemmDesc;
   using gemm::GemmStage;
-  MODMOE_CHECK(desc.scheme == QuantScheme::None, "not supported yet: cuda::experts with ",
-               quant_scheme_name(desc.scheme), " (only QuantScheme::None)");
+  const bool fp8 = is_fp8(desc.scheme);
+  MODMOE_CHECK(desc.scheme == QuantScheme::None || fp8, "not supported yet: cuda::experts with ",
+               quant_scheme_name(desc.scheme), " (none, fp8-tensor and fp8-block)");
   const cudaStream_t stream = stream_handle;
   const DeviceGuard guard(in.hidden.device.index);
   const Device dev = in.hidden.device;
@@ -471,6 +540,7 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   const int64_t N = M * k;
   const int64_t rows = standard ? N : E * M;
   const bool gated = is_gated(options.activation.kind);
+  const ScaleIndex x_scale = hidden_scale_index(desc, in.hidden_scale);
 
   const Layout ws = carve(desc, workspace.data);
   MODMOE_CHECK(workspace.data != nullptr && workspace.bytes >= ws.total_bytes,
@@ -485,6 +555,53 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   __nv_bfloat16* g2 = ptr_or<__nv_bfloat16>(out.gemm2_out, ws.g2);
   MODMOE_CHECK(g2 != nullptr || rows == 0, "argument 'gemm2_out' is missing: expected a [",
                rows, ", ", H, "] bf16 tensor when do_finalize is false");
+
+  // The caller's gemm1_activation_output [N, I] is the act buffer itself when given.
+  __nv_bfloat16* act = ws.act;
+  if (standard && out.gemm1_activation_output.defined()) {
+    act = out.gemm1_activation_output.ptr<__nv_bfloat16>();
+  }
+
+  // ---- the two GEMM problems and their tiles ----
+  const gemm::DeviceProps props = gemm::DeviceProps::query(dev.index);
+  GemmDescs descs = make_gemm_descs(desc);
+  GemmDesc& d1 = descs.d1;
+  GemmDesc& d2 = descs.d2;
+  const bool gemm1_aligned =
+      aligned16(in.hidden.data) && aligned16(weights.w13.data) &&
+      weights.w13.stride(0) % 8 == 0 && weights.w13.stride(1) % 8 == 0 && H % 8 == 0;
+  // FP8: the sm90 FP8 kernels are the only ones; refuse what they cannot run before anything
+  // is launched (the API checks the layout too: api::check_fp8_experts_device).
+  if (fp8) {
+    MODMOE_CHECK(props.cc_major == 9 && props.cc_minor == 0,
+                 "not supported yet: FP8 experts on the GPU need an sm_90 (Hopper) device; ",
+                 dev.to_string(), " is sm_", props.cc_major, props.cc_minor);
+    if (gated) {
+      const gemm::GateUpMap m = gemm::GateUpMap::from(weights, I);
+      MODMOE_CHECK(m.group == 8 && m.gate_offset == 0 && m.up_offset == 8,
+                   "not supported yet: FP8 experts on the GPU need w13 in the layout of "
+                   "prepare_weights (GateUpInterleaved with interleave_rows = 8)");
+    }
+  }
+  const bool gemm2_aligned = aligned16(weights.w2.data) && weights.w2.stride(0) % 8 == 0 &&
+                             weights.w2.stride(1) % 8 == 0 && I % 8 == 0;
+  if (gated) {
+    // The sm90 kernel reads gate rows 0-7 and up rows 8-15 of every 16: GateUpInterleaved G = 8
+    // (a canonical GateUp w13 with I = 8 is the same layout).
+    const gemm::GateUpMap m = gemm::GateUpMap::from(weights, I);
+    d1.gate_up_group = m.group == 8 && m.gate_offset == 0 && m.up_offset == 8 ? 8 : -1;
+  }
+  d1.aligned16 = gemm1_aligned && (ws.scaled == nullptr || aligned16(ws.scaled)) &&
+                 aligned16(act);
+  d2.aligned16 = gemm2_aligned && aligned16(act) && aligned16(g2);
+  const char* force = std::getenv("MODMOE_GEMM_CONFIG");
+  const bool sm80_only = force != nullptr && std::strcmp(force, "sm80") == 0;
+  d1.allow_sm90 = !sm80_only;
+  d2.allow_sm90 = !sm80_only;
+  d1.validate();
+  d2.validate();
+  const gemm::GemmConfig c1 = apply_overrides(d1, gemm::select_config(d1, props));
+  const gemm::GemmConfig c2 = apply_overrides(d2, gemm::select_config(d2, props));
 
   RoutingArgs ra{};
   // Decode sizes: permute, routing weights and work list in one launch (permute_prepare_kernel).
@@ -524,48 +641,22 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
     ra.round_bf16 = options.bf16_routing_weights;
     ra.on_input = options.apply_router_weight_on_input;
     if (options.apply_router_weight_on_input) {
-      MODMOE_CHECK(k == 1 && ws.scaled != nullptr,
+      MODMOE_CHECK(k == 1 && (ws.scaled != nullptr || ws.in_scale != nullptr),
                    "apply_router_weight_on_input needs top_k == 1, got ", k);
-      scale_input_kernel<<<grid_for(M * (H / 8)), kThreads, 0, stream>>>(
-          ra, in.hidden.ptr<const __nv_bfloat16>(), ws.scaled, H);
+      if (fp8) {
+        scale_input_scales_kernel<<<grid_for(M * x_scale.cols), kThreads, 0, stream>>>(
+            ra, in.hidden_scale.ptr<const float>(), x_scale.ld, x_scale.kb, ws.in_scale,
+            x_scale.cols);
+      } else {
+        scale_input_kernel<<<grid_for(M * (H / 8)), kThreads, 0, stream>>>(
+            ra, in.hidden.ptr<const __nv_bfloat16>(), ws.scaled, H);
+      }
       MODMOE_LAUNCH_CHECK(stream);
     }
   }
   if (rows == 0) return;
 
-  // The caller's gemm1_activation_output [N, I] is the act buffer itself when given.
-  __nv_bfloat16* act = ws.act;
-  if (standard && out.gemm1_activation_output.defined()) {
-    act = out.gemm1_activation_output.ptr<__nv_bfloat16>();
-  }
 
-  // ---- the two GEMM problems and their tiles ----
-  const gemm::DeviceProps props = gemm::DeviceProps::query(dev.index);
-  GemmDescs descs = make_gemm_descs(desc);
-  GemmDesc& d1 = descs.d1;
-  GemmDesc& d2 = descs.d2;
-  const bool gemm1_aligned =
-      aligned16(in.hidden.data) && aligned16(weights.w13.data) &&
-      weights.w13.stride(0) % 8 == 0 && weights.w13.stride(1) % 8 == 0 && H % 8 == 0;
-  const bool gemm2_aligned = aligned16(weights.w2.data) && weights.w2.stride(0) % 8 == 0 &&
-                             weights.w2.stride(1) % 8 == 0 && I % 8 == 0;
-  if (gated) {
-    // The sm90 kernel reads gate rows 0-7 and up rows 8-15 of every 16: GateUpInterleaved G = 8
-    // (a canonical GateUp w13 with I = 8 is the same layout).
-    const gemm::GateUpMap m = gemm::GateUpMap::from(weights, I);
-    d1.gate_up_group = m.group == 8 && m.gate_offset == 0 && m.up_offset == 8 ? 8 : -1;
-  }
-  d1.aligned16 = gemm1_aligned && (ws.scaled == nullptr || aligned16(ws.scaled)) &&
-                 aligned16(act);
-  d2.aligned16 = gemm2_aligned && aligned16(act) && aligned16(g2);
-  const char* force = std::getenv("MODMOE_GEMM_CONFIG");
-  const bool sm80_only = force != nullptr && std::strcmp(force, "sm80") == 0;
-  d1.allow_sm90 = !sm80_only;
-  d2.allow_sm90 = !sm80_only;
-  d1.validate();
-  d2.validate();
-  const gemm::GemmConfig c1 = apply_overrides(d1, gemm::select_config(d1, props));
-  const gemm::GemmConfig c2 = apply_overrides(d2, gemm::select_config(d2, props));
 
   WorkListArgs wl{};
   wl.offsets = standard ? offsets : nullptr;
@@ -602,11 +693,24 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   g1.row_begin = ws.row_begin;
   g1.row_count = ws.row_count;
   g1.a = options.apply_router_weight_on_input ? ws.scaled
-                                              : in.hidden.ptr<const __nv_bfloat16>();
+                                              : static_cast<const __nv_bfloat16*>(in.hidden.data);
   g1.lda = H;
   g1.a_gather = standard ? ws.p2e : nullptr;
   g1.gather_div = k;
-  g1.b = weights.w13.ptr<const __nv_bfloat16>();
+  g1.b = static_cast<const __nv_bfloat16*>(weights.w13.data);
+  if (fp8) {
+    g1.a = static_cast<const __nv_bfloat16*>(in.hidden.data);  // e4m3 bytes
+    if (options.apply_router_weight_on_input) {
+      g1.a_scale = ws.in_scale;
+      g1.a_scale_ld = x_scale.cols;
+      g1.a_scale_kb = x_scale.kb != 0 ? 1 : 0;
+    } else {
+      g1.a_scale = in.hidden_scale.ptr<const float>();
+      g1.a_scale_ld = x_scale.ld;
+      g1.a_scale_kb = static_cast<int>(x_scale.kb);
+    }
+    set_weight_scales(g1, weights.w13_scale, gated);
+  }
   g1.b_expert_stride = weights.w13.stride(0);
   g1.ldb = weights.w13.stride(1);
   if (gated) g1.gate_up = gemm::GateUpMap::from(weights, I);
@@ -631,6 +735,11 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   g1.split_partials = ws.split1;
   g1.split_counters = ws.counters1;
   gemm::launch_grouped_gemm(d1, c1, g1, stream);
+  if (fp8) {
+    // The GEMM2 input: act re-quantized with 1x128 groups (standard: the valid rows only).
+    quantize_rows_block128(act, ws.act_q, ws.act_scale, rows, I, standard ? offsets + E : nullptr,
+                           stream);
+  }
 
   // ---- GEMM2: gemm2_out [rows, H] = act @ w2[e]^T + bias ----
   GemmArgs g2a;
@@ -639,7 +748,14 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   g2a.row_count = ws.row_count;
   g2a.a = act;
   g2a.lda = I;
-  g2a.b = weights.w2.ptr<const __nv_bfloat16>();
+  g2a.b = static_cast<const __nv_bfloat16*>(weights.w2.data);
+  if (fp8) {
+    g2a.a = reinterpret_cast<const __nv_bfloat16*>(ws.act_q);  // e4m3 bytes
+    g2a.a_scale = ws.act_scale;
+    g2a.a_scale_ld = I / kFp8Block;
+    g2a.a_scale_kb = 1;
+    set_weight_scales(g2a, weights.w2_scale, false);
+  }
   g2a.b_expert_stride = weights.w2.stride(0);
   g2a.ldb = weights.w2.stride(1);
   if (weights.w2_bias.defined()) {

@@ -862,8 +862,10 @@ TEST_F(Fp8ApiBad, OtherSchemesNamed) {
   EXPECT_MODMOE_ERROR(fused(), "not supported yet", "quant scheme mxfp8");
 }
 
-TEST_F(Fp8ApiBad, CudaTensorsNotSupportedYet) {
-  // Views that claim CUDA memory; the refusal comes before anything dereferences them.
+TEST_F(Fp8ApiBad, CudaTensorsNeedThePreparedLayout) {
+  // Views that claim CUDA memory, with w13 as a checkpoint stores it (Canonical): the GPU path
+  // reads prepare_weights' layout only, and says so before anything dereferences the views.
+  ASSERT_EQ(w.layout, WeightLayout::Canonical);
   const auto cuda = [](TensorView v) {
     v.device = Device::cuda(0);
     return v;
@@ -873,12 +875,13 @@ TEST_F(Fp8ApiBad, CudaTensorsNotSupportedYet) {
     *t = cuda(*t);
   }
   EXPECT_MODMOE_ERROR(run(), "not supported yet", "FP8 experts on the GPU", "experts",
-                      "fp8-block", "cuda:0");
+                      "fp8-block", "cuda:0", "prepare_weights", "Canonical");
   hidden = cuda(L.hidden);
   TensorView logits = cuda(L.logits);
   EXPECT_MODMOE_ERROR(fused_moe(logits, {}, hidden, w, routing_of(L), map, options_of(L),
                                 cuda(out_buf)),
-                      "not supported yet", "FP8 experts on the GPU", "fused_moe");
+                      "not supported yet", "FP8 experts on the GPU", "fused_moe",
+                      "prepare_weights");
 }
 
 TEST_F(Fp8ApiBad, FusedHiddenMustBeBf16) {

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <string>
 
+#include "common/test_util.h"
 #include "cuda/gemm/grouped_gemm.h"
 
 namespace modmoe {
@@ -119,6 +120,74 @@ TEST(GemmConfig, SelectOnlyReturnsCompiledConfigs) {
   EXPECT_GT(tail, 0);
 }
 
+// FP8 problems (desc.fp8) get the FP8 tiles (block_k 128: e4m3 k-blocks) on Hopper and only
+// there; bf16 problems never do.
+TEST(GemmConfig, Fp8ProblemsGetTheFp8Tiles) {
+  int checked = 0, split = 0, narrow = 0, mid = 0;
+  for (int stage = 0; stage < 2; ++stage) {
+    for (int64_t rows : {1, 7, 16, 64, 100, 1000, 8192, 65536}) {
+      for (int E : {1, 8, 32, 128, 256}) {
+        for (int64_t n : {768, 2048, 2944, 7168}) {
+          GemmDesc d;
+          d.stage = stage == 0 ? GemmStage::Gemm1 : GemmStage::Gemm2;
+          d.num_experts = E;
+          d.max_rows = rows;
+          d.max_rows_per_expert = rows;
+          d.n = n;
+          d.k = 2048;
+          d.gated = stage == 0;
+          d.gate_up_group = d.gated ? 8 : 0;
+          d.fp8 = true;
+          d.validate();
+          const GemmConfig c = cuda::gemm::select_config(d, hopper());
+          ASSERT_TRUE(cuda::gemm::is_compiled(c)) << c.to_string();
+          EXPECT_TRUE(cuda::gemm::config_runs(d, c)) << c.to_string();
+          EXPECT_EQ(c.arch, 90) << c.to_string();
+          EXPECT_EQ(c.block_k, 128) << c.to_string();
+          EXPECT_EQ(c.tail_m, 0) << c.to_string();
+          EXPECT_LE(c.block_m, 128) << c.to_string();
+          (c.block_m == 64 ? narrow : mid) += 1;
+          if (c.split_k > 1) {
+            ++split;
+            EXPECT_EQ(c.block_m, 64);
+            EXPECT_LE(d.max_rows_per_expert, 16);
+            EXPECT_LE(c.split_k, cuda::gemm::split_k_capacity(d).max_split);
+          }
+          // The same problem in bf16 never gets an FP8 tile, and no bf16 tile runs FP8.
+          GemmDesc b = d;
+          b.fp8 = false;
+          const GemmConfig cb = cuda::gemm::select_config(b, hopper());
+          EXPECT_NE(cb.block_k, 128) << cb.to_string();
+          EXPECT_FALSE(cuda::gemm::config_runs(d, cb)) << cb.to_string();
+          EXPECT_FALSE(cuda::gemm::config_runs(b, c)) << c.to_string();
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_GT(split, 0);
+  EXPECT_GT(narrow, 0);
+  EXPECT_GT(mid, 0);
+  std::printf("checked %d FP8 descs (%d narrow, %d mid, %d split)\n", checked, narrow, mid, split);
+  // Off Hopper, or with weights the FP8 kernels cannot read, a clear refusal.
+  GemmDesc d;
+  d.num_experts = 8;
+  d.max_rows = d.max_rows_per_expert = 64;
+  d.n = 2048;
+  d.k = 2048;
+  d.gated = true;
+  d.gate_up_group = 8;
+  d.fp8 = true;
+  EXPECT_MODMOE_ERROR(cuda::gemm::select_config(d, ampere()), "not supported yet",
+                      "FP8 grouped GEMM on sm_80", "sm_90 (Hopper)");
+  d.gate_up_group = -1;
+  EXPECT_MODMOE_ERROR(cuda::gemm::select_config(d, hopper()), "not supported yet",
+                      "GateUpInterleaved with G = 8");
+  d.gate_up_group = 8;
+  d.k = 2000;
+  EXPECT_MODMOE_ERROR(d.validate(), "FP8 with k = 2000", "multiples of 128");
+}
+
 TEST(GemmConfig, UncompiledConfigsAreRecognised) {
   GemmConfig bad{96, 96, 32, 3, 2, 2};
   EXPECT_FALSE(cuda::gemm::is_compiled(bad));
@@ -129,8 +198,14 @@ TEST(GemmConfig, UncompiledConfigsAreRecognised) {
     EXPECT_EQ(cuda::gemm::is_compiled(s), c.arch == 90) << s.to_string();
     s.split_k = cuda::gemm::max_split_k() + 1;
     EXPECT_FALSE(cuda::gemm::is_compiled(s)) << s.to_string();
-    // Tail rows: the tile's own count, sm90 only, never with split-K.
+    // Tail rows: the tile's own count, sm90 only, never with split-K; none on the FP8 tiles.
     GemmConfig t = c;
+    if (c.arch == 90 && cuda::gemm::sm90_tail_rows(c) == 0) {
+      EXPECT_EQ(c.block_k, 128) << c.to_string() << ": only the FP8 tiles have no tail rows";
+      t.tail_m = 16;
+      EXPECT_FALSE(cuda::gemm::is_compiled(t)) << t.to_string();
+      continue;
+    }
     t.tail_m = c.arch == 90 ? cuda::gemm::sm90_tail_rows(c) : 16;
     EXPECT_EQ(cuda::gemm::is_compiled(t), c.arch == 90) << t.to_string();
     t.split_k = 2;

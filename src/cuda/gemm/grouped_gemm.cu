@@ -23,6 +23,8 @@ namespace modmoe::cuda::gemm {
 
 GemmConfig sm90_narrow_config();  // sm90_grouped_gemm.cu
 GemmConfig sm90_wide_config();
+GemmConfig sm90_fp8_narrow_config();
+GemmConfig sm90_fp8_mid_config();
 
 namespace {
 
@@ -33,16 +35,23 @@ using TileLarge = Sm80Tile<128, 128, 4, 2, 4, 2>;
 // (decode, many experts), half the padded rows of the large tile and twice the CTAs.
 using TileSmall = Sm80Tile<64, 128, 4, 2, 2, 3>;
 
-constexpr int kNumConfigs = 4;
+constexpr int kNumConfigs = 6;
 constexpr int kMaxSplitK = 8;
 // NOTE: the order is the switch order of launch_grouped_gemm (sm80) and of select_config.
 const std::array<GemmConfig, kNumConfigs>& configs() {
   static const std::array<GemmConfig, kNumConfigs> c = {
-      TileLarge::config(), TileSmall::config(), sm90_narrow_config(), sm90_wide_config()};
+      TileLarge::config(),  TileSmall::config(),         sm90_narrow_config(),
+      sm90_wide_config(),   sm90_fp8_narrow_config(),    sm90_fp8_mid_config()};
   return c;
 }
 const GemmConfig& sm90_narrow() { return configs()[2]; }
 const GemmConfig& sm90_wide() { return configs()[3]; }
+const GemmConfig& sm90_fp8_narrow() { return configs()[4]; }
+const GemmConfig& sm90_fp8_mid() { return configs()[5]; }
+// The narrow (decode) and the wide sm90 tile of a problem's element type.
+const GemmConfig& narrow_of(const GemmDesc& d) { return d.fp8 ? sm90_fp8_narrow() : sm90_narrow(); }
+const GemmConfig& wide_of(const GemmDesc& d) { return d.fp8 ? sm90_fp8_mid() : sm90_wide(); }
+bool is_fp8_config(const GemmConfig& c) { return c.arch == 90 && c.block_k == 128; }
 
 // Experts that `rows` rows touch, of `experts`, under uniform routing:
 // E * (1 - (1 - 1/E)^rows); at least 1.
@@ -135,10 +144,13 @@ void GemmDesc::validate() const {
   MODMOE_CHECK(!gated || stage == GemmStage::Gemm1, "grouped GEMM: gated is a GEMM1 option");
   MODMOE_CHECK(expected_rows >= 0, "grouped GEMM: expected_rows = ", expected_rows,
                ": expected >= 0");
+  MODMOE_CHECK(!fp8 || (k % 128 == 0 && b_rows() % 128 == 0), "grouped GEMM: FP8 with k = ", k,
+               " and ", b_rows(), " weight rows: expected multiples of 128 (the scale blocks)");
 }
 
 bool GemmDesc::sm90_supported() const {
   if (!aligned16 || n < 8 || k < 8) return false;
+  if (fp8 && (k % 128 != 0 || b_rows() % 128 != 0)) return false;
   // Gated GEMM1 needs gate and up rows interleaved in groups of 8 (see the kernel's header).
   return !gated || gate_up_group == 8;
 }
@@ -178,7 +190,7 @@ SplitKCapacity split_k_capacity(const GemmDesc& desc) {
   // Only the narrow sm90 tile splits, and only when no tile can hold more than 16 rows (its
   // narrowest wgmma), so a slice's fragment is 8 floats per consumer thread.
   if (!desc.sm90_supported() || desc.max_rows <= 0 || desc.max_rows_per_expert > 16) return cap;
-  const GemmConfig& narrow = sm90_narrow();
+  const GemmConfig& narrow = narrow_of(desc);
   const int64_t tiles = desc.max_m_tiles(narrow.block_m) * ceil_div(desc.b_rows(), narrow.block_n);
   const int64_t k_blocks = ceil_div(desc.k, narrow.block_k);
   // Every slice keeps at least 4 k-blocks (the pipeline must fill), and the scratch stays
@@ -213,13 +225,14 @@ GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& props) {
   // and `modmoe bench experts` (v2): every cell with <= 32 rows per expert on the narrow tile
   // runs at 1.00-1.12x of the weight-read floor. TODO(measure): the crossover between 64 and
   // 256 rows per group (qwen3 T=1024, 64 rows: narrow today) was not swept.
-  GemmConfig c = rows_per_group <= 64.0 ? sm90_narrow() : sm90_wide();
+  // FP8 (its own pair, docs/fp8.md): the narrow tile and the 128-token one, same rule.
+  GemmConfig c = rows_per_group <= 64.0 ? narrow_of(desc) : wide_of(desc);
   // Rule 2: split-K when the tiles would leave SMs idle in the last wave. Efficiency of S
   // slices = waves / ceil(waves) with waves = tiles * S / #SMs; the smallest S reaching 0.9,
   // else the best one. Decode tiles have one row tile per touched expert. (v2 bench, H100:
   // mixtral T=1 with 2 slices at 1.15x of the floor, of which ~25 us are the other kernels.)
   const SplitKCapacity cap = split_k_capacity(desc);
-  if (c == sm90_narrow() && cap.max_split > 1 && props.sm_count > 0) {
+  if (c == narrow_of(desc) && cap.max_split > 1 && props.sm_count > 0) {
     const double tiles = std::round(touched) * static_cast<double>(ceil_div(desc.b_rows(), c.block_n));
     double best_eff = 0.0;
     int best = 1;
@@ -247,6 +260,7 @@ GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& props) {
   // gpt-oss T=16384 (512) -9 %, qwen3 T=16384 (1024) -2 %, mixtral T=4096 (1024) -2 %; at 4096
   // rows per expert (mixtral / deepseek T=16384) +9 % / +11 % (the 32-token staging rounds and
   // a longer last tile, with run-to-run noise of ~5 % on those cells), so not there.
+  // The FP8 tiles have no tail rows (sm90_tail_rows: 0).
   c.tail_m = c.split_k == 1 && rows_per_group <= 2048.0 ? sm90_tail_rows(c) : 0;
   return c;
 }
@@ -256,6 +270,12 @@ GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& props) {
 GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
   if (props.cc_major == 9 && props.cc_minor == 0 && desc.allow_sm90 && desc.sm90_supported()) {
     return select_sm90(desc, props);
+  }
+  if (desc.fp8) {
+    MODMOE_NOT_SUPPORTED("the FP8 grouped GEMM on sm_", props.cc_major, props.cc_minor,
+                         desc.sm90_supported() ? "" : " for this problem (unaligned, or gated "
+                                                      "weights not GateUpInterleaved with G = 8)",
+                         ": it runs on sm_90 (Hopper) with the layout of prepare_weights");
   }
   // Rows per group, assuming balanced routing (the counts live on the device; the choice
   // must not wait for them).
@@ -320,9 +340,18 @@ bool use_stage_pdl() {
   return v;
 }
 
+bool config_runs(const GemmDesc& desc, const GemmConfig& config) {
+  if (!is_compiled(config)) return false;
+  if (config.arch != 90) return !desc.fp8;
+  return desc.allow_sm90 && desc.sm90_supported() && is_fp8_config(config) == desc.fp8;
+}
+
 void launch_grouped_gemm(const GemmDesc& desc, const GemmConfig& config, const GemmArgs& args,
                          cudaStream_t stream) {
   desc.validate();
+  MODMOE_CHECK(config_runs(desc, config), "grouped GEMM: config ", config.to_string(),
+               " cannot run this problem (", desc.fp8 ? "FP8" : "bf16", ", sm90 ",
+               desc.sm90_supported() ? "supported" : "not supported", ")");
   if (config.arch == 90 && is_compiled(config)) {
     return launch_sm90_grouped_gemm(desc, config, args, stream);
   }

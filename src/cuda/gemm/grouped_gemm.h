@@ -69,6 +69,10 @@ struct GemmDesc {
   bool aligned16 = true;
   // The caller may take the sm90 kernel (false: the mma.sync kernel only).
   bool allow_sm90 = true;
+  // FP8 (docs/fp8.md): A and B are e4m3 with fp32 dequantization scales per 128 of K
+  // (GemmArgs::a_scale, b_scale); the sm90 FP8 kernels only. Needs k % 128 == 0 and
+  // b_rows() % 128 == 0.
+  bool fp8 = false;
   // Rows of B (per expert) that the GEMM reads: 2n gated, else n.
   int64_t b_rows() const { return gated ? 2 * n : n; }
   // Upper bound of the number of (expert, m-tile) pairs, from sizes alone:
@@ -117,6 +121,9 @@ constexpr int32_t row_tiles(int32_t count, int32_t block_m, int32_t tail_m) {
 // sm90_tail_rows()} for sm90 configs).
 std::span<const GemmConfig> compiled_configs();
 bool is_compiled(const GemmConfig& config);
+// Whether a compiled config can run the problem: the element type (FP8 configs have
+// block_k = 128 and are sm90), the sm90 conditions (sm90_supported, allow_sm90).
+bool config_runs(const GemmDesc& desc, const GemmConfig& config);
 int max_split_k();
 // The tail rows an sm90 config may take (tail_m when on): the tile's wgmma N step.
 int sm90_tail_rows(const GemmConfig& config);
@@ -186,6 +193,23 @@ struct GemmArgs {
   const __nv_bfloat16* lora = nullptr;  // GEMM1 standard only: [M*k, 2I or I] bf16
   int64_t ld_lora = 0;
   EpilogueActivation activation;  // GEMM1 only
+
+  // FP8 scales (desc.fp8), dequantization multipliers applied per k-block kb (128 of K):
+  //   A row a (the row A is read from) : a_scale[a * a_scale_ld + kb * a_scale_kb]
+  //     Fp8Block128 [*, k/128]: (k/128, 1); per-row [*]: (1, 0); per-tensor [1]: (0, 0)
+  //   B row f of expert e : b_scale[e * b_scale_expert + block(f) * b_scale_ld + kb * b_scale_kb]
+  //     block(f) = b_scale_gate_up ? 2 (f / 256) + (f / 8) % 2   (GateUpInterleaved G = 8 with
+  //                the scale rows of prepare_weights: gate block j at 2j, up block j at 2j + 1)
+  //                : f / 128;  per-expert scales: (b_scale_expert, ld, kb) = (1, 0, 0)
+  // With FP8, `a` and `b` point at e4m3 bytes (lda, ldb, b_expert_stride count elements).
+  const float* a_scale = nullptr;
+  int64_t a_scale_ld = 0;
+  int a_scale_kb = 0;
+  const float* b_scale = nullptr;
+  int64_t b_scale_expert = 0;
+  int64_t b_scale_ld = 0;
+  int b_scale_kb = 0;
+  int b_scale_gate_up = 0;
 
   // C: row r of the row space at c + r * ldc, n columns bf16.
   __nv_bfloat16* c = nullptr;

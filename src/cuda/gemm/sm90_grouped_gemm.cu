@@ -2,9 +2,10 @@
 // with programmatic dependent launch, and the explicit instantiations of
 // sm90_wgmma_grouped_gemm.cuh.
 //
-// Instantiations: 2 tiles x 2 stages (GEMM1, GEMM2) = 4 kernels. The per-tile wgmma width is a
-// run-time switch inside each (4 widths for the narrow tile, 8 for the wide one, plus the tail
-// variant of each).
+// Instantiations: bf16 2 tiles x 2 stages (GEMM1, GEMM2) = 4 kernels, FP8 2 tiles x 2 stages =
+// 4 more. The per-tile wgmma width is a run-time switch inside each (4 widths for the narrow
+// tiles, 8 for the wide one and 4 for the FP8 128-token one, plus the tail variant of the bf16
+// tiles).
 #include <cuda.h>
 
 #include <atomic>
@@ -25,9 +26,19 @@ using Sm90Narrow = Sm90Tile<64, 8, 32>;
 // (128 x 256 per CTA).
 using Sm90Wide = Sm90Tile<256, 4, 32>;
 
+// FP8 (docs/fp8.md): two accumulator sets per thread (the k-block's wgmma result and the
+// scaled sum), so at most 128 tokens per tile; no tail rows.
+// Narrow: up to 64 tokens, 8 stages of 16 KB of weights (128 rows x 128 e4m3) + 8 KB of tokens.
+using Sm90Fp8Narrow = Sm90Tile<64, 8, 32, true>;
+// 128 tokens, 6 stages of 16 + 16 KB: the middle and prefill.
+using Sm90Fp8Mid = Sm90Tile<128, 6, 32, true>;
+
 GemmConfig sm90_narrow_config() { return Sm90Narrow::config(); }
 GemmConfig sm90_wide_config() { return Sm90Wide::config(); }
+GemmConfig sm90_fp8_narrow_config() { return Sm90Fp8Narrow::config(); }
+GemmConfig sm90_fp8_mid_config() { return Sm90Fp8Mid::config(); }
 int sm90_tail_rows(const GemmConfig& config) {
+  if (config.block_k == Sm90Fp8Narrow::kBlockK) return 0;
   return config.block_m == Sm90Wide::kBlockM ? Sm90Wide::kTail : Sm90Narrow::kTail;
 }
 
@@ -55,18 +66,21 @@ EncodeTiledFn encode_tiled() {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The weights of all experts as one tensor map: dims (k, b_rows, E_local), strides in bytes
-// (ldb * 2, b_expert_stride * 2), box (64, 128, 1), 128-byte swizzle, zero fill outside.
+// (ldb * e, b_expert_stride * e; e = 2 bf16, 1 e4m3), box (128 bytes of k, 128, 1), 128-byte
+// swizzle, zero fill outside.
 CUtensorMap weight_map(const GemmDesc& desc, const GemmArgs& args) {
   CUtensorMap map;
+  const cuuint64_t elem = desc.fp8 ? 1 : 2;
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(desc.k),
                               static_cast<cuuint64_t>(desc.b_rows()),
                               static_cast<cuuint64_t>(desc.num_experts)};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(args.ldb) * 2,
-                                 static_cast<cuuint64_t>(args.b_expert_stride) * 2};
-  const cuuint32_t box[3] = {64, 128, 1};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(args.ldb) * elem,
+                                 static_cast<cuuint64_t>(args.b_expert_stride) * elem};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(128 / elem), 128, 1};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
   const CUresult r = encode_tiled()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<__nv_bfloat16*>(args.b), dims,
+      &map, desc.fp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3,
+      const_cast<__nv_bfloat16*>(args.b), dims,
       strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   MODMOE_CHECK(r == CUDA_SUCCESS, "sm90 grouped GEMM: cuTensorMapEncodeTiled failed (", int(r),
@@ -127,10 +141,17 @@ void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs&
                "sm90 grouped GEMM: tail_m = ", config.tail_m, " with ", config.to_string(),
                ": expected 0 or ", Tile::kTail, " (and no split-K)");
 
+  MODMOE_CHECK(Tile::kFp8 == desc.fp8, "sm90 grouped GEMM: ", config.to_string(), " is ",
+               Tile::kFp8 ? "an FP8" : "a bf16", " config");
+  if constexpr (Tile::kFp8) {
+    MODMOE_CHECK(args.a_scale != nullptr && args.b_scale != nullptr,
+                 "sm90 FP8 grouped GEMM: a_scale and b_scale are required");
+  }
   Sm90Params params{};
   params.tmap_w = weight_map(desc, args);
-  // Contiguous token rows (no gather) come by TMA; gathered ones by cp.async.
-  params.x_tma = args.a_gather == nullptr ? 1 : 0;
+  // Contiguous token rows (no gather) come by TMA; gathered ones by cp.async. FP8 rows always
+  // by cp.async, which copies their scales with them.
+  params.x_tma = args.a_gather == nullptr && !Tile::kFp8 ? 1 : 0;
   if (params.x_tma) params.tmap_x = token_map(desc, args, Tile::kNStep);
   params.args = args;
   params.num_experts = desc.num_experts;
@@ -180,11 +201,17 @@ void launch_sm90_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
                "sm90 grouped GEMM: pointers and row strides must be 16-byte aligned (lda ",
                args.lda, ", ldb ", args.ldb, ", expert stride ", args.b_expert_stride, ", ldc ",
                args.ldc, ")");
+  MODMOE_CHECK(!desc.fp8 || (args.lda % 16 == 0 && args.ldb % 16 == 0 &&
+                             args.b_expert_stride % 16 == 0),
+               "sm90 FP8 grouped GEMM: e4m3 row strides must be multiples of 16 bytes (lda ",
+               args.lda, ", ldb ", args.ldb, ", expert stride ", args.b_expert_stride, ")");
   GemmConfig base = config;
   base.split_k = 1;
   base.tail_m = 0;
   if (base == Sm90Narrow::config()) return launch_stage<Sm90Narrow>(desc, config, args, stream);
   if (base == Sm90Wide::config()) return launch_stage<Sm90Wide>(desc, config, args, stream);
+  if (base == Sm90Fp8Narrow::config()) return launch_stage<Sm90Fp8Narrow>(desc, config, args, stream);
+  if (base == Sm90Fp8Mid::config()) return launch_stage<Sm90Fp8Mid>(desc, config, args, stream);
   MODMOE_FAIL("sm90 grouped GEMM: config ", config.to_string(), " is not compiled");
 }
 

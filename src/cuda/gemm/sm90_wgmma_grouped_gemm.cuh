@@ -72,22 +72,28 @@ namespace modmoe::cuda::gemm {
 
 // StagingTokens: tokens per epilogue staging round (the staging memory is what is left once
 // the stages, with their tail rows, are carved: 32 tokens in both tiles).
-template <int BlockM, int Stages, int StagingTokens>
+// Fp8: e4m3 operands (m64nNk32 wgmma, 128 elements per k-block: the same 128-byte rows), the
+// per-k-block scales of docs/fp8.md, no tail rows; see sm90_mainloop_fp8.
+template <int BlockM, int Stages, int StagingTokens, bool Fp8 = false>
 struct Sm90Tile {
+  static constexpr bool kFp8 = Fp8;
+  static constexpr int kElemBytes = Fp8 ? 1 : 2;
+  static constexpr int kRowBytes = 128;   // one 128-byte swizzle row per operand row and k-block
   static constexpr int kBlockM = BlockM;  // tokens per tile (without the tail rows)
   static constexpr int kBlockN = 128;     // weight rows per tile
-  static constexpr int kBlockK = 64;      // one 128-byte swizzle row
+  static constexpr int kBlockK = kRowBytes / kElemBytes;  // 64 bf16 or 128 e4m3
+  static constexpr int kKSteps = 4;       // wgmma k-steps per k-block (32 bytes of K each)
   static constexpr int kStages = Stages;
   static constexpr int kThreads = 384;
   static constexpr int kNStep = BlockM >= 128 ? 32 : 16;  // granularity of the per-tile N
-  static constexpr int kTail = kNStep;  // rows a tile may hold past kBlockM (p.tail)
+  static constexpr int kTail = Fp8 ? 0 : kNStep;  // rows a tile may hold past kBlockM (p.tail)
   static constexpr int kMaxRows = BlockM + kTail;
   // Variants 0 .. kNumVariants - 1: N = (v + 1) * kNStep; variant kNumVariants: the tail.
   static constexpr int kNumVariants = BlockM / kNStep;
   static constexpr int kAccRegs = BlockM / 2;  // fp32 accumulators per consumer thread
-  static constexpr int kTailRegs = kTail / 2;  // and those of the tail rows
-  static constexpr int kWStageBytes = kBlockN * kBlockK * 2;
-  static constexpr int kXStageBytes = kMaxRows * kBlockK * 2;
+  static constexpr int kTailRegs = Fp8 ? 1 : kTail / 2;  // and those of the tail rows
+  static constexpr int kWStageBytes = kBlockN * kRowBytes;
+  static constexpr int kXStageBytes = kMaxRows * kRowBytes;
   static constexpr int kStagingTokens = StagingTokens;
   static constexpr int kStagingPitch = 144;  // bytes: 64 features + 16 bytes of pad
   static constexpr int kStagingBytes = kStagingTokens * kStagingPitch;
@@ -95,22 +101,28 @@ struct Sm90Tile {
   static constexpr int kXOffset = kStages * kWStageBytes;
   static constexpr int kStagingOffset = kXOffset + kStages * kXStageBytes;
   static constexpr int kXRowOffset = kStagingOffset + 2 * kStagingBytes;
-  static constexpr int kBarOffset = kXRowOffset + kMaxRows * 8;
+  // FP8: each stage's token scales [kStages][kMaxRows] fp32 (k-block kb of every row), and the
+  // address of each row's scales [kMaxRows] uint64 (0: none).
+  static constexpr int kScaleOffset = kXRowOffset + kMaxRows * 8;
+  static constexpr int kScaleStageFloats = Fp8 ? kMaxRows : 0;
+  static constexpr int kScaleRowOffset = kScaleOffset + kStages * kScaleStageFloats * 4;
+  static constexpr int kBarOffset = kScaleRowOffset + (Fp8 ? kMaxRows * 8 : 0);
   static constexpr int kFlagOffset = kBarOffset + 2 * kStages * 8;
   static constexpr int kSmemBytes = kFlagOffset + 16 + 1024;  // + 1024: alignment slack
 
   static_assert(kXStageBytes % 1024 == 0, "X stages must stay 1024-byte aligned");
-  static_assert((kBlockM * kBlockK * 2) % 1024 == 0, "tail rows must start 1024-byte aligned");
+  static_assert((kBlockM * kRowBytes) % 1024 == 0, "tail rows must start 1024-byte aligned");
   static_assert(BlockM % kNStep == 0 && kNStep % 16 == 0, "N variants in 16-token pairs");
   static_assert(kStagingTokens % 16 == 0 && BlockM % kStagingTokens == 0, "staging rounds");
+  static_assert(kBarOffset % 8 == 0, "mbarriers are 8-byte aligned");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
 
   static GemmConfig config() { return {BlockM, kBlockN, kBlockK, Stages, 2, 1, 90, 1}; }
 };
 
 struct Sm90Params {
-  CUtensorMap tmap_w;  // weights [E_local, b_rows, k] bf16: dims (k, b_rows, E_local)
-  CUtensorMap tmap_x;  // x_tma: token rows [rows, k] bf16: dims (k, rows), box (64, kNStep)
+  CUtensorMap tmap_w;  // weights [E_local, b_rows, k] bf16 / e4m3: dims (k, b_rows, E_local)
+  CUtensorMap tmap_x;  // x_tma (bf16 only): token rows [rows, k]: dims (k, rows), box (64, kNStep)
   GemmArgs args;
   int x_tma;        // token rows by TMA (no gather), else cp.async
   int num_experts;  // E_local
@@ -194,14 +206,14 @@ __device__ __forceinline__ void sm90_mainloop(float (&acc)[Tile::kAccRegs],
     const uint64_t db = sm90::smem_desc_sw128(xs);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < Tile::kBlockK / 16; ++kk) {
+    for (int kk = 0; kk < Tile::kKSteps; ++kk) {
       sm90::Wgmma<N>::mma(acc, da + 2 * kk, db + 2 * kk, (kb > kb_begin || kk > 0) ? 1 : 0);
     }
     if constexpr (kTail) {
       // Rows kBlockM.. of the stage: 1024-byte aligned, so the same swizzle phase.
-      const uint64_t dt = sm90::smem_desc_sw128(xs + Tile::kBlockM * Tile::kBlockK * 2);
+      const uint64_t dt = sm90::smem_desc_sw128(xs + Tile::kBlockM * Tile::kRowBytes);
 #pragma unroll
-      for (int kk = 0; kk < Tile::kBlockK / 16; ++kk) {
+      for (int kk = 0; kk < Tile::kKSteps; ++kk) {
         sm90::Wgmma<Tile::kTail>::mma(acc_tail, da + 2 * kk, dt + 2 * kk,
                                       (kb > kb_begin || kk > 0) ? 1 : 0);
       }
@@ -235,6 +247,87 @@ __device__ __forceinline__ void sm90_mainloop_variant(int v, float (&acc)[Tile::
   } else {
     sm90_mainloop<Tile, Tile::kBlockM, true>(acc, acc_tail, smem, cwg, lane, kb_begin, kb_end,
                                              it, x_tma);
+  }
+}
+
+// The FP8 main loop of one tile at wgmma width N (docs/fp8.md, "Experts"): per k-block the four
+// m64nNk32 wgmma of the stage sum 128 products in `part` (fresh per k-block), then
+//   acc = fma(part, sx[token][kb] * sw[row][kb], acc)        in fp32, the product rounded first
+// so the scales are applied every 128 of K, as the CPU oracle does. sx comes from the stage's
+// scale row in shared memory (the producer copies it with the token rows), sw from the weight
+// scales in global memory: rows r8 and r8 + 8 of the warp's slice (gate and up with G = 8) each
+// have one scale block, b_scale_gate_up picks the interleaved map (block 2 (f / 256) + (f / 8) % 2)
+// or the plain one (f / 128). The wgmma of a k-block is waited for before its promotion.
+template <class Tile, int N>
+__device__ __forceinline__ void sm90_mainloop_fp8(float (&acc)[Tile::kAccRegs], uint32_t smem,
+                                                  const float* s_scale, const Sm90Params& p,
+                                                  const Sm90TileCoord& c, int cwg, int warp,
+                                                  int lane, int kb_begin, int kb_end, int it) {
+  const GemmArgs& g = p.args;
+  const uint32_t full = smem + Tile::kBarOffset;
+  const uint32_t empty = full + Tile::kStages * 8;
+  constexpr int kRegs = N / 2;
+  float part[kRegs];
+#pragma unroll
+  for (int i = 0; i < kRegs; ++i) acc[i] = 0.0f;
+  const int f = c.n_tile * Tile::kBlockN + cwg * 64 + warp * 16 + (lane >> 2);
+  auto block_of = [&](int row) {
+    return g.b_scale_gate_up ? 2 * (row / 256) + (row / 8) % 2 : row / 128;
+  };
+  const float* bs = g.b_scale + static_cast<int64_t>(c.expert) * g.b_scale_expert;
+  const float* bs_lo = bs + static_cast<int64_t>(block_of(f)) * g.b_scale_ld;
+  const float* bs_hi = bs + static_cast<int64_t>(block_of(f + 8)) * g.b_scale_ld;
+  const int q2 = 2 * (lane & 3);
+  for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
+    const int s = it % Tile::kStages;
+    const float w_lo = __ldg(bs_lo + static_cast<int64_t>(kb) * g.b_scale_kb);
+    const float w_hi = __ldg(bs_hi + static_cast<int64_t>(kb) * g.b_scale_kb);
+    sm90::mbar_wait(full + 8 * s, (it / Tile::kStages) & 1);
+    // NOTE: token rows come by cp.async (generic proxy) on the FP8 path; wgmma reads them
+    // through the async proxy.
+    sm90::fence_proxy_async_smem();
+    const uint32_t xs = smem + Tile::kXOffset + s * Tile::kXStageBytes;
+    const uint64_t da = sm90::smem_desc_sw128(smem + Tile::kWOffset + s * Tile::kWStageBytes +
+                                              cwg * (Tile::kWStageBytes / 2));
+    const uint64_t db = sm90::smem_desc_sw128(xs);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Tile::kKSteps; ++kk) {
+      sm90::WgmmaE4m3<N>::mma(part, da + 2 * kk, db + 2 * kk, kk > 0 ? 1 : 0);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs(part);
+    const float* sx = s_scale + s * Tile::kScaleStageFloats;
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+      // part[4 j + 2 h + c]: feature row r8 + 8 h, token 8 j + 2 (lane % 4) + c
+      const float2 x = *reinterpret_cast<const float2*>(sx + 8 * j + q2);
+      acc[4 * j] = __fmaf_rn(part[4 * j], __fmul_rn(x.x, w_lo), acc[4 * j]);
+      acc[4 * j + 1] = __fmaf_rn(part[4 * j + 1], __fmul_rn(x.y, w_lo), acc[4 * j + 1]);
+      acc[4 * j + 2] = __fmaf_rn(part[4 * j + 2], __fmul_rn(x.x, w_hi), acc[4 * j + 2]);
+      acc[4 * j + 3] = __fmaf_rn(part[4 * j + 3], __fmul_rn(x.y, w_hi), acc[4 * j + 3]);
+    }
+    __syncwarp();
+    if (lane == 0) sm90::mbar_arrive(empty + 8 * s);  // the stage's operands and scales are read
+  }
+}
+
+template <class Tile, int V>
+__device__ __forceinline__ void sm90_mainloop_fp8_variant(int v, float (&acc)[Tile::kAccRegs],
+                                                          uint32_t smem, const float* s_scale,
+                                                          const Sm90Params& p,
+                                                          const Sm90TileCoord& c, int cwg,
+                                                          int warp, int lane, int kb_begin,
+                                                          int kb_end, int it) {
+  if constexpr (V < Tile::kNumVariants) {
+    if (v == V) {
+      sm90_mainloop_fp8<Tile, (V + 1) * Tile::kNStep>(acc, smem, s_scale, p, c, cwg, warp, lane,
+                                                       kb_begin, kb_end, it);
+    } else {
+      sm90_mainloop_fp8_variant<Tile, V + 1>(v, acc, smem, s_scale, p, c, cwg, warp, lane,
+                                             kb_begin, kb_end, it);
+    }
   }
 }
 
@@ -473,7 +566,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     // ------------------------------- producer -------------------------------
     sm90::setmaxnreg_dec<40>();
     const int ptid = threadIdx.x;
-    if (p.x_tma) {
+    if (!Tile::kFp8 && p.x_tma) {
       // Contiguous token rows: thread 0 issues every copy of the stage.
       if (ptid != 0) return;
       int it = 0;
@@ -486,14 +579,14 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
           const int s = it % Tile::kStages;
           const uint32_t bar_full = full + 8 * s;
           sm90::mbar_wait(empty + 8 * s, ((it / Tile::kStages) & 1) ^ 1);
-          sm90::mbar_arrive_expect_tx(bar_full, Tile::kWStageBytes + n_used * Tile::kBlockK * 2);
+          sm90::mbar_arrive_expect_tx(bar_full, Tile::kWStageBytes + n_used * Tile::kRowBytes);
           sm90::tma_load_3d(smem + Tile::kWOffset + s * Tile::kWStageBytes, &p.tmap_w, bar_full,
                             kb * Tile::kBlockK, c.n_tile * Tile::kBlockN, c.expert);
           // Rows past the group's end (the next group's, or zeros past the row space) land in
           // token columns the epilogue never stores.
           const uint32_t xs = smem + Tile::kXOffset + s * Tile::kXStageBytes;
           for (int r0 = 0; r0 < n_used; r0 += Tile::kNStep) {
-            sm90::tma_load_2d(xs + r0 * Tile::kBlockK * 2, &p.tmap_x, bar_full, kb * Tile::kBlockK,
+            sm90::tma_load_2d(xs + r0 * Tile::kRowBytes, &p.tmap_x, bar_full, kb * Tile::kBlockK,
                               c.row0 + r0);
           }
         }
@@ -502,6 +595,9 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     }
     // Gathered token rows: every producer thread copies 16-byte chunk `chunk` of rows
     // ptid / 8 + 16 i; the swizzled chunk position (chunk ^ (row % 8)) is the same for all i.
+    // FP8: also the k-block's scale of rows ptid + 128 i, into the stage's scale row.
+    uint64_t* s_ssrc = reinterpret_cast<uint64_t*>(smem_ptr + Tile::kScaleRowOffset);
+    const uint32_t scale_base = smem + Tile::kScaleOffset;
     const int chunk = ptid & 7;
     const uint32_t x_thread = (ptid >> 3) * 128 + ((chunk ^ ((ptid >> 3) & 7)) << 4);
     int it = 0;
@@ -513,6 +609,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
       sm90::named_barrier_sync(1, 128);  // the previous tile's rows are no longer read
       for (int r = ptid; r < n_used; r += 128) {
         uint64_t src = 0;
+        uint64_t ssrc = 0;
         if (r < c.rows) {
           const int row = c.row0 + r;
           const int32_t a_row =
@@ -520,10 +617,15 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
                   ? (g.a_gather[row] >= 0 ? g.a_gather[row] / g.gather_div : -1)
                   : row;
           if (a_row >= 0) {
-            src = reinterpret_cast<uint64_t>(g.a + static_cast<int64_t>(a_row) * g.lda);
+            src = reinterpret_cast<uint64_t>(g.a) +
+                  static_cast<uint64_t>(a_row) * g.lda * Tile::kElemBytes;
+            if constexpr (Tile::kFp8) {
+              ssrc = reinterpret_cast<uint64_t>(g.a_scale + static_cast<int64_t>(a_row) * g.a_scale_ld);
+            }
           }
         }
         s_xsrc[r] = src;
+        if constexpr (Tile::kFp8) s_ssrc[r] = ssrc;
       }
       sm90::named_barrier_sync(1, 128);
       const int row_steps = n_used >> 4;  // rows ptid / 8 + 16 i, i < row_steps
@@ -536,11 +638,12 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
           sm90::tma_load_3d(smem + Tile::kWOffset + s * Tile::kWStageBytes, &p.tmap_w, bar_full,
                             kb * Tile::kBlockK, c.n_tile * Tile::kBlockN, c.expert);
         }
-        const int k_elem = kb * Tile::kBlockK + chunk * 8;
-        const bool k_ok = k_elem < p.k;  // K % 8 == 0: a chunk is all in or all out
+        const int k_elem = kb * Tile::kBlockK + chunk * (16 / Tile::kElemBytes);
+        // K % 8 == 0 (bf16) or K % 128 == 0 (FP8): a chunk is all in or all out
+        const bool k_ok = k_elem < p.k;
         const uint32_t xd = smem + Tile::kXOffset + s * Tile::kXStageBytes + x_thread;
         const uint64_t* xsrc = s_xsrc + (ptid >> 3);
-        const uint64_t k_bytes = 2 * static_cast<uint64_t>(k_elem);
+        const uint64_t k_bytes = Tile::kElemBytes * static_cast<uint64_t>(k_elem);
         auto copy_row = [&](int i, uint64_t src) {
           const bool ok = k_ok && src != 0;
           const void* gp = ok ? reinterpret_cast<const void*>(src + k_bytes)
@@ -559,6 +662,16 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
           copy_row(i + 3, s3);
         }
         for (; i < row_steps; ++i) copy_row(i, xsrc[16 * i]);
+        if constexpr (Tile::kFp8) {
+          const uint32_t sd = scale_base + s * Tile::kScaleStageFloats * 4;
+          const uint64_t kb_bytes = 4 * static_cast<uint64_t>(kb) * g.a_scale_kb;
+          for (int r = ptid; r < n_used; r += 128) {
+            const uint64_t src = s_ssrc[r];
+            const void* gp = src != 0 ? reinterpret_cast<const void*>(src + kb_bytes)
+                                      : static_cast<const void*>(g.a_scale);
+            sm90::cp_async_4(sd + 4 * r, gp, src != 0 ? 4 : 0);
+          }
+        }
         sm90::cp_async_mbar_arrive_noinc(bar_full);
       }
     }
@@ -583,8 +696,14 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     const int n_used = (variant + 1) * Tile::kNStep;
     const int kb_begin = c.slice * num_kb / p.split_k;
     const int kb_end = (c.slice + 1) * num_kb / p.split_k;
-    sm90_mainloop_variant<Tile, 0>(variant, acc, acc_tail, smem, cwg, lane, kb_begin, kb_end, it,
-                                   p.x_tma != 0);
+    if constexpr (Tile::kFp8) {
+      sm90_mainloop_fp8_variant<Tile, 0>(
+          variant, acc, smem, reinterpret_cast<const float*>(smem_ptr + Tile::kScaleOffset), p, c,
+          cwg, warp, lane, kb_begin, kb_end, it);
+    } else {
+      sm90_mainloop_variant<Tile, 0>(variant, acc, acc_tail, smem, cwg, lane, kb_begin, kb_end,
+                                     it, p.x_tma != 0);
+    }
     it += kb_end - kb_begin;
 
     if constexpr (Tile::kNStep == 16) {
@@ -640,12 +759,14 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     const Sm90Epilogue e{p, c, n_used < Tile::kBlockM ? n_used : Tile::kBlockM, cwg, warp, lane,
                          staging, staging_ptr};
     sm90_epilogue_dispatch<Tile, Tile::kBlockM, kGemm1>(acc, e);
-    if (n_used > Tile::kBlockM) {
-      Sm90TileCoord ct = c;
-      ct.row0 += Tile::kBlockM;
-      ct.rows -= Tile::kBlockM;
-      const Sm90Epilogue et{p, ct, Tile::kTail, cwg, warp, lane, staging, staging_ptr};
-      sm90_epilogue_dispatch<Tile, Tile::kTail, kGemm1>(acc_tail, et);
+    if constexpr (!Tile::kFp8) {
+      if (n_used > Tile::kBlockM) {
+        Sm90TileCoord ct = c;
+        ct.row0 += Tile::kBlockM;
+        ct.rows -= Tile::kBlockM;
+        const Sm90Epilogue et{p, ct, Tile::kTail, cwg, warp, lane, staging, staging_ptr};
+        sm90_epilogue_dispatch<Tile, Tile::kTail, kGemm1>(acc_tail, et);
+      }
     }
   }
 #endif

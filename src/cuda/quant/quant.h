@@ -2,6 +2,11 @@
 // called by src/api/quant.cpp after validation. Kept out of src/backend.h on purpose.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
 #include "modmoe/quant.h"
 
 namespace modmoe::cuda {
@@ -11,6 +16,11 @@ namespace modmoe::cuda {
 void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorView& q,
                           const TensorView& scale, const QuantizeOptions& options,
                           Stream stream);
+// Fp8Block128 quantization of the rows of x [rows, cols] bf16 (contiguous) into q [rows, cols]
+// e4m3 and scale [rows, cols/128], the formulas of quantize_activations; with valid_rows (a
+// count on the device) only the first *valid_rows rows. The experts stage's GEMM2 input.
+void quantize_rows_block128(const __nv_bfloat16* x, uint8_t* q, float* scale, int64_t rows,
+                            int64_t cols, const int64_t* valid_rows, cudaStream_t stream);
 void dequantize_activations(const TensorView& q, QuantScheme scheme, const TensorView& scale,
                             const TensorView& out, Stream stream);
 void prepare_weights_fp8(const ExpertWeights& src, ExpertWeights& dst,

@@ -69,6 +69,9 @@ struct BlockArgs {
   uint2* q;            // [num_groups * 16] 8-byte vectors of e4m3 ([rows, H] e4m3)
   float* scale;        // [num_groups] fp32 ([rows, H/128])
   int64_t num_groups;  // rows * H / 128
+  // Optional: only the first *valid_rows rows (a count on the device), groups_per_row = H/128.
+  const int64_t* valid_rows;
+  int64_t groups_per_row;
 };
 
 __global__ void __launch_bounds__(kThreads) quantize_block128_kernel(const BlockArgs a) {
@@ -76,10 +79,12 @@ __global__ void __launch_bounds__(kThreads) quantize_block128_kernel(const Block
   const int half = (threadIdx.x / kLanesPerGroup) % 2;  // which group of the warp's pair
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int64_t num_warps = int64_t(gridDim.x) * blockDim.x / 32;
+  const int64_t num_groups =
+      a.valid_rows != nullptr ? min(a.num_groups, *a.valid_rows * a.groups_per_row) : a.num_groups;
   // The loop bound is the same for the whole warp, so every shuffle has all 32 lanes.
-  for (int64_t base = warp * 2; base < a.num_groups; base += num_warps * 2) {
+  for (int64_t base = warp * 2; base < num_groups; base += num_warps * 2) {
     const int64_t g = base + half;
-    const bool valid = g < a.num_groups;
+    const bool valid = g < num_groups;
     const uint4 v = valid ? __ldg(a.x + g * kLanesPerGroup + lane) : make_uint4(0, 0, 0, 0);
     uint32_t m = abs_max_bits(v);
 #pragma unroll
@@ -194,7 +199,8 @@ void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorV
   check_aligned(x.data, 16, "x");
   check_aligned(q.data, 8, "q");
   if (scheme == QuantScheme::Fp8Block128) {
-    const BlockArgs a{x.ptr<const uint4>(), q.ptr<uint2>(), scale.ptr<float>(), n / fp8::kBlock};
+    const BlockArgs a{x.ptr<const uint4>(), q.ptr<uint2>(), scale.ptr<float>(), n / fp8::kBlock,
+                      nullptr, 0};
     if (a.num_groups == 0) return;
     quantize_block128_kernel<<<blocks_for(a.num_groups * kLanesPerGroup), kThreads, 0, stream>>>(a);
     MODMOE_LAUNCH_CHECK(stream);
@@ -219,6 +225,19 @@ void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorV
     finalize_scale_kernel<<<1, 1, 0, stream>>>(a.scale);
     MODMOE_LAUNCH_CHECK(stream);
   }
+}
+
+void quantize_rows_block128(const __nv_bfloat16* x, uint8_t* q, float* scale, int64_t rows,
+                            int64_t cols, const int64_t* valid_rows, cudaStream_t stream) {
+  check_aligned(x, 16, "x");
+  check_aligned(q, 8, "q");
+  MODMOE_CHECK(cols % fp8::kBlock == 0, "cuda::quantize_rows_block128: cols = ", cols,
+               ": expected a multiple of 128");
+  const BlockArgs a{reinterpret_cast<const uint4*>(x), reinterpret_cast<uint2*>(q), scale,
+                    rows * (cols / fp8::kBlock), valid_rows, cols / fp8::kBlock};
+  if (a.num_groups == 0) return;
+  quantize_block128_kernel<<<blocks_for(a.num_groups * kLanesPerGroup), kThreads, 0, stream>>>(a);
+  MODMOE_LAUNCH_CHECK(stream);
 }
 
 void dequantize_activations(const TensorView& q, QuantScheme scheme, const TensorView& scale,
