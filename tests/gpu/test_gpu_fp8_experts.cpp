@@ -1,0 +1,691 @@
+// FP8 experts on the GPU (the sm_90a FP8 wgmma tiles, docs/fp8.md) through modmoe::experts and
+// modmoe::fused_moe, against the CPU oracle (reference::experts_fp8 through modmoe::experts on
+// host tensors) on the same e4m3 inputs, scales and prepared weights:
+//   - small-integer inputs with power-of-two scales: GEMM1 (gemm1_activation_output) and the
+//     metadata bitwise equal; the outputs within 5e-3 (GEMM2 reads the re-quantized
+//     intermediate, whose partial sums need not be exact, and the FP8 wgmma accumulates them
+//     in its own order and precision);
+//   - random inputs: relative L2 against the oracle, and against float64 over the dequantized
+//     weights and inputs (docs/fp8.md bound 0.04);
+//   - both schemes (per-tensor scales [1] and per row), both formats, both do_finalize modes,
+//     every activation, biases, apply_router_weight_on_input, an EP slice with -1 / E / other
+//     ranks' ids, the narrow and the 128-token tile, split-K;
+//   - repeated runs and a CUDA graph replay bitwise equal; fused_moe == route ->
+//     quantize_activations -> experts bitwise; EP slices summed == the single call.
+// Outputs are poisoned before every run; inputs are fresh random draws (never all zero).
+// Without a GPU the suite skips. MODMOE_GPU_TEST_DRYRUN=1 runs the MatchesTheOracle cases on
+// such a machine with the CPU oracle on both sides, to check the harness itself.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/test_util.h"
+#include "core/fp8.h"
+#include "cpu/fp8_weights.h"
+#include "gpu_test_util.h"
+#include "modmoe/modmoe.h"
+
+namespace modmoe {
+namespace {
+
+constexpr int64_t kB = kFp8BlockSize;
+constexpr auto kTen = QuantScheme::Fp8PerTensor;
+constexpr auto kBlk = QuantScheme::Fp8Block128;
+constexpr const char* kNarrow = "sm90_64x128x128_s8";
+constexpr const char* kMid = "sm90_128x128x128_s6";
+
+using test::ScopedEnv;
+
+struct Case {
+  std::string name;
+  QuantScheme scheme = kBlk;
+  int E = 8, k = 2;
+  int64_t M = 16, H = 256, I = 256;
+  Activation act = Activation::Swiglu;
+  bool small_int = false;
+  bool batched = false;
+  bool finalize = true;
+  int ep_size = 1, ep_rank = 0;
+  bool on_input = false;  // k == 1
+  bool per_row = false;   // Fp8PerTensor: one scale per row instead of [1]
+  const char* force = "";
+  int split = 0;
+};
+
+bool dry_run() {
+  int count = 0;
+  const bool gpu = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  (void)cudaGetLastError();
+  const char* v = std::getenv("MODMOE_GPU_TEST_DRYRUN");
+  return !gpu && v != nullptr && v[0] == '1';
+}
+
+// e4m3 code of a small integer (exact).
+uint8_t e4m3_of(float v) { return fp8::float_to_e4m3(v, true); }
+
+// All host tensors of one problem. Weights: canonical e4m3 + scales, then prepared by the CPU
+// prepare_weights (GateUpInterleaved, G = 8), which the GPU path reads.
+struct Problem {
+  Case c;
+  ExpertMap map;
+  int E_local = 0;
+  HostTensor w13, w2, s13, s2, b13, b2;      // canonical
+  HostTensor p13, p2, ps13, ps2, pb13, pb2;  // prepared
+  HostTensor x, xs;                          // hidden e4m3 and its scales
+  HostTensor ids, wts, counts;
+  ExpertWeights prepared;
+  int64_t rows13() const { return is_gated(c.act) ? 2 * c.I : c.I; }
+  int64_t rows() const { return c.batched ? E_local * c.M : c.M * c.k; }
+};
+
+void fill_weights(const Case& c, std::mt19937_64& rng, int64_t E, int64_t R, int64_t C,
+                  HostTensor& q, HostTensor& s) {
+  if (!c.small_int) {
+    test::quantize_weights(test::block_varied(rng, E, R, C, 1.0f / std::sqrt(float(C))), E, R, C,
+                           c.scheme, q, s);
+    return;
+  }
+  // Integers in [-3, 3] \ {0} with power-of-two scales: every GEMM1 partial sum is exact.
+  q.reset(DType::E4M3, {E, R, C});
+  std::uniform_int_distribution<int> v(1, 6), ex(-4, -1);
+  for (int64_t i = 0; i < q.numel(); ++i) {
+    const int a = v(rng);
+    q.data<uint8_t>()[i] = e4m3_of(static_cast<float>(a <= 3 ? a : 3 - a));
+  }
+  if (c.scheme == kBlk) {
+    s.reset(DType::F32, {E, R / kB, C / kB});
+  } else {
+    s.reset(DType::F32, {E});
+  }
+  for (int64_t i = 0; i < s.numel(); ++i) s.data<float>()[i] = std::ldexp(1.0f, ex(rng));
+}
+
+// Hidden rows [rows, H] e4m3 with scales: Block128 [rows, H/128]; per tensor [1] or [rows].
+void fill_hidden(const Case& c, std::mt19937_64& rng, int64_t rows, HostTensor& x,
+                 HostTensor& xs, const std::vector<int64_t>& shape) {
+  x.reset(DType::E4M3, shape);
+  std::vector<int64_t> sshape = shape;
+  if (c.scheme == kBlk) {
+    sshape.back() = c.H / kB;
+  } else if (c.per_row) {
+    sshape.pop_back();
+  } else {
+    sshape = {1};
+  }
+  xs.reset(DType::F32, sshape);
+  std::uniform_int_distribution<int> ex(-3, 0);
+  if (c.small_int) {
+    std::uniform_int_distribution<int> v(1, 8);
+    for (int64_t i = 0; i < x.numel(); ++i) {
+      const int a = v(rng);
+      x.data<uint8_t>()[i] = e4m3_of(static_cast<float>(a <= 4 ? a : 4 - a));
+    }
+    for (int64_t i = 0; i < xs.numel(); ++i) xs.data<float>()[i] = std::ldexp(1.0f, ex(rng));
+    return;
+  }
+  // Random bf16 rows whose 1x128 groups differ in magnitude, quantized as the caller would.
+  HostTensor h(DType::BF16, {rows, c.H});
+  test::fill_normal(h, rng, 1.0f);
+  for (int64_t g = 0; g < rows * c.H / kB; ++g) {
+    const float f = std::ldexp(1.0f, ex(rng) + 2);
+    for (int64_t i = g * kB; i < (g + 1) * kB; ++i) {
+      auto& b = h.data<uint16_t>()[i];
+      b = float_to_bf16_bits(bf16_bits_to_float(b) * f);
+    }
+  }
+  if (c.scheme == kTen && c.per_row) {
+    for (int64_t r = 0; r < rows; ++r) {  // each row quantized with its own dynamic scale
+      quantize_activations(make_view(h.data<uint16_t>() + r * c.H, DType::BF16, {1, c.H}),
+                           kTen, make_view(x.data<uint8_t>() + r * c.H, DType::E4M3, {1, c.H}),
+                           make_view(xs.data<float>() + r, DType::F32, {1}));
+    }
+    return;
+  }
+  quantize_activations(make_view(h.data<uint16_t>(), DType::BF16, {rows, c.H}), c.scheme,
+                       make_view(x.data<uint8_t>(), DType::E4M3, {rows, c.H}),
+                       c.scheme == kBlk
+                           ? make_view(xs.data<float>(), DType::F32, {rows, c.H / kB})
+                           : xs.view());
+}
+
+Problem make_problem(const Case& c, uint64_t salt) {
+  std::mt19937_64 rng(test::seed(salt));
+  Problem p;
+  p.c = c;
+  const int E_global = c.E * c.ep_size;
+  p.map = ExpertMap::for_rank(E_global, c.ep_size, c.ep_rank);
+  p.E_local = p.map.num_local_experts;
+  const int64_t E = p.E_local;
+  fill_weights(c, rng, E, p.rows13(), c.H, p.w13, p.s13);
+  fill_weights(c, rng, E, c.H, c.I, p.w2, p.s2);
+  p.b13.reset(DType::F32, {E, p.rows13()});
+  p.b2.reset(DType::F32, {E, c.H});
+  std::uniform_int_distribution<int> bi(-4, 4);
+  for (HostTensor* b : {&p.b13, &p.b2}) {
+    for (int64_t i = 0; i < b->numel(); ++i) b->data<float>()[i] = 0.25f * bi(rng);
+  }
+  ExpertWeights canon;
+  canon.scheme = c.scheme;
+  canon.w13 = p.w13;
+  canon.w2 = p.w2;
+  canon.w13_scale = p.s13;
+  canon.w2_scale = p.s2;
+  canon.w13_bias = p.b13;
+  canon.w2_bias = p.b2;
+  p.p13.reset(DType::E4M3, {E, p.rows13(), c.H});
+  p.p2.reset(DType::E4M3, {E, c.H, c.I});
+  p.ps13.reset(DType::F32, std::vector<int64_t>(p.s13.view().shape.begin(),
+                                                p.s13.view().shape.begin() + p.s13.view().ndim));
+  p.ps2.reset(DType::F32, std::vector<int64_t>(p.s2.view().shape.begin(),
+                                               p.s2.view().shape.begin() + p.s2.view().ndim));
+  p.pb13.reset(DType::F32, {E, p.rows13()});
+  p.pb2.reset(DType::F32, {E, c.H});
+  p.prepared.w13 = p.p13;
+  p.prepared.w2 = p.p2;
+  p.prepared.w13_scale = p.ps13;
+  p.prepared.w2_scale = p.ps2;
+  p.prepared.w13_bias = p.pb13;
+  p.prepared.w2_bias = p.pb2;
+  prepare_weights(canon, p.prepared);
+
+  if (c.batched) {
+    fill_hidden(c, rng, E * c.M, p.x, p.xs, {E, c.M, c.H});
+    p.counts.reset(DType::I32, {E});
+    std::uniform_int_distribution<int> cnt(0, static_cast<int>(c.M));
+    for (int64_t e = 0; e < E; ++e) p.counts.data<int32_t>()[e] = cnt(rng);
+    p.counts.data<int32_t>()[0] = static_cast<int32_t>(c.M);  // one full expert
+    return p;
+  }
+  fill_hidden(c, rng, c.M, p.x, p.xs, {c.M, c.H});
+  p.ids.reset(DType::I32, {c.M, c.k});
+  p.wts.reset(DType::F32, {c.M, c.k});
+  std::uniform_real_distribution<float> uw(0.1f, 1.0f);
+  std::uniform_real_distribution<double> u01(0.0, 1.0);
+  std::vector<int> perm(static_cast<size_t>(E_global));
+  for (int64_t m = 0; m < c.M; ++m) {
+    for (size_t i = 0; i < perm.size(); ++i) perm[i] = static_cast<int>(i);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    for (int j = 0; j < c.k; ++j) {
+      int id = perm[j];
+      if (u01(rng) < 0.05) id = (rng() % 2) ? -1 : E_global;  // never local
+      p.ids.data<int32_t>()[m * c.k + j] = id;
+      p.wts.data<float>()[m * c.k + j] = c.small_int ? 0.25f * static_cast<float>(1 + rng() % 4)
+                                                     : uw(rng);
+    }
+  }
+  return p;
+}
+
+// The outputs of one run, on the host.
+struct Outputs {
+  HostTensor out, g2, act, ew, e2p, offsets;
+};
+
+ExpertsOptions options_of(const Case& c) {
+  ExpertsOptions o;
+  o.activation.kind = c.act;
+  o.do_finalize = c.finalize && !c.batched;
+  o.apply_router_weight_on_input = c.on_input;
+  return o;
+}
+
+// Runs experts() on the CPU (host tensors) or the GPU (device copies), outputs poisoned first.
+Outputs run_experts(const Problem& p, bool gpu, int repeats = 1) {
+  gpu = gpu && !dry_run();
+  const Case& c = p.c;
+  const ExpertsOptions o = options_of(c);
+  const int64_t rows = p.rows();
+  std::vector<std::unique_ptr<DeviceTensor>> keep;
+  auto dev = [&](const HostTensor& h) -> TensorView {
+    if (!gpu || h.numel() == 0) return h.view();
+    keep.push_back(std::make_unique<DeviceTensor>(DeviceTensor::from_host(h)));
+    return keep.back()->view();
+  };
+  Outputs host;
+  ExpertsOutputs out;
+  auto make_out = [&](HostTensor& h, DType dt, std::vector<int64_t> shape) -> TensorView {
+    h.reset(dt, shape);
+    test::poison(h);
+    return dev(h);
+  };
+  if (c.batched) {
+    out.gemm2_out = make_out(host.g2, DType::BF16, {p.E_local, c.M, c.H});
+  } else {
+    if (o.do_finalize) {
+      out.out = make_out(host.out, DType::BF16, {c.M, c.H});
+    } else {
+      out.gemm2_out = make_out(host.g2, DType::BF16, {rows, c.H});
+      out.expert_weights = make_out(host.ew, DType::F32, {c.M, c.k});
+      out.expanded_idx_to_permuted_idx = make_out(host.e2p, DType::I32, {c.M, c.k});
+    }
+    out.expert_first_token_offset = make_out(host.offsets, DType::I64, {p.E_local + 1});
+    out.gemm1_activation_output = make_out(host.act, DType::BF16, {rows, c.I});
+  }
+  ExpertsInputs in;
+  in.hidden = dev(p.x);
+  in.hidden_scale = dev(p.xs);
+  if (c.batched) {
+    in.expert_num_tokens = dev(p.counts);
+  } else {
+    in.topk_ids = dev(p.ids);
+    in.topk_weights = dev(p.wts);
+  }
+  ExpertWeights w = p.prepared;
+  w.w13 = dev(p.p13);
+  w.w2 = dev(p.p2);
+  w.w13_scale = dev(p.ps13);
+  w.w2_scale = dev(p.ps2);
+  w.w13_bias = dev(p.pb13);
+  w.w2_bias = dev(p.pb2);
+  const ExpertsDesc desc = make_experts_desc(in, w, p.map, o, out);
+  const size_t ws_bytes = experts_workspace_size(desc);
+  std::unique_ptr<DeviceTensor> ws;
+  Workspace workspace;
+  if (gpu && ws_bytes > 0) {
+    ws = std::make_unique<DeviceTensor>(DType::U8, std::vector<int64_t>{static_cast<int64_t>(ws_bytes)});
+    ws->fill_bytes(0xFF);
+    workspace = {ws->view().data, ws_bytes};
+  }
+  for (int r = 0; r < repeats; ++r) experts(in, w, p.map, o, out, workspace);
+  if (gpu) {
+    test::sync();
+    auto back = [&](HostTensor& h, const TensorView& v) {
+      if (h.numel() == 0) return;
+      MODMOE_CUDA_CHECK(cudaMemcpy(h.view().data, v.data, h.nbytes(), cudaMemcpyDeviceToHost));
+    };
+    back(host.out, out.out);
+    back(host.g2, out.gemm2_out);
+    back(host.act, out.gemm1_activation_output);
+    back(host.ew, out.expert_weights);
+    back(host.e2p, out.expanded_idx_to_permuted_idx);
+    back(host.offsets, out.expert_first_token_offset);
+  }
+  return host;
+}
+
+// The first `rows` rows of a [R, C] tensor as doubles.
+std::vector<double> first_rows(const HostTensor& t, int64_t rows) {
+  std::vector<double> v = test::to_double(t);
+  const int64_t cols = t.view().shape[t.view().ndim - 1];
+  v.resize(static_cast<size_t>(rows * cols));
+  return v;
+}
+
+double bitwise_fraction(const std::vector<double>& a, const std::vector<double>& b) {
+  if (a.empty()) return 1.0;
+  int64_t same = 0;
+  for (size_t i = 0; i < a.size(); ++i) same += a[i] == b[i];
+  return static_cast<double>(same) / static_cast<double>(a.size());
+}
+
+// float64 of the layer over the dequantized prepared weights and inputs, no intermediate
+// rounding (standard format, do_finalize, Swiglu): out[m] = sum_j w_j y_j.
+std::vector<double> dense_f64(const Problem& p) {
+  const Case& c = p.c;
+  const int64_t H = c.H, I = c.I;
+  auto deq_w = [&](const HostTensor& q, const HostTensor& s, int64_t e, int64_t r, int64_t col,
+                   bool w13) {
+    const double v = fp8::e4m3_to_float(q.data<uint8_t>()[(e * q.view().shape[1] + r) *
+                                                             q.view().shape[2] + col]);
+    if (c.scheme == kTen) return v * s.data<float>()[e];
+    const int64_t rb = w13 ? w13_scale_row_block(p.prepared, r) : r / kB;
+    const int64_t nrb = s.view().shape[1], ncb = s.view().shape[2];
+    return v * s.data<float>()[(e * nrb + rb) * ncb + col / kB];
+  };
+  auto deq_x = [&](int64_t m, int64_t h) {
+    const double v = fp8::e4m3_to_float(p.x.data<uint8_t>()[m * H + h]);
+    if (c.scheme == kBlk) return v * p.xs.data<float>()[m * (H / kB) + h / kB];
+    return v * p.xs.data<float>()[c.per_row ? m : 0];
+  };
+  std::vector<double> out(static_cast<size_t>(c.M * H), 0.0);
+  std::vector<double> a(static_cast<size_t>(I));
+  for (int64_t m = 0; m < c.M; ++m) {
+    for (int j = 0; j < c.k; ++j) {
+      const int id = p.ids.data<int32_t>()[m * c.k + j];
+      if (!p.map.is_local(id)) continue;
+      const int64_t e = id - p.map.local_expert_offset;
+      for (int64_t i = 0; i < I; ++i) {
+        const int64_t gr = p.prepared.gate_row(i), ur = p.prepared.up_row(i);
+        double g = p.pb13.data<float>()[e * 2 * I + gr], u = p.pb13.data<float>()[e * 2 * I + ur];
+        for (int64_t h = 0; h < H; ++h) {
+          const double xv = deq_x(m, h);
+          g += xv * deq_w(p.p13, p.ps13, e, gr, h, true);
+          u += xv * deq_w(p.p13, p.ps13, e, ur, h, true);
+        }
+        a[i] = g / (1.0 + std::exp(-g)) * u;
+      }
+      const double wj = p.wts.data<float>()[m * c.k + j];
+      for (int64_t h = 0; h < H; ++h) {
+        double y = p.pb2.data<float>()[e * H + h];
+        for (int64_t i = 0; i < I; ++i) y += a[i] * deq_w(p.p2, p.ps2, e, h, i, false);
+        out[m * H + h] += wj * y;
+      }
+    }
+  }
+  return out;
+}
+
+class GpuFp8Experts : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override {
+    if (dry_run()) return;
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+      (void)cudaGetLastError();
+      GTEST_SKIP() << "no CUDA device";
+    }
+    MODMOE_CUDA_CHECK(cudaSetDevice(0));
+  }
+};
+
+TEST_P(GpuFp8Experts, MatchesTheOracle) {
+  const Case& c = GetParam();
+  std::unique_ptr<ScopedEnv> force, split;
+  if (c.force[0] != '\0') force = std::make_unique<ScopedEnv>("MODMOE_GEMM_CONFIG", c.force);
+  if (c.split > 0) split = std::make_unique<ScopedEnv>("MODMOE_GEMM_SPLIT_K", std::to_string(c.split));
+  const Problem p = make_problem(c, 8000 + std::hash<std::string>{}(c.name) % 1000);
+  const Outputs ref = run_experts(p, false);
+  const Outputs gpu = run_experts(p, true);
+
+  int64_t valid = p.rows();  // rows of the row space written (standard: P)
+  if (!c.batched) {
+    ASSERT_TRUE(test::bitwise_equal(gpu.offsets, ref.offsets)) << "expert_first_token_offset";
+    valid = ref.offsets.data<int64_t>()[p.E_local];
+    const auto a = first_rows(gpu.act, valid), b = first_rows(ref.act, valid);
+    const double e = test::rel_l2(a, b);
+    std::printf("%s: GEMM1 output rel L2 %.3g, %.4f bitwise, %lld rows\n", c.name.c_str(), e,
+                bitwise_fraction(a, b), static_cast<long long>(valid));
+    if (c.small_int) {
+      EXPECT_EQ(bitwise_fraction(a, b), 1.0) << "GEMM1 with exact partial sums must be bitwise";
+    } else {
+      EXPECT_LE(e, 2e-3);
+    }
+  }
+  if (!c.batched && !c.finalize) {
+    EXPECT_TRUE(test::bitwise_equal(gpu.ew, ref.ew)) << "expert_weights";
+    EXPECT_TRUE(test::bitwise_equal(gpu.e2p, ref.e2p)) << "expanded_idx_to_permuted_idx";
+  }
+  const bool fin = !c.batched && c.finalize;
+  const auto a = fin ? test::to_double(gpu.out) : first_rows(gpu.g2, valid);
+  const auto b = fin ? test::to_double(ref.out) : first_rows(ref.g2, valid);
+  if (c.batched) {  // every row, the zeroed tails too
+    EXPECT_EQ(test::rel_l2(test::to_double(gpu.g2), test::to_double(ref.g2)),
+              test::rel_l2(a, b));
+  }
+  const double e = test::rel_l2(a, b);
+  std::printf("%s: %s rel L2 vs the oracle %.3g, %.4f bitwise\n", c.name.c_str(),
+              fin ? "out" : "gemm2_out", e, bitwise_fraction(a, b));
+  EXPECT_LE(e, 5e-3);
+  if (fin && !c.small_int && c.act == Activation::Swiglu && !c.on_input) {
+    const double e64 = test::rel_l2(a, dense_f64(p));
+    std::printf("%s: out rel L2 vs float64 (dequantized, no intermediate rounding) %.3g\n",
+                c.name.c_str(), e64);
+    EXPECT_LE(e64, 0.04);
+  }
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  auto add = [&](Case c) { v.push_back(c); };
+  Case s;  // small integers, Block128, decode
+  s.small_int = true;
+  s.name = "int_blk_decode";
+  s.M = 4;
+  add(s);
+  s.name = "int_blk_narrow_split2";
+  s.M = 2;
+  s.H = 1024;
+  s.I = 512;
+  s.force = kNarrow;
+  s.split = 2;
+  add(s);
+  s = Case{};
+  s.small_int = true;
+  s.name = "int_blk_mid";
+  s.M = 160;
+  s.E = 4;
+  s.k = 2;
+  s.force = kMid;
+  add(s);
+  s.name = "int_blk_mid_unfinalized";
+  s.finalize = false;
+  add(s);
+  s = Case{};
+  s.small_int = true;
+  s.scheme = kTen;
+  s.name = "int_tensor";
+  s.M = 40;
+  add(s);
+  s.name = "int_tensor_per_row";
+  s.per_row = true;
+  add(s);
+  s = Case{};
+  s.small_int = true;
+  s.name = "int_blk_batched";
+  s.batched = true;
+  s.M = 24;
+  add(s);
+  s.scheme = kTen;
+  s.per_row = true;
+  s.name = "int_tensor_batched_per_row";
+  add(s);
+  s = Case{};
+  s.small_int = true;
+  s.name = "int_blk_on_input";
+  s.k = 1;
+  s.on_input = true;
+  s.M = 33;
+  add(s);
+  s.scheme = kTen;
+  s.name = "int_tensor_on_input";
+  add(s);
+  for (Activation act : {Activation::SwigluOai, Activation::Geglu, Activation::Relu2}) {
+    s = Case{};
+    s.small_int = true;
+    s.act = act;
+    s.M = 20;
+    s.name = std::string("int_blk_") + (act == Activation::SwigluOai ? "swiglu_oai"
+                                        : act == Activation::Geglu   ? "geglu"
+                                                                     : "relu2");
+    add(s);
+  }
+  // Random inputs at larger shapes.
+  Case r;
+  r.name = "rand_blk";
+  r.M = 77;
+  r.E = 16;
+  r.k = 6;
+  r.H = 512;
+  r.I = 384;
+  add(r);
+  r.name = "rand_blk_ep4_rank1";
+  r.ep_size = 4;
+  r.ep_rank = 1;
+  r.E = 4;
+  add(r);
+  r = Case{};
+  r.name = "rand_tensor_per_row";
+  r.scheme = kTen;
+  r.per_row = true;
+  r.M = 50;
+  r.H = 384;
+  add(r);
+  r = Case{};
+  r.name = "rand_blk_many_rows";  // several 128-token tiles per expert
+  r.M = 512;
+  r.E = 4;
+  r.k = 2;
+  r.H = 256;
+  r.I = 256;
+  add(r);
+  r.name = "rand_blk_decode_k8";
+  r.M = 3;
+  r.E = 32;
+  r.k = 8;
+  r.H = 1024;
+  r.I = 512;
+  add(r);
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, GpuFp8Experts, ::testing::ValuesIn(cases()),
+                         [](const auto& info) { return info.param.name; });
+
+class GpuFp8Stage : public test::GpuTest {};
+
+// The same call three times, and captured in a CUDA graph and replayed: the same bits.
+TEST_F(GpuFp8Stage, RepeatedAndGraphReplayBitwise) {
+  Case c;
+  c.name = "determinism";
+  c.M = 9;
+  c.k = 4;
+  c.E = 16;
+  c.H = 1024;
+  c.I = 512;
+  const Problem p = make_problem(c, 8101);
+  const Outputs once = run_experts(p, true, 1);
+  const Outputs thrice = run_experts(p, true, 3);
+  EXPECT_TRUE(test::bitwise_equal(once.out, thrice.out));
+  // Graph capture of the same call on fresh device tensors.
+  const ExpertsOptions o = options_of(c);
+  DeviceTensor x = DeviceTensor::from_host(p.x), xs = DeviceTensor::from_host(p.xs);
+  DeviceTensor ids = DeviceTensor::from_host(p.ids), wts = DeviceTensor::from_host(p.wts);
+  DeviceTensor w13 = DeviceTensor::from_host(p.p13), w2 = DeviceTensor::from_host(p.p2);
+  DeviceTensor s13 = DeviceTensor::from_host(p.ps13), s2 = DeviceTensor::from_host(p.ps2);
+  DeviceTensor b13 = DeviceTensor::from_host(p.pb13), b2 = DeviceTensor::from_host(p.pb2);
+  DeviceTensor out(DType::BF16, {c.M, c.H});
+  ExpertWeights w = p.prepared;
+  w.w13 = w13;
+  w.w2 = w2;
+  w.w13_scale = s13;
+  w.w2_scale = s2;
+  w.w13_bias = b13;
+  w.w2_bias = b2;
+  ExpertsInputs in;
+  in.hidden = x;
+  in.hidden_scale = xs;
+  in.topk_ids = ids;
+  in.topk_weights = wts;
+  ExpertsOutputs eo;
+  eo.out = out;
+  const size_t ws_bytes = experts_workspace_size(make_experts_desc(in, w, p.map, o, eo));
+  DeviceTensor ws(DType::U8, {static_cast<int64_t>(ws_bytes)});
+  cudaStream_t stream;
+  MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  MODMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  experts(in, w, p.map, o, eo, {ws.view().data, ws_bytes}, stream);
+  MODMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec;
+  MODMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int r = 0; r < 2; ++r) {
+    test::poison(out);
+    MODMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    MODMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    EXPECT_TRUE(test::bitwise_equal(out.to_host(), once.out)) << "graph replay " << r;
+  }
+  MODMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MODMOE_CUDA_CHECK(cudaGraphDestroy(graph));
+  MODMOE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// fused_moe with FP8 weights on the GPU == route -> quantize_activations -> experts, bitwise,
+// for both schemes; and EP slices of the modular call summed == the single call.
+TEST_F(GpuFp8Stage, ModularEqualsMonolithicAndEpSlicesSum) {
+  for (QuantScheme scheme : {kBlk, kTen}) {
+    Case c;
+    c.name = scheme == kBlk ? "fused_blk" : "fused_tensor";
+    c.scheme = scheme;
+    c.M = 45;
+    c.E = 16;
+    c.k = 4;
+    c.H = 512;
+    c.I = 256;
+    const Problem p = make_problem(c, 8200 + static_cast<int>(scheme));
+    std::mt19937_64 rng(test::seed(8300));
+    HostTensor hidden(DType::BF16, {c.M, c.H}), logits(DType::F32, {c.M, c.E});
+    test::fill_normal(hidden, rng, 1.0f);
+    test::fill_normal(logits, rng, 1.0f);
+    DeviceTensor d_hidden = DeviceTensor::from_host(hidden), d_logits = DeviceTensor::from_host(logits);
+    DeviceTensor w13 = DeviceTensor::from_host(p.p13), w2 = DeviceTensor::from_host(p.p2);
+    DeviceTensor s13 = DeviceTensor::from_host(p.ps13), s2 = DeviceTensor::from_host(p.ps2);
+    DeviceTensor b13 = DeviceTensor::from_host(p.pb13), b2 = DeviceTensor::from_host(p.pb2);
+    ExpertWeights w = p.prepared;
+    w.w13 = w13;
+    w.w2 = w2;
+    w.w13_scale = s13;
+    w.w2_scale = s2;
+    w.w13_bias = b13;
+    w.w2_bias = b2;
+    RoutingParams rp;
+    rp.num_experts = c.E;
+    rp.top_k = c.k;
+    const ExpertsOptions o = options_of(c);
+    DeviceTensor fused_out(DType::BF16, {c.M, c.H});
+    test::poison(fused_out);
+    const size_t fws = fused_moe_workspace_size(c.M, w, rp, p.map, o);
+    DeviceTensor fws_buf(DType::U8, {static_cast<int64_t>(fws)});
+    fused_moe(d_logits, {}, d_hidden, w, rp, p.map, o, fused_out, {fws_buf.view().data, fws});
+    // The stages by hand.
+    DeviceTensor ids(DType::I32, {c.M, c.k}), wts(DType::F32, {c.M, c.k});
+    route(d_logits, {}, rp, ids, wts);
+    DeviceTensor q(DType::E4M3, {c.M, c.H});
+    DeviceTensor qs(DType::F32, scheme == kBlk ? std::vector<int64_t>{c.M, c.H / kB}
+                                               : std::vector<int64_t>{1});
+    quantize_activations(d_hidden, scheme, q, qs);
+    ExpertsInputs in;
+    in.hidden = q;
+    in.hidden_scale = qs;
+    in.topk_ids = ids;
+    in.topk_weights = wts;
+    DeviceTensor out(DType::BF16, {c.M, c.H});
+    test::poison(out);
+    ExpertsOutputs eo;
+    eo.out = out;
+    const size_t ews = experts_workspace_size(make_experts_desc(in, w, p.map, o, eo));
+    DeviceTensor ews_buf(DType::U8, {static_cast<int64_t>(ews)});
+    experts(in, w, p.map, o, eo, {ews_buf.view().data, ews});
+    test::sync();
+    const HostTensor single = out.to_host();
+    EXPECT_TRUE(test::bitwise_equal(fused_out.to_host(), single)) << c.name;
+    // EP = 4: each rank's slice of the experts (its own view of the weights), summed.
+    std::vector<double> sum(static_cast<size_t>(c.M * c.H), 0.0);
+    for (int rank = 0; rank < 4; ++rank) {
+      const ExpertMap m = ExpertMap::for_rank(c.E, 4, rank);
+      const int64_t el = m.num_local_experts, off = m.local_expert_offset;
+      auto slice = [&](const DeviceTensor& t) {
+        TensorView v = t.view();
+        const int64_t per = v.nbytes() / v.shape[0];
+        v.data = static_cast<char*>(v.data) + off * per;
+        v.shape[0] = el;
+        return v;
+      };
+      ExpertWeights wr = w;
+      wr.w13 = slice(w13);
+      wr.w2 = slice(w2);
+      wr.w13_scale = slice(s13);
+      wr.w2_scale = slice(s2);
+      wr.w13_bias = slice(b13);
+      wr.w2_bias = slice(b2);
+      test::poison(out);
+      experts(in, wr, m, o, eo, {ews_buf.view().data, ews});
+      test::sync();
+      const auto part = test::to_double(out.to_host());
+      for (size_t i = 0; i < sum.size(); ++i) sum[i] += part[i];
+    }
+    const double e = test::rel_l2(sum, test::to_double(single));
+    std::printf("%s: EP=4 slices summed vs the single call, rel L2 %.3g\n", c.name.c_str(), e);
+    EXPECT_LE(e, 5e-3);
+  }
+}
+
+}  // namespace
+}  // namespace modmoe
