@@ -4,7 +4,7 @@
 //   - small-integer inputs with power-of-two scales: GEMM1 (gemm1_activation_output) and the
 //     metadata bitwise equal; the outputs within 5e-3 (GEMM2 reads the re-quantized
 //     intermediate, whose partial sums need not be exact, and the FP8 wgmma accumulates them
-//     in its own order and precision);
+//     in its own order and precision; random inputs 1e-2, see MatchesTheOracle);
 //   - random inputs: relative L2 against the oracle, and against float64 over the dequantized
 //     weights and inputs (docs/fp8.md bound 0.04);
 //   - both schemes (per-tensor scales [1] and per row), both formats, both do_finalize modes,
@@ -403,8 +403,12 @@ TEST_P(GpuFp8Experts, MatchesTheOracle) {
     const double e = test::rel_l2(a, b);
     std::printf("%s: GEMM1 output rel L2 %.3g, %.4f bitwise, %lld rows\n", c.name.c_str(), e,
                 bitwise_fraction(a, b), static_cast<long long>(valid));
-    if (c.small_int) {
+    if (c.small_int && c.act != Activation::Geglu) {
       EXPECT_EQ(bitwise_fraction(a, b), 1.0) << "GEMM1 with exact partial sums must be bitwise";
+    } else if (c.small_int) {
+      // GeGLU: erff is not correctly rounded on either side; an ulp of fp32 rarely moves the
+      // bf16 rounding (seen on an H100: 98.6 % bitwise, rel L2 4.6e-9).
+      EXPECT_LE(e, 1e-6);
     } else {
       EXPECT_LE(e, 2e-3);
     }
@@ -423,7 +427,11 @@ TEST_P(GpuFp8Experts, MatchesTheOracle) {
   const double e = test::rel_l2(a, b);
   std::printf("%s: %s rel L2 vs the oracle %.3g, %.4f bitwise\n", c.name.c_str(),
               fin ? "out" : "gemm2_out", e, bitwise_fraction(a, b));
-  EXPECT_LE(e, 5e-3);
+  // The GEMM2 input is the intermediate re-quantized to e4m3: where GEMM1's fp32 sums differ
+  // in the last bit (another summation order), a bf16 act moves by an ulp and now and then its
+  // e4m3 code by one step (2^-3 relative). Measured on an H100: 4e-4..1.1e-3 on exact inputs,
+  // 1.7e-3..6e-3 on random ones; the accuracy bound proper is the float64 one below.
+  EXPECT_LE(e, c.small_int ? 5e-3 : 1e-2);
   if (fin && !c.small_int && c.act == Activation::Swiglu && !c.on_input) {
     const double e64 = test::rel_l2(a, dense_f64(p));
     std::printf("%s: out rel L2 vs float64 (dequantized, no intermediate rounding) %.3g\n",

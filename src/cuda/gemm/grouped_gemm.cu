@@ -349,7 +349,8 @@ bool config_runs(const GemmDesc& desc, const GemmConfig& config) {
 void launch_grouped_gemm(const GemmDesc& desc, const GemmConfig& config, const GemmArgs& args,
                          cudaStream_t stream) {
   desc.validate();
-  MODMOE_CHECK(config_runs(desc, config), "grouped GEMM: config ", config.to_string(),
+  MODMOE_CHECK(!is_compiled(config) || config_runs(desc, config), "grouped GEMM: config ",
+               config.to_string(),
                " cannot run this problem (", desc.fp8 ? "FP8" : "bf16", ", sm90 ",
                desc.sm90_supported() ? "supported" : "not supported", ")");
   if (config.arch == 90 && is_compiled(config)) {
