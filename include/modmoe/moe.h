@@ -17,7 +17,7 @@ size_t fused_moe_workspace_size(int64_t num_tokens, const ExpertWeights& weights
 // logits: [T, E] fp32|bf16; bias: [E] optional; hidden: [T, H] bf16; out: [T, H] bf16.
 // options.do_finalize must be true. topk_ids/topk_weights: optional [T, k] int32/fp32 views
 // that receive the routing result (the workspace holds it otherwise).
-// FP8 weights (Fp8PerTensor, Fp8Block128; CPU tensors for now): hidden stays bf16 and is
+// FP8 weights (Fp8PerTensor, Fp8Block128; CPU, or CUDA on sm_90): hidden stays bf16 and is
 // quantized into the workspace with quantize_activations (dynamic scales of the weights'
 // scheme) after routing: bitwise equal to route() -> quantize_activations() -> experts().
 // NVFP4 weights (W4A16; CPU tensors for now): hidden stays bf16 and goes to experts() as it

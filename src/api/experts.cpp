@@ -343,8 +343,8 @@ ExpertsDesc make_experts_desc(const ExpertsInputs& in, const ExpertWeights& weig
     MODMOE_NOT_SUPPORTED("quant scheme ", quant_scheme_name(weights.scheme), " on ",
                          dev.to_string(),
                          " in the experts stage: implemented are 'none' (bf16 activations and "
-                         "weights), 'fp8-tensor', 'fp8-block' and 'nvfp4' (W4A16) (FP8 and "
-                         "NVFP4 on the CPU reference only)");
+                         "weights), 'fp8-tensor', 'fp8-block' (CPU, and CUDA on sm_90) and "
+                         "'nvfp4' (W4A16, on the CPU reference only)");
   }
   const int act = static_cast<int>(options.activation.kind);
   MODMOE_CHECK(act >= 0 && act <= static_cast<int>(Activation::Relu2),
