@@ -13,6 +13,8 @@ void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorV
                           Stream stream);
 void dequantize_activations(const TensorView& q, QuantScheme scheme, const TensorView& scale,
                             const TensorView& out, Stream stream);
+void quantize_weights(const TensorView& w, QuantScheme scheme, const TensorView& q,
+                      const TensorView& scale, Stream stream);
 void prepare_weights_fp8(const ExpertWeights& src, ExpertWeights& dst,
                          const PrepareWeightsOptions& options, Stream stream);
 
