@@ -1,8 +1,11 @@
 // `modmoe bench all-to-all --gpus 2,4`: for every listed ep size (one launch of ep_size
 // processes each, rows of all of them in one JSON), dispatch and combine of the expert-parallel all-to-all
-// (H=7168 bf16, E=256, k=8, topk_ids + hidden + fp32 weights dispatched), NvLink and NCCL
+// (H=7168, E=256, k=8, topk_ids + hidden + fp32 weights dispatched), NvLink and NCCL
 // backends, and plain NCCL send/recv with exact uneven splits (the all_to_all_single baseline
 // of ANCHORS.md, which leaves out the host round trip for the split sizes), in one run.
+// `--dtype fp8-block|fp8-tensor`: the dispatch carries e4m3 hidden rows plus their fp32 scales
+// (H + 4H/128 or H + 4 bytes per token instead of 2H; docs/fp8.md "Quantize before dispatch"),
+// the combine stays bf16, and the EP layer runs FP8 weights; rows carry "dtype".
 //
 // Every cell is validated before it is timed, and again after: the received rows against the
 // CPU plan (reference::ep_plan: counts, source order, ids, rows), the combine of an identity
@@ -83,6 +86,7 @@ struct Shared {
   int nccl_version;
   Cell cells[kMaxCells][kMaxRanksBench];
   LayerCell layer[kMaxLayerVariants][kMaxTokenCounts][kMaxRanksBench];
+  char layer_skipped[512];  // why the EP layer did not run (rank 0's words), "" when it ran
 };
 
 struct BenchOptions {
@@ -92,6 +96,7 @@ struct BenchOptions {
   std::vector<Variant> layer_variants;  // EP layer runs (nvlink and/or nccl)
   int warmup = 5, iters = 30;
   uint64_t seed = 7;
+  QuantScheme dtype = QuantScheme::None;
 };
 
 TensorView prefix(const TensorView& t, int64_t rows) {
@@ -147,9 +152,19 @@ cudaGraphExec_t capture(cudaStream_t s, F&& fn) {
 
 struct AllInputs {
   std::vector<HostTensor> hidden, ids, weights;  // per rank, [Tmax, ...]
+  // FP8 only: hidden quantized once over each rank's Tmax tokens (quantize before dispatch):
+  // e4m3 [Tmax, H], scales [Tmax, H/128] or [Tmax] (the rank's per-tensor scale per token).
+  std::vector<HostTensor> q, qs, dequantized;  // dequantized: bf16(float(q) * s) [Tmax, H]
+  // What identity "experts" return for a token of rank r: its bf16 row or dequantized row.
+  const HostTensor& back(int r) const { return q.empty() ? hidden[r] : dequantized[r]; }
+  // The dispatch payloads of rank r in order: {hidden, weights} or {q, scales, weights}.
+  std::vector<const HostTensor*> payloads(int r) const {
+    if (q.empty()) return {&hidden[r], &weights[r]};
+    return {&q[r], &qs[r], &weights[r]};
+  }
 };
 
-AllInputs make_inputs(int n, int tmax, uint64_t seed) {
+AllInputs make_inputs(int n, int tmax, uint64_t seed, QuantScheme dtype) {
   AllInputs a;
   for (int r = 0; r < n; ++r) {
     a.hidden.emplace_back(DType::BF16, std::vector<int64_t>{tmax, kH});
@@ -166,15 +181,30 @@ AllInputs make_inputs(int n, int tmax, uint64_t seed) {
         a.weights.back().data<float>()[t * kK + j] = static_cast<float>(rng() % 1000) / 1000.0f;
       }
     }
+    if (dtype == QuantScheme::None) continue;
+    reference::EpQuantized x = reference::ep_quantize(a.hidden.back(), dtype);
+    a.dequantized.emplace_back(DType::BF16, std::vector<int64_t>{tmax, kH});
+    dequantize_activations(x.hidden, dtype, x.hidden_scale, a.dequantized.back());
+    a.q.push_back(std::move(x.hidden));
+    a.qs.push_back(std::move(x.hidden_scale));
   }
   return a;
 }
 
+// Row t of a [T, ...] host tensor, as bytes.
+const uint8_t* row_ptr(const HostTensor& h, int64_t t) {
+  const int64_t rows = h.view().size(0);
+  return static_cast<const uint8_t*>(h.view().data) + static_cast<size_t>(t) * (h.nbytes() / static_cast<size_t>(rows));
+}
+
+size_t row_bytes(const HostTensor& h) { return h.nbytes() / static_cast<size_t>(h.view().size(0)); }
+
 // Received rows against the plan; "" when right.
 std::string check_dispatch(const reference::EpPlan& plan, const AllInputs& in, const DispatchResult& res, int me,
                            int t) {
-  const HostTensor counts = download(res.recv_counts), ids = download(res.topk_ids),
-                   hid = download(res.payloads[0]), w = download(res.payloads[1]);
+  const HostTensor counts = download(res.recv_counts), ids = download(res.topk_ids);
+  std::vector<HostTensor> got;
+  for (const TensorView& p : res.payloads) got.push_back(download(flatten01(p)));  // [n*t, ...]
   const int n = plan.ep_size;
   for (int s = 0; s < n; ++s) {
     const auto& sent = plan.sent[s][me];
@@ -182,6 +212,7 @@ std::string check_dispatch(const reference::EpPlan& plan, const AllInputs& in, c
       return "count from rank " + std::to_string(s) + " = " + std::to_string(counts.data<int32_t>()[s]) +
              ", expected " + std::to_string(sent.size());
     }
+    const std::vector<const HostTensor*> want = in.payloads(s);
     for (int64_t i = 0; i < t; ++i) {
       const int64_t row = static_cast<int64_t>(s) * t + i;
       const int32_t* gi = ids.data<int32_t>() + row * kK;
@@ -192,9 +223,11 @@ std::string check_dispatch(const reference::EpPlan& plan, const AllInputs& in, c
         continue;
       }
       const int64_t src = sent[i];
-      if (std::memcmp(gi, in.ids[s].data<int32_t>() + src * kK, kK * 4) != 0 ||
-          std::memcmp(w.data<float>() + row * kK, in.weights[s].data<float>() + src * kK, kK * 4) != 0 ||
-          std::memcmp(hid.data<uint16_t>() + row * kH, in.hidden[s].data<uint16_t>() + src * kH, kH * 2) != 0) {
+      bool same = std::memcmp(gi, in.ids[s].data<int32_t>() + src * kK, kK * 4) == 0;
+      for (size_t p = 0; same && p < want.size(); ++p) {
+        same = std::memcmp(row_ptr(got[p], row), row_ptr(*want[p], src), row_bytes(*want[p])) == 0;
+      }
+      if (!same) {
         return "row [" + std::to_string(s) + ", " + std::to_string(i) + "] differs from token " + std::to_string(src) +
                " of rank " + std::to_string(s);
       }
@@ -203,20 +236,39 @@ std::string check_dispatch(const reference::EpPlan& plan, const AllInputs& in, c
   return "";
 }
 
-// Identity experts: out[t] = bf16(#destinations * x[t]).
+// Identity experts: out[t] = bf16(#destinations * x[t]), x the row the experts returned.
 std::string check_combine(const reference::EpPlan& plan, const AllInputs& in, const HostTensor& out, int me, int t) {
   for (int64_t i = 0; i < t; ++i) {
     int dests = 0;
     for (int r = 0; r < plan.ep_size; ++r) dests += plan.slot[me][r][i] >= 0;
     for (int64_t c = 0; c < kH; ++c) {
       const uint16_t want = float_to_bf16_bits(static_cast<float>(dests) *
-                                               bf16_bits_to_float(in.hidden[me].data<uint16_t>()[i * kH + c]));
+                                               bf16_bits_to_float(in.back(me).data<uint16_t>()[i * kH + c]));
       if (out.data<uint16_t>()[i * kH + c] != want) {
         return "combine out[" + std::to_string(i) + ", " + std::to_string(c) + "] differs";
       }
     }
   }
   return "";
+}
+
+// The rows of `parts` (each [T, ...], concatenated per token) of the listed tokens, packed:
+// [tokens, sum of the parts' row bytes]. The plain-NCCL baseline's send and expected buffers.
+HostTensor pack_rows(const std::vector<const HostTensor*>& parts, const std::vector<std::vector<int>>& lists) {
+  size_t row = 0, count = 0;
+  for (const HostTensor* p : parts) row += row_bytes(*p);
+  for (const auto& l : lists) count += l.size();
+  HostTensor out(DType::U8, {static_cast<int64_t>(std::max<size_t>(count, 1)), static_cast<int64_t>(row)});
+  uint8_t* dst = out.data<uint8_t>();
+  for (const auto& l : lists) {
+    for (int t : l) {
+      for (const HostTensor* p : parts) {
+        std::memcpy(dst, row_ptr(*p, t), row_bytes(*p));
+        dst += row_bytes(*p);
+      }
+    }
+  }
+  return out;
 }
 
 // Median microseconds of `iters` launches of `exec` (after `warmup`), CUDA events.
@@ -263,6 +315,7 @@ void layer_phase(const BenchOptions& o, int rank, comm::mp::RankComm& c, Shared*
     lo.num_sms = v.num_sms;
     lo.combine_pull = v.pull;
     lo.seed = o.seed;
+    lo.dtype = o.dtype;
     EpLayer layer(preset, n, rank, c.get(), lo);
     if (!ref_decided) {  // the first layer is the largest allocation the reference shares the GPU with
       ref_decided = true;
@@ -271,7 +324,7 @@ void layer_phase(const BenchOptions& o, int rank, comm::mp::RankComm& c, Shared*
       const size_t need = FusedReference::bytes_needed(layer.layer(), static_cast<int64_t>(n) * tmax) +
                           static_cast<size_t>(n) * tmax * (kH * 2 + kE * 4) + (size_t{2} << 30);
       if (need <= free_b) {
-        ref = std::make_unique<FusedReference>(preset, Device::cuda(rank), o.seed);
+        ref = std::make_unique<FusedReference>(preset, Device::cuda(rank), o.seed, o.dtype);
       } else {
         std::fprintf(stderr, "[rank %d] ep layer: fused_moe reference skipped: needs %.1f GB, %.1f GB free\n", rank,
                      need / 1e9, free_b / 1e9);
@@ -328,10 +381,15 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
   cudaStream_t s;
   MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   const int tmax = *std::max_element(o.tokens.begin(), o.tokens.end());
-  const AllInputs in = make_inputs(n, tmax, o.seed);
-  const DeviceTensor d_hidden = DeviceTensor::from_host(in.hidden[rank], rank);
+  const AllInputs in = make_inputs(n, tmax, o.seed, o.dtype);
+  const bool fp8 = o.dtype != QuantScheme::None;
   const DeviceTensor d_ids = DeviceTensor::from_host(in.ids[rank], rank);
-  const DeviceTensor d_w = DeviceTensor::from_host(in.weights[rank], rank);
+  std::vector<DeviceTensor> d_payloads;  // {hidden, weights} or {q, scales, weights}, [Tmax, ...]
+  for (const HostTensor* p : in.payloads(rank)) d_payloads.push_back(DeviceTensor::from_host(*p, rank));
+  // Bytes per token: the payloads; plus topk_ids for our all-to-all; the plain-NCCL baseline
+  // moves only the hidden rows (and their scales).
+  const size_t payload_bytes = reference::ep_payload_bytes_per_token(o.dtype, kH, kK);
+  const size_t baseline_row = payload_bytes - kK * 4;
   DeviceTensor out(DType::BF16, {tmax, kH}, rank);
   const int nt = static_cast<int>(o.tokens.size());
 
@@ -346,7 +404,7 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
       cfg.num_experts = kE;
       cfg.top_k = kK;
       cfg.max_tokens_per_rank = tmax;
-      cfg.max_payload_bytes_per_token = kH * 2 + kK * 4;
+      cfg.max_payload_bytes_per_token = payload_bytes;
       cfg.hidden = kH;
       cfg.num_sms = v.num_sms;
       cfg.combine_pull = v.pull;
@@ -370,20 +428,26 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
       std::string err;
       c.barrier();
       if (a2a) {
-        const TensorView ids = prefix(d_ids, t), hid = prefix(d_hidden, t), w = prefix(d_w, t);
-        const TensorView o_t = prefix(out, t);
+        const TensorView ids = prefix(d_ids, t), o_t = prefix(out, t);
+        std::vector<TensorView> payloads;
+        for (const DeviceTensor& d : d_payloads) payloads.push_back(prefix(d, t));
         const TensorView cb = a2a->combine_buffer(t);
-        DispatchResult res = a2a->dispatch(ids, {hid, w}, t, s);
+        DispatchResult res = a2a->dispatch(ids, payloads, t, s);
         MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
         a2a->check();
         err = check_dispatch(plan, in, res, rank, t);
-        MODMOE_CUDA_CHECK(cudaMemcpyAsync(cb.data, res.payloads[0].data, cb.nbytes(), cudaMemcpyDeviceToDevice, s));
+        // Identity "experts" (not timed): the received rows, dequantized for FP8.
+        if (fp8) {
+          dequantize_activations(flatten01(res.payloads[0]), o.dtype, flatten01(res.payloads[1]), flatten01(cb), s);
+        } else {
+          MODMOE_CUDA_CHECK(cudaMemcpyAsync(cb.data, res.payloads[0].data, cb.nbytes(), cudaMemcpyDeviceToDevice, s));
+        }
         out.fill_bytes(0xff, s);
         a2a->combine(cb, o_t, t, s);
         MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
         a2a->check();
         if (err.empty()) err = check_combine(plan, in, download(o_t), rank, t);
-        cudaGraphExec_t gd = capture(s, [&] { res = a2a->dispatch(ids, {hid, w}, t, s); });
+        cudaGraphExec_t gd = capture(s, [&] { res = a2a->dispatch(ids, payloads, t, s); });
         cudaGraphExec_t gc = capture(s, [&] { a2a->combine(cb, o_t, t, s); });
         out.fill_bytes(0xff, s);
         MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -394,29 +458,39 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
         if (err.empty()) err = check_combine(plan, in, download(o_t), rank, t);
         cudaGraphExecDestroy(gd);
         cudaGraphExecDestroy(gc);
-        cell.d_bytes = to_others * (kH * 2 + kK * 4 + kK * 4);
+        cell.d_bytes = to_others * static_cast<double>(payload_bytes + kK * 4);
         cell.c_bytes = from_others * kH * 2;
       } else {
-        // NCCL send/recv with exact, host-known splits of the hidden rows, packed by
-        // destination (what all_to_all_single moves), then the same rows back.
+        // NCCL send/recv with exact, host-known splits of the hidden rows (FP8: e4m3 rows and
+        // their scales), packed by destination (what all_to_all_single moves); then bf16 rows
+        // back (what identity experts return: the bf16 or dequantized rows).
         std::vector<size_t> off_to(n + 1, 0), off_from(n + 1, 0);
         for (int r = 0; r < n; ++r) {
           off_to[r + 1] = off_to[r] + plan.sent[rank][r].size();
           off_from[r + 1] = off_from[r] + plan.sent[r][rank].size();
         }
-        HostTensor pack(DType::BF16, {static_cast<int64_t>(std::max<size_t>(off_to[n], 1)), kH});
+        std::vector<const HostTensor*> mine = in.payloads(rank);
+        mine.pop_back();  // no topk_weights
+        const HostTensor send_d = pack_rows(mine, plan.sent[rank]);  // [to, baseline_row]
+        const HostTensor back_want = pack_rows({&in.back(rank)}, plan.sent[rank]);  // [to, 2H]
+        HostTensor recv_want(DType::U8, {static_cast<int64_t>(std::max<size_t>(off_from[n], 1)),
+                                         static_cast<int64_t>(baseline_row)});
+        HostTensor send_c_host(DType::U8, {static_cast<int64_t>(std::max<size_t>(off_from[n], 1)), kH * 2});
         for (int r = 0; r < n; ++r) {
-          for (size_t i = 0; i < plan.sent[rank][r].size(); ++i) {
-            std::memcpy(pack.data<uint16_t>() + (off_to[r] + i) * kH,
-                        in.hidden[rank].data<uint16_t>() + static_cast<size_t>(plan.sent[rank][r][i]) * kH, kH * 2);
-          }
+          std::vector<const HostTensor*> theirs = in.payloads(r);
+          theirs.pop_back();
+          const HostTensor d = pack_rows(theirs, {plan.sent[r][rank]}), b = pack_rows({&in.back(r)}, {plan.sent[r][rank]});
+          std::memcpy(recv_want.data<uint8_t>() + off_from[r] * baseline_row, d.view().data, plan.sent[r][rank].size() * baseline_row);
+          std::memcpy(send_c_host.data<uint8_t>() + off_from[r] * kH * 2, b.view().data, plan.sent[r][rank].size() * kH * 2);
         }
-        const DeviceTensor send = DeviceTensor::from_host(pack, rank);
-        DeviceTensor back(DType::BF16, {static_cast<int64_t>(std::max<size_t>(off_to[n], 1)), kH}, rank);
-        DeviceTensor recv(DType::BF16, {static_cast<int64_t>(std::max<size_t>(off_from[n], 1)), kH}, rank);
+        const DeviceTensor send = DeviceTensor::from_host(send_d, rank);
+        const DeviceTensor send_c = DeviceTensor::from_host(send_c_host, rank);
+        DeviceTensor back(DType::U8, {std::max<int64_t>(static_cast<int64_t>(off_to[n]), 1), kH * 2}, rank);
+        DeviceTensor recv(DType::U8, {std::max<int64_t>(static_cast<int64_t>(off_from[n]), 1),
+                                      static_cast<int64_t>(baseline_row)}, rank);
         const comm::NcclLib& nl = comm::nccl();
-        const size_t row = kH * 2;
-        auto exchange = [&](const uint8_t* src, const std::vector<size_t>& so, uint8_t* dst, const std::vector<size_t>& ro) {
+        auto exchange = [&](const uint8_t* src, const std::vector<size_t>& so, uint8_t* dst,
+                            const std::vector<size_t>& ro, size_t row) {
           MODMOE_NCCL_CHECK(nl.GroupStart());
           for (int r = 0; r < n; ++r) {
             if (so[r + 1] > so[r]) MODMOE_NCCL_CHECK(nl.Send(src + so[r] * row, (so[r + 1] - so[r]) * row, ncclUint8, r, c.get(), s));
@@ -424,20 +498,15 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
           }
           MODMOE_NCCL_CHECK(nl.GroupEnd());
         };
-        auto d_fn = [&] { exchange(send.data<uint8_t>(), off_to, recv.data<uint8_t>(), off_from); };
-        auto c_fn = [&] { exchange(recv.data<uint8_t>(), off_from, back.data<uint8_t>(), off_to); };
+        auto d_fn = [&] { exchange(send.data<uint8_t>(), off_to, recv.data<uint8_t>(), off_from, baseline_row); };
+        auto c_fn = [&] { exchange(send_c.data<uint8_t>(), off_from, back.data<uint8_t>(), off_to, kH * 2); };
         auto verify = [&]() -> std::string {
-          const HostTensor got = recv.to_host();
-          for (int r = 0; r < n; ++r) {
-            for (size_t i = 0; i < plan.sent[r][rank].size(); ++i) {
-              if (std::memcmp(got.data<uint16_t>() + (off_from[r] + i) * kH,
-                              in.hidden[r].data<uint16_t>() + static_cast<size_t>(plan.sent[r][rank][i]) * kH, row) != 0) {
-                return "baseline: received row differs";
-              }
-            }
+          if (std::memcmp(recv.to_host().view().data, recv_want.view().data, off_from[n] * baseline_row) != 0) {
+            return "baseline: received rows differ";
           }
-          const HostTensor b = back.to_host();
-          if (std::memcmp(b.view().data, pack.view().data, off_to[n] * row) != 0) return "baseline: rows back differ";
+          if (std::memcmp(back.to_host().view().data, back_want.view().data, off_to[n] * kH * 2) != 0) {
+            return "baseline: rows back differ";
+          }
           return "";
         };
         d_fn();
@@ -451,7 +520,7 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
         if (err.empty()) err = verify();
         cudaGraphExecDestroy(gd);
         cudaGraphExecDestroy(gc);
-        cell.d_bytes = to_others * kH * 2;
+        cell.d_bytes = to_others * static_cast<double>(baseline_row);
         cell.c_bytes = from_others * kH * 2;
       }
       if (!err.empty()) {
@@ -463,7 +532,15 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
     a2a.reset();
     c.barrier();
   }
-  if (!o.layer_variants.empty()) layer_phase(o, rank, c, sh, s);
+  if (!o.layer_variants.empty()) {
+    // The same answer on every rank: all run the layer phase, or none does.
+    const std::string why = experts_not_supported_on_gpu(o.dtype, rank);
+    if (why.empty()) {
+      layer_phase(o, rank, c, sh, s);
+    } else if (rank == 0) {
+      std::snprintf(sh->layer_skipped, sizeof(sh->layer_skipped), "%s", why.c_str());
+    }
+  }
   MODMOE_CUDA_CHECK(cudaStreamDestroy(s));
   return 0;
 }
@@ -472,8 +549,10 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
 
 int run_ep_bench(const std::vector<std::string>& argv) {
   const Args args(argv, {"--gpus", "--tokens", "--sms", "--backends", "--combine", "--layer", "--iters", "--warmup",
-                         "--out", "--seed", "--time-limit"}, {});
+                         "--out", "--seed", "--time-limit", "--dtype"}, {});
   BenchOptions o;
+  o.dtype = parse_dtype(args.get("--dtype", "bf16"));
+  const std::string dtype = dtype_option_name(o.dtype);
   const std::vector<int> ep_sizes = parse_int_list(args.get("--gpus", "2"), "--gpus", 1, kMaxRanksBench);
   o.tokens = parse_int_list(args.get("--tokens", "1,16,128,512,2048,4096"), "--tokens", 1, 1 << 16);
   const std::vector<int> sms = parse_int_list(args.get("--sms", "24"), "--sms", 1, 1024);
@@ -529,7 +608,14 @@ int run_ep_bench(const std::vector<std::string>& argv) {
   j["num_experts"] = kE;
   j["top_k"] = kK;
   j["iters"] = o.iters;
-  j["dispatch_payload"] = "topk_ids int32 [T,8] + hidden bf16 [T,7168] + topk_weights fp32 [T,8]";
+  j["dtype"] = dtype;
+  j["dispatch_payload"] =
+      o.dtype == QuantScheme::None ? "topk_ids int32 [T,8] + hidden bf16 [T,7168] + topk_weights fp32 [T,8]"
+      : o.dtype == QuantScheme::Fp8Block128
+          ? "topk_ids int32 [T,8] + hidden e4m3 [T,7168] + scales fp32 [T,56] + topk_weights fp32 [T,8]"
+          : "topk_ids int32 [T,8] + hidden e4m3 [T,7168] + the rank's per-tensor scale fp32 [T] + topk_weights fp32 [T,8]";
+  j["dispatch_bytes_per_token"] = reference::ep_payload_bytes_per_token(o.dtype, kH, kK) + kK * 4;
+  j["combine"] = "bf16 [T,7168]";
   j["gbps_counts"] = "bytes of rows sent to other ranks by the slowest rank / its median time";
   j["timing"] = "CUDA-graph replays of dispatch and combine, alternately, CUDA events, median per rank";
   j["ep_layer"] =
@@ -538,8 +624,10 @@ int run_ep_bench(const std::vector<std::string>& argv) {
       "replay median, slowest rank; same EpLayer as `modmoe ep-demo`, on the backend of the row with the "
       "row's num_sms and combine mode. single_gpu_fused_moe_us: fused_moe on one GPU over the same global "
       "batch (ep_size * tokens_per_rank tokens, all 256 experts), graph replay median. ep_layer_rel_l2: "
-      "largest over ranks of the rank's output vs fused_moe's rows; ep_layer_correct: rel L2 <= 1e-2 and "
-      "the output after the replays bitwise equal to the first run's";
+      "largest over ranks of the rank's output vs fused_moe's rows; ep_layer_correct: rel L2 <= 1e-2 (0.1 for "
+      "fp8-tensor: fused_moe's per-tensor scale is over the global batch, each rank's over its own tokens) and "
+      "the output after the replays bitwise equal to the first run's. FP8 dtypes: FP8 weights quantized from the "
+      "same bf16 numbers, every rank quantizes its hidden before the dispatch (inside the layer's time)";
   {
     char date[32];
     const std::time_t now = std::time(nullptr);
@@ -551,8 +639,9 @@ int run_ep_bench(const std::vector<std::string>& argv) {
   const int nt = static_cast<int>(o.tokens.size());
   for (const int ep : ep_sizes) {
     o.gpus = ep;
-    std::printf("modmoe bench all-to-all: ep_size %d, H=%lld bf16, E=%d, k=%d, tokens per rank", o.gpus,
-                static_cast<long long>(kH), kE, kK);
+    std::printf("modmoe bench all-to-all: ep_size %d, H=%lld, dtype %s (%zu dispatch bytes per token), E=%d, k=%d, "
+                "tokens per rank", o.gpus, static_cast<long long>(kH), dtype.c_str(),
+                reference::ep_payload_bytes_per_token(o.dtype, kH, kK) + kK * 4, kE, kK);
     for (int t : o.tokens) std::printf(" %d", t);
     std::printf("; CUDA-graph replay medians of %d runs, slowest rank\n", o.iters);
     std::fflush(stdout);
@@ -569,6 +658,12 @@ int run_ep_bench(const std::vector<std::string>& argv) {
       }
     }
     if (sh->gpu[0]) j["gpu"] = sh->gpu;
+    // The EP layer's rows: none when it was skipped (FP8 experts not on the GPU yet).
+    const std::vector<Variant> layers = sh->layer_skipped[0] ? std::vector<Variant>{} : o.layer_variants;
+    if (sh->layer_skipped[0]) {
+      std::fprintf(stderr, "ep_size %d: the EP layer was skipped: %s\n", ep, sh->layer_skipped);
+      j["ep_layer_skipped"] = sh->layer_skipped;
+    }
     if (sh->nccl_version) j["nccl_version"] = sh->nccl_version;
 
     // The EP layer per (layer variant, tokens): slowest rank, worst error, fused_moe of rank 0.
@@ -576,8 +671,8 @@ int run_ep_bench(const std::vector<std::string>& argv) {
       bool valid = true, correct = true, checked = true, graph = true;
       double us = 0, rel = 0, fused = 0;
     };
-    std::vector<std::vector<LayerRow>> lrows(o.layer_variants.size(), std::vector<LayerRow>(nt));
-    for (size_t li = 0; li < o.layer_variants.size(); ++li) {
+    std::vector<std::vector<LayerRow>> lrows(layers.size(), std::vector<LayerRow>(nt));
+    for (size_t li = 0; li < layers.size(); ++li) {
       for (int ti = 0; ti < nt; ++ti) {
         LayerRow& lr = lrows[li][ti];
         for (int r = 0; r < o.gpus; ++r) {
@@ -587,7 +682,8 @@ int run_ep_bench(const std::vector<std::string>& argv) {
           lr.graph = lr.graph && x.graph;
           lr.us = std::max(lr.us, x.layer_us);
           lr.rel = std::max(lr.rel, x.rel_l2);
-          lr.correct = lr.correct && x.repeat_equal && (!x.fused_fits || (std::isfinite(x.rel_l2) && x.rel_l2 >= 0 && x.rel_l2 <= 1e-2));
+          lr.correct = lr.correct && x.repeat_equal &&
+                       (!x.fused_fits || (std::isfinite(x.rel_l2) && x.rel_l2 >= 0 && x.rel_l2 <= ep_reference_bound(o.dtype)));
         }
         lr.correct = lr.correct && lr.valid;
         lr.fused = sh->layer[li][ti][0].fused_fits ? sh->layer[li][ti][0].fused_us : 0.0;
@@ -608,8 +704,8 @@ int run_ep_bench(const std::vector<std::string>& argv) {
     for (size_t vi = 0; vi < o.variants.size(); ++vi) {
       const Variant& v = o.variants[vi];
       int li = -1;  // the EP layer measured with this variant's settings
-      for (size_t x = 0; x < o.layer_variants.size(); ++x) {
-        const Variant& lv = o.layer_variants[x];
+      for (size_t x = 0; x < layers.size(); ++x) {
+        const Variant& lv = layers[x];
         if (lv.backend == v.backend && lv.num_sms == v.num_sms && (v.backend != "nvlink" || lv.pull == v.pull)) li = static_cast<int>(x);
       }
       for (int ti = 0; ti < nt; ++ti) {
@@ -643,7 +739,7 @@ int run_ep_bench(const std::vector<std::string>& argv) {
         std::printf("%-16s %4d %5s %7d %12.1f %12.1f %14.1f %14.1f %8s %12s %12s\n", v.backend.c_str(),
                     v.backend == "nccl_a2a_uneven" ? 0 : v.num_sms, mode, o.tokens[ti], row[sd].d_us, row[sc].c_us, dg,
                     cg, correct ? "yes" : "NO", lbuf, fbuf);
-        nlohmann::json jr = {{"ep_size", o.gpus}, {"backend", v.backend},
+        nlohmann::json jr = {{"ep_size", o.gpus}, {"dtype", dtype}, {"backend", v.backend},
                              {"num_sms", v.backend == "nccl_a2a_uneven" ? 0 : v.num_sms}, {"combine_mode", mode},
                              {"tokens_per_rank", o.tokens[ti]}, {"dispatch_us", row[sd].d_us},
                              {"combine_us", row[sc].c_us}, {"dispatch_GBps", dg}, {"combine_GBps", cg},
@@ -658,7 +754,7 @@ int run_ep_bench(const std::vector<std::string>& argv) {
         if (fused > 0) {
           jr["single_gpu_fused_moe_us"] = fused;
           if (li >= 0 && lrows[li][ti].valid && lrows[li][ti].us > 0) jr["ep_layer_speedup_vs_single_gpu"] = fused / lrows[li][ti].us;
-        } else if (!o.layer_variants.empty()) {
+        } else if (!layers.empty()) {
           jr["single_gpu_fused_moe_us"] = nullptr;
           jr["single_gpu_fused_moe_note"] =
               "not run: all 256 experts' weights and the workspace for the global batch did not fit in one GPU's "
@@ -682,7 +778,7 @@ int run_ep_bench(const std::vector<std::string>& argv) {
     }
     std::printf("\n");
     // Written after every ep size, so the rows measured so far survive a later failure.
-    write_bench_json(j, args.get("--out", ""), "all_to_all.json");
+    write_bench_json(j, args.get("--out", ""), o.dtype == QuantScheme::None ? "all_to_all.json" : "all_to_all_" + dtype + ".json");
   }
   return ok ? 0 : 1;
 }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "modmoe/all_to_all.h"
+#include "modmoe/dtype.h"
 #include "modmoe/error.h"
 
 namespace modmoe::app {
@@ -14,6 +15,19 @@ inline AllToAllBackend parse_backend(const std::string& s) {
   if (s == "nvlink") return AllToAllBackend::NvLink;
   if (s == "nccl") return AllToAllBackend::Nccl;
   MODMOE_FAIL("option '--backend' = '", s, "': expected nvlink or nccl");
+}
+
+// --dtype: what the experts' weights are and what the dispatch carries (docs/fp8.md,
+// "Quantize before dispatch"): bf16 (QuantScheme::None), fp8-block or fp8-tensor.
+inline QuantScheme parse_dtype(const std::string& s) {
+  if (s == "bf16") return QuantScheme::None;
+  if (s == "fp8-block") return QuantScheme::Fp8Block128;
+  if (s == "fp8-tensor") return QuantScheme::Fp8PerTensor;
+  MODMOE_FAIL("option '--dtype' = '", s, "': expected bf16, fp8-block or fp8-tensor");
+}
+
+inline const char* dtype_option_name(QuantScheme dtype) {
+  return dtype == QuantScheme::None ? "bf16" : quant_scheme_name(dtype);
 }
 
 // "1,16,128" -> {1, 16, 128}

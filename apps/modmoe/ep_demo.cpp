@@ -3,7 +3,8 @@
 // received (its own slice of the experts, ExpertMap::for_rank, do_finalize, written straight
 // into combine_buffer()) and combines. Each rank's output is checked against the single-GPU
 // fused_moe over the same global batch (N*T tokens, all E experts, run on every rank), and
-// every stage is timed (CUDA events, median).
+// every stage is timed (CUDA events, median). `--dtype fp8-block|fp8-tensor`: FP8 weights, and
+// every rank quantizes its tokens before the dispatch (docs/fp8.md, "Quantize before dispatch").
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -30,7 +31,8 @@ namespace {
 struct RankReport {
   int finished = 0;
   int ok = 0;
-  double route_us = 0, dispatch_us = 0, experts_us = 0, combine_us = 0, layer_us = 0, fused_us = 0;
+  double stage_us[kEpStages] = {};  // route, quantize, dispatch, experts, combine
+  double layer_us = 0, fused_us = 0;
   double rel_l2 = 0;
   double sliced_vs_fused = -1, ep_vs_sliced = -1;  // diagnostics, -1 = not run
   double ep_vs_f64 = -1, fused_vs_f64 = -1;
@@ -48,10 +50,16 @@ struct DemoOptions {
   bool identity = false;
   int reps = 10;
   int num_sms = 0;
+  QuantScheme dtype = QuantScheme::None;
 };
 
 int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankReport* rep) {
   const int n = o.gpus;
+  if (!o.identity) {  // before any rank builds its weights: the same answer on every rank
+    const std::string why = experts_not_supported_on_gpu(o.dtype, rank);
+    MODMOE_CHECK(why.empty(), "ep-demo --dtype ", dtype_option_name(o.dtype), ": ", why,
+                 " [--experts identity runs the FP8 quantize, dispatch, dequantize and combine without it]");
+  }
   comm::mp::RankComm c(rv, rank, n, rank);
   const Preset& preset = find_preset(o.preset);
   const int e = preset.num_experts, k = preset.top_k;
@@ -69,6 +77,7 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
   lo.num_sms = o.num_sms;
   lo.identity = o.identity;
   lo.seed = o.seed;
+  lo.dtype = o.dtype;
   EpLayer layer(preset, n, rank, c.get(), lo);
   const Layer& mine = layer.layer();
   // The global batch, the same on every rank; my tokens are rows [rank*T, (rank+1)*T).
@@ -79,28 +88,25 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
   const int rm = static_cast<int>(t);
   const TensorView ids = layer.ids(rm), wts = layer.weights(rm), out = layer.out(rm);
 
-  cudaEvent_t ev[5];
+  cudaEvent_t ev[kEpStages + 1];
   for (auto& x : ev) MODMOE_CUDA_CHECK(cudaEventCreate(&x));
-  std::vector<float> st[4], total;
+  std::vector<float> st[kEpStages], total;
   c.barrier();
   for (int it = 0; it < o.reps + 2; ++it) {
     layer.run(hidden, logits, rm, s, ev);
     MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
     layer.a2a().check();
     if (it < 2) continue;  // warm-up
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < kEpStages; ++i) {
       float ms = 0;
       MODMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[i], ev[i + 1]));
       st[i].push_back(ms);
     }
     float ms = 0;
-    MODMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[4]));
+    MODMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[kEpStages]));
     total.push_back(ms);
   }
-  rep->route_us = median_us(st[0]);
-  rep->dispatch_us = median_us(st[1]);
-  rep->experts_us = median_us(st[2]);
-  rep->combine_us = median_us(st[3]);
+  for (int i = 0; i < kEpStages; ++i) rep->stage_us[i] = median_us(st[i]);
   rep->layer_us = median_us(total);
   {
     const HostTensor counts = to_host(layer.last_dispatch().recv_counts);
@@ -110,9 +116,13 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
 
   // The check.
   double err2 = 0, ref2 = 0;
+  const bool fp8 = o.dtype != QuantScheme::None;
   if (o.identity) {
-    // Identity experts: each token comes back once per distinct destination rank.
-    const HostTensor hid = to_host(hidden), id = to_host(ids);
+    // Identity experts: each token comes back once per distinct destination rank. FP8: the
+    // rows that came back are the dequantized e4m3 rows (bf16(float(q) * s)).
+    HostTensor hid = to_host(hidden);
+    const HostTensor id = to_host(ids);
+    if (fp8) dequantize_activations(to_host(layer.hidden_q(rm)), o.dtype, to_host(layer.hidden_scale(rm)), hid);
     for (int64_t i = 0; i < t; ++i) {
       uint64_t mask = 0;
       for (int j = 0; j < k; ++j) {
@@ -129,7 +139,7 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
     }
   } else {
     // The single-GPU reference: fused_moe over the whole batch with all E experts.
-    FusedReference ref(preset, dev, o.seed);
+    FusedReference ref(preset, dev, o.seed, o.dtype);
     const Layer& full = ref.layer();
     auto run_fused = [&] { ref.run(global, s); };
     std::vector<float> fms;
@@ -156,6 +166,7 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
       d1.intermediate = preset.intermediate;
       d1.top_k = k;
       d1.activation = full.options.activation.kind;
+      d1.scheme = full.weights.scheme;
       d1.do_finalize = true;
       std::vector<double> sum(static_cast<size_t>(t * h), 0.0);
       Buffer part(DType::BF16, {t, h}, dev);
@@ -164,8 +175,9 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
         d1.expert_map = mr;
         const size_t wsb = experts_workspace_size(d1);
         Buffer wsr(DType::U8, {static_cast<int64_t>(wsb) + 256}, dev);
-        ExpertsInputs li;
-        li.hidden = hidden;
+        ExpertsInputs li;  // FP8: the rows this rank quantized and dispatched
+        li.hidden = fp8 ? layer.hidden_q(rm) : hidden;
+        li.hidden_scale = fp8 ? layer.hidden_scale(rm) : TensorView{};
         li.topk_ids = ids;
         li.topk_weights = wts;
         ExpertsOutputs lo;
@@ -202,8 +214,11 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
     }
   }
   rep->rel_l2 = ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
-  const double bound = o.identity ? 0.0 : 1e-2;
+  const double bound = o.identity ? 0.0 : ep_reference_bound(o.dtype);
   rep->ok = std::isfinite(rep->rel_l2) && rep->rel_l2 <= bound;
+  // fp8-tensor: the bound against fused_moe allows for its other scale; the same rows summed
+  // over the ranks' expert slices without the all-to-all must agree tightly.
+  if (!o.identity && o.dtype == QuantScheme::Fp8PerTensor) rep->ok = rep->ok && rep->ep_vs_sliced <= 1e-2;
   rep->finished = 1;
   for (auto& x : ev) cudaEventDestroy(x);
   c.barrier();
@@ -214,7 +229,8 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
 }  // namespace
 
 int run_ep_demo(const std::vector<std::string>& argv) {
-  const Args args(argv, {"--gpus", "--preset", "--backend", "--tokens", "--seed", "--experts", "--reps", "--num-sms"}, {});
+  const Args args(argv, {"--gpus", "--preset", "--backend", "--tokens", "--seed", "--experts", "--reps", "--num-sms",
+                         "--dtype"}, {});
   DemoOptions o;
   o.gpus = static_cast<int>(args.get_int("--gpus", 2, 1, 64));
   o.preset = args.get("--preset", "deepseek-v3");
@@ -223,18 +239,26 @@ int run_ep_demo(const std::vector<std::string>& argv) {
   o.seed = static_cast<uint64_t>(args.get_int("--seed", 1234, 0, 1ll << 62));
   o.reps = static_cast<int>(args.get_int("--reps", 10, 1, 10000));
   o.num_sms = static_cast<int>(args.get_int("--num-sms", 0, 0, 1024));
+  o.dtype = parse_dtype(args.get("--dtype", "bf16"));
   const std::string ex = args.get("--experts", "real");
   MODMOE_CHECK(ex == "real" || ex == "identity", "option '--experts' = '", ex, "': expected real or identity");
   o.identity = ex == "identity";
   const Preset& preset = find_preset(o.preset);
   MODMOE_CHECK(preset.num_experts % o.gpus == 0, "option '--gpus' = ", o.gpus, ": expected a divisor of the ",
                preset.num_experts, " experts of ", preset.name);
+  MODMOE_CHECK(o.dtype == QuantScheme::None || (preset.hidden % kFp8BlockSize == 0 && preset.intermediate % kFp8BlockSize == 0),
+               "option '--dtype' = ", dtype_option_name(o.dtype), " with preset ", preset.name, " (H = ", preset.hidden,
+               ", I = ", preset.intermediate, "): expected H and I multiples of 128 (the FP8 scale block); pick "
+               "another preset or --dtype bf16");
   const int have = comm::mp::probe_gpu_count();
   MODMOE_CHECK(have >= o.gpus, "option '--gpus' = ", o.gpus, ": this machine has ", have, " GPUs");
 
-  std::printf("modmoe ep-demo: %s (%s), %d GPUs, backend %s, %lld tokens per rank, experts %s, seed %llu\n",
+  std::printf("modmoe ep-demo: %s (%s), %d GPUs, backend %s, %lld tokens per rank, experts %s, dtype %s (%zu "
+              "dispatch payload bytes per token), seed %llu\n",
               preset.name.c_str(), preset.shape_string().c_str(), o.gpus, all_to_all_backend_name(o.backend),
-              static_cast<long long>(o.tokens), ex.c_str(), static_cast<unsigned long long>(o.seed));
+              static_cast<long long>(o.tokens), ex.c_str(), dtype_option_name(o.dtype),
+              reference::ep_payload_bytes_per_token(o.dtype, preset.hidden, preset.top_k),
+              static_cast<unsigned long long>(o.seed));
   std::fflush(stdout);
   comm::mp::SharedMemory shm(sizeof(comm::mp::Rendezvous) + sizeof(RankReport) * o.gpus);
   auto* rv = new (shm.data()) comm::mp::Rendezvous();
@@ -243,35 +267,45 @@ int run_ep_demo(const std::vector<std::string>& argv) {
   for (int r = 0; r < o.gpus; ++r) new (&reps[r]) RankReport();
   const std::vector<int> codes = comm::mp::run_ranks(o.gpus, 900.0, [&](int rank) { return demo_rank(o, rank, rv, &reps[rank]); });
 
-  std::printf("\n%-5s %-24s %9s %9s %9s %9s %9s %10s %14s %10s %s\n", "rank", "gpu", "route us", "dispatch", "experts",
-              "combine", "layer us", "recv rows", "fused_moe us", "rel L2", "result");
+  std::printf("\n%-5s %-24s %9s %9s %9s %9s %9s %9s %10s %14s %10s %s\n", "rank", "gpu", "route us", "quantize",
+              "dispatch", "experts", "combine", "layer us", "recv rows", "fused_moe us", "rel L2", "result");
   bool ok = true;
-  double worst[5] = {0, 0, 0, 0, 0};
+  double worst[kEpStages + 1] = {};  // the stages, then the layer
   for (int r = 0; r < o.gpus; ++r) {
     const RankReport& x = reps[r];
     const bool good = codes[r] == 0 && x.finished && x.ok;
     ok = ok && good;
-    std::printf("%-5d %-24s %9.1f %9.1f %9.1f %9.1f %9.1f %10lld %14.1f %10.2e %s (exit %d)\n", r, x.gpu, x.route_us,
-                x.dispatch_us, x.experts_us, x.combine_us, x.layer_us, static_cast<long long>(x.received), x.fused_us,
-                x.rel_l2, good ? "ok" : "FAILED", codes[r]);
-    const double v[5] = {x.route_us, x.dispatch_us, x.experts_us, x.combine_us, x.layer_us};
-    for (int i = 0; i < 5; ++i) worst[i] = std::max(worst[i], v[i]);
+    std::printf("%-5d %-24s %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %10lld %14.1f %10.2e %s (exit %d)\n", r, x.gpu,
+                x.stage_us[0], x.stage_us[1], x.stage_us[2], x.stage_us[3], x.stage_us[4], x.layer_us,
+                static_cast<long long>(x.received), x.fused_us, x.rel_l2, good ? "ok" : "FAILED", codes[r]);
+    for (int i = 0; i < kEpStages; ++i) worst[i] = std::max(worst[i], x.stage_us[i]);
+    worst[kEpStages] = std::max(worst[kEpStages], x.layer_us);
   }
   if (!o.identity) {
     std::printf("\ndiagnostics per rank: routing ids equal to fused_moe's; rel L2 of the sum of experts() over\n"
                 "the ranks' slices on the rank's own tokens (no all-to-all) vs fused_moe, of the all-to-all path\n"
-                "vs that sum, and of one sampled token of each against float64\n");
+                "vs that sum, and of one sampled token of each against float64%s\n",
+                o.dtype != QuantScheme::None ? " over the bf16 masters (FP8 is\nabout 0.06 from them: four e4m3 roundings, docs/fp8.md)" : "");
     for (int r = 0; r < o.gpus; ++r) {
       const RankReport& x = reps[r];
       std::printf("rank %d: ids equal %d, sliced vs fused %.2e, ep vs sliced %.2e, ep vs f64 %.2e, fused vs f64 %.2e\n",
                   r, x.ids_equal, x.sliced_vs_fused, x.ep_vs_sliced, x.ep_vs_f64, x.fused_vs_f64);
     }
   }
-  std::printf("%-5s %-24s %9.1f %9.1f %9.1f %9.1f %9.1f\n", "max", "(slowest rank per stage)", worst[0], worst[1],
-              worst[2], worst[3], worst[4]);
-  std::printf("\ncheck: each rank's output against the single-GPU fused_moe over the same %lld-token batch: %s "
-              "(bound rel L2 %s)\n",
-              static_cast<long long>(o.tokens * o.gpus), ok ? "ok" : "FAILED", o.identity ? "0 (exact)" : "1e-2");
+  std::printf("%-5s %-24s %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f\n", "max", "(slowest rank per stage)", worst[0],
+              worst[1], worst[2], worst[3], worst[4], worst[5]);
+  char bound[160];
+  if (o.identity) {
+    std::snprintf(bound, sizeof(bound), "0 (exact)");
+  } else {
+    std::snprintf(bound, sizeof(bound), "%g%s", ep_reference_bound(o.dtype),
+                  o.dtype == QuantScheme::Fp8PerTensor
+                      ? ": fused_moe's per-tensor scale is over the global batch; ep vs sliced <= 1e-2"
+                      : "");
+  }
+  std::printf("\ncheck (%s): each rank's output against the single-GPU %s over the same %lld-token batch: %s "
+              "(bound rel L2 %s)\n", dtype_option_name(o.dtype), o.identity ? "identity" : "fused_moe",
+              static_cast<long long>(o.tokens * o.gpus), ok ? "ok" : "FAILED", bound);
   return ok ? 0 : 1;
 }
 

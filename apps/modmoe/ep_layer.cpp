@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "cuda/device/cuda_check.h"
+#include "reference/ep_sim.h"
 
 namespace modmoe::app {
 
@@ -17,8 +18,15 @@ TensorView rows_of(const TensorView& t, int64_t first, int64_t count) {
 }
 
 TensorView flatten01(const TensorView& t) {
-  return make_view(t.data, t.dtype, {t.size(0) * t.size(1), t.size(2)}, t.device);
+  MODMOE_CHECK(t.ndim >= 2 && t.is_contiguous(), "flatten01: shape ", t.shape_string(),
+               ": expected a contiguous view of 2 or more dimensions");
+  int64_t shape[TensorView::kMaxDims];
+  shape[0] = t.size(0) * t.size(1);
+  for (int d = 2; d < t.ndim; ++d) shape[d - 1] = t.size(d);
+  return make_view(t.data, t.dtype, shape, t.ndim - 1, t.device);
 }
+
+double ep_reference_bound(QuantScheme dtype) { return dtype == QuantScheme::Fp8PerTensor ? 0.1 : 1e-2; }
 
 double median_us(std::vector<float> ms) {
   std::sort(ms.begin(), ms.end());
@@ -43,16 +51,61 @@ ExpertsDesc experts_desc(const Preset& preset, const Layer& l, const ExpertMap& 
 
 }  // namespace
 
+std::string experts_not_supported_on_gpu(QuantScheme dtype, int device) {
+  if (dtype == QuantScheme::None) return "";
+  const Device dev = Device::cuda(device);
+  const int64_t b = kFp8BlockSize;
+  const bool block = dtype == QuantScheme::Fp8Block128;
+  const Buffer w13(DType::E4M3, {1, 2 * b, b}, dev), w2(DType::E4M3, {1, b, b}, dev);
+  const Buffer s13(DType::F32, block ? std::vector<int64_t>{1, 2, 1} : std::vector<int64_t>{1}, dev);
+  const Buffer s2(DType::F32, block ? std::vector<int64_t>{1, 1, 1} : std::vector<int64_t>{1}, dev);
+  const Buffer hid(DType::E4M3, {1, b}, dev), hs(DType::F32, block ? std::vector<int64_t>{1, 1} : std::vector<int64_t>{1}, dev);
+  const Buffer ids(DType::I32, {1, 1}, dev), wts(DType::F32, {1, 1}, dev), out(DType::BF16, {1, b}, dev);
+  MODMOE_CUDA_CHECK(cudaMemset(ids.view().data, 0xff, 4));  // id -1: nothing to compute
+  ExpertWeights w;
+  w.scheme = dtype;
+  w.w13 = w13;
+  w.w2 = w2;
+  w.w13_scale = s13;
+  w.w2_scale = s2;
+  ExpertsInputs in;
+  in.hidden = hid;
+  in.hidden_scale = hs;
+  in.topk_ids = ids;
+  in.topk_weights = wts;
+  ExpertsOutputs o;
+  o.out = out;
+  ExpertsOptions opt;
+  opt.do_finalize = true;
+  const ExpertMap map = ExpertMap::single(1);
+  const size_t ws_bytes = experts_workspace_size(make_experts_desc(in, w, map, opt, o));
+  const Buffer ws(DType::U8, {static_cast<int64_t>(ws_bytes) + 256}, dev);
+  try {
+    experts(in, w, map, opt, o, Workspace{ws.view().data, ws_bytes}, nullptr);
+    MODMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    if (what.find("not supported yet") == std::string::npos) throw;
+    return what;
+  }
+  return "";
+}
+
 EpLayer::EpLayer(const Preset& preset, int ep_size, int ep_rank, ncclComm* comm, const EpLayerOptions& o)
     : preset_(preset), n_(ep_size), rank_(ep_rank), o_(o), map_(ExpertMap::for_rank(preset.num_experts, ep_size, ep_rank)) {
   const Device dev = Device::cuda(ep_rank);
   const int e = preset.num_experts, k = preset.top_k;
   const int64_t h = preset.hidden, tm = o.max_tokens;
   // My experts only, filled by global id: the same numbers the full layer has.
-  mine_ = std::make_unique<Layer>(preset, map_, dev, o.seed, false);
+  mine_ = std::make_unique<Layer>(preset, map_, dev, o.seed, false, o.dtype);
   ids_ = Buffer(DType::I32, {tm, k}, dev);
   wts_ = Buffer(DType::F32, {tm, k}, dev);
   out_ = Buffer(DType::BF16, {tm, h}, dev);
+  if (o.dtype != QuantScheme::None) {
+    const int64_t scales = reference::ep_scales_per_token(o.dtype, h);
+    q_ = Buffer(DType::E4M3, {tm, h}, dev);
+    qs_ = o.dtype == QuantScheme::Fp8PerTensor ? Buffer(DType::F32, {tm}, dev) : Buffer(DType::F32, {tm, scales}, dev);
+  }
   AllToAllConfig cfg;
   cfg.backend = o.backend;
   cfg.ep_size = n_;
@@ -60,7 +113,7 @@ EpLayer::EpLayer(const Preset& preset, int ep_size, int ep_rank, ncclComm* comm,
   cfg.num_experts = e;
   cfg.top_k = k;
   cfg.max_tokens_per_rank = o.max_tokens;
-  cfg.max_payload_bytes_per_token = static_cast<size_t>(h) * 2 + static_cast<size_t>(k) * 4;
+  cfg.max_payload_bytes_per_token = reference::ep_payload_bytes_per_token(o.dtype, h, k);
   cfg.hidden = h;
   cfg.num_sms = o.num_sms;
   cfg.combine_pull = o.combine_pull;
@@ -73,6 +126,7 @@ EpLayer::EpLayer(const Preset& preset, int ep_size, int ep_rank, ncclComm* comm,
 
 void EpLayer::run(const TensorView& hidden, const TensorView& logits, int t, cudaStream_t s, cudaEvent_t* ev) {
   MODMOE_CHECK(t >= 1 && t <= o_.max_tokens, "EpLayer::run: T = ", t, ", expected 1..", o_.max_tokens);
+  const bool fp8 = o_.dtype != QuantScheme::None;
   const TensorView ids = this->ids(t), wts = weights(t), out = this->out(t);
   const TensorView cb = a2a_->combine_buffer(t);
   auto mark = [&](int i) {
@@ -81,36 +135,48 @@ void EpLayer::run(const TensorView& hidden, const TensorView& logits, int t, cud
   mark(0);
   route(logits, mine_->route_bias, preset_.routing, ids, wts, s);
   mark(1);
-  res_ = a2a_->dispatch(ids, {hidden, wts}, t, s);
+  // Payloads: {hidden, topk_weights}, or {e4m3 hidden, its scales, topk_weights}.
+  std::vector<TensorView> payloads{hidden, wts};
+  if (fp8) {
+    payloads = {hidden_q(t), hidden_scale(t), wts};
+    quantize_activations(hidden, o_.dtype, payloads[0], payloads[1], {}, s);
+  }
   mark(2);
-  if (o_.identity) {
-    MODMOE_CUDA_CHECK(cudaMemcpyAsync(cb.data, res_.payloads[0].data, cb.nbytes(), cudaMemcpyDeviceToDevice, s));
+  res_ = a2a_->dispatch(ids, payloads, t, s);
+  mark(3);
+  const TensorView rx_hidden = flatten01(res_.payloads[0]);  // [n*t, H] bf16 or e4m3
+  const TensorView rx_scale = fp8 ? flatten01(res_.payloads[1]) : TensorView{};  // [n*t, H/128] or [n*t]
+  if (o_.identity && fp8) {
+    dequantize_activations(rx_hidden, o_.dtype, rx_scale, flatten01(cb), s);
+  } else if (o_.identity) {
+    MODMOE_CUDA_CHECK(cudaMemcpyAsync(cb.data, rx_hidden.data, cb.nbytes(), cudaMemcpyDeviceToDevice, s));
   } else {
     const int64_t rows = static_cast<int64_t>(n_) * t;
     const size_t need = experts_workspace_size(experts_desc(preset_, *mine_, map_, rows));
     MODMOE_CHECK(need <= ws_bytes_, "EpLayer::run: experts workspace ", need, " > ", ws_bytes_);
     ExpertsInputs ein;
-    ein.hidden = flatten01(res_.payloads[0]);
+    ein.hidden = rx_hidden;
+    ein.hidden_scale = rx_scale;
     ein.topk_ids = flatten01(res_.topk_ids);
-    ein.topk_weights = flatten01(res_.payloads[1]);
+    ein.topk_weights = flatten01(res_.payloads.back());
     ExpertsOutputs eout;
     eout.out = flatten01(cb);
     experts(ein, mine_->weights, map_, mine_->options, eout, Workspace{ws_buf_.view().data, ws_bytes_}, s);
   }
-  mark(3);
-  a2a_->combine(cb, out, t, s);
   mark(4);
+  a2a_->combine(cb, out, t, s);
+  mark(5);
 }
 
-FusedReference::FusedReference(const Preset& preset, Device dev, uint64_t seed)
-    : preset_(preset), dev_(dev), all_(ExpertMap::single(preset.num_experts)), full_(preset, all_, dev, seed, false) {
+FusedReference::FusedReference(const Preset& preset, Device dev, uint64_t seed, QuantScheme dtype)
+    : preset_(preset), dev_(dev), all_(ExpertMap::single(preset.num_experts)), full_(preset, all_, dev, seed, false, dtype) {
   MODMOE_CUDA_CHECK(cudaDeviceSynchronize());  // the fills ran on the legacy stream
 }
 
 size_t FusedReference::bytes_needed(const Layer& slice, int64_t num_tokens) {
   const Preset& p = slice.preset;
   size_t w = 0;
-  for (const Buffer* b : {&slice.w13, &slice.w2, &slice.w13_bias, &slice.w2_bias}) {
+  for (const Buffer* b : {&slice.w13, &slice.w2, &slice.w13_bias, &slice.w2_bias, &slice.w13_scale, &slice.w2_scale}) {
     if (b->view().data) w += b->view().nbytes();
   }
   const int local = std::max(1, slice.map.num_local_experts);

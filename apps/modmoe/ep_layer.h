@@ -1,8 +1,14 @@
-// One expert-parallel MoE layer on one rank: route -> dispatch -> modular experts (this
-// rank's slice, ExpertMap::for_rank, do_finalize, written straight into combine_buffer())
-// -> combine. Shared by `modmoe ep-demo` (per-stage events, checks) and `modmoe bench
-// all-to-all` (CUDA-graph replay of the whole layer), together with the single-GPU fused_moe
-// reference over the same global batch. CUDA builds only.
+// One expert-parallel MoE layer on one rank: route -> [FP8: quantize] -> dispatch -> modular
+// experts (this rank's slice, ExpertMap::for_rank, do_finalize, written straight into
+// combine_buffer()) -> combine. Shared by `modmoe ep-demo` (per-stage events, checks) and
+// `modmoe bench all-to-all` (CUDA-graph replay of the whole layer), together with the
+// single-GPU fused_moe reference over the same global batch. CUDA builds only.
+//
+// dtype bf16: the bf16 hidden rows travel. fp8-block / fp8-tensor (docs/fp8.md, "Quantize
+// before dispatch"): FP8 weights, and each rank quantizes its hidden with quantize_activations
+// before the dispatch; the payloads are the e4m3 rows, their fp32 scales ([T, H/128], or the
+// rank's per-tensor scale once per token, [T]) and topk_weights; the experts get the received
+// e4m3 rows and scales; combine stays bf16.
 #pragma once
 
 #ifdef MODMOE_WITH_CUDA
@@ -24,22 +30,39 @@ struct EpLayerOptions {
   int max_tokens = 128;   // per rank: the all-to-all's max_tokens_per_rank
   int num_sms = 0;        // 0 = the all-to-all's default
   bool combine_pull = true;
-  bool identity = false;  // identity "experts": a copy of the received hidden rows
+  bool identity = false;  // identity "experts": the received hidden rows (FP8: dequantized)
   uint64_t seed = 1234;   // weights; Batch(layer(), n*T, seed + 1) is the global batch
+  QuantScheme dtype = QuantScheme::None;  // None (bf16), Fp8Block128 or Fp8PerTensor
 };
+
+// The bound on rel L2 between a rank's EP output and fused_moe's rows of that rank, for ep-demo
+// and the bench. bf16 and fp8-block: 1e-2 (the experts see the same rows: 1x128 groups belong
+// to one token; each rank's partial sum is rounded to bf16 before the combine, 0.0022-0.0032
+// on the CPU oracle). fp8-tensor: 0.1, because fused_moe's one dynamic scale is over the global
+// batch and each rank's over its own tokens, so the rows are other e4m3 roundings of the same
+// hidden (0.040-0.076 on the CPU oracle, EpReference.Fp8Tensor*; docs/fp8.md).
+double ep_reference_bound(QuantScheme dtype);
+
+// "" when modmoe::experts runs `dtype` weights on CUDA device `device`; else the library's
+// "not supported yet: ..." message (FP8 until the FP8 grouped GEMM lands). One tiny call (one
+// token, one expert, H = I = 128) that the library refuses before anything runs.
+std::string experts_not_supported_on_gpu(QuantScheme dtype, int device);
+
+// Stages of EpLayer::run, timed by the events it records (kEpStages + 1 of them).
+constexpr int kEpStages = 5;  // route, quantize (FP8; empty for bf16), dispatch, experts, combine
 
 // [rows first, first + count) of a [rows, ...] view.
 TensorView rows_of(const TensorView& t, int64_t first, int64_t count);
-// [a, b, c] -> [a*b, c]
+// [a, b, ...] -> [a*b, ...] of a contiguous view of 2 or more dimensions.
 TensorView flatten01(const TensorView& t);
 double median_us(std::vector<float> ms);
 
 class EpLayer {
  public:
   EpLayer(const Preset& preset, int ep_size, int ep_rank, ncclComm* comm, const EpLayerOptions& o);
-  // Enqueues the layer for this rank's T <= max_tokens tokens (hidden [T,H], logits [T,E]);
-  // the output [T,H] bf16 goes to out(). `ev`, when given, gets 5 events recorded on `s`:
-  // before route, dispatch, experts, combine and after combine. Capturable in a CUDA graph.
+  // Enqueues the layer for this rank's T <= max_tokens tokens (hidden [T,H] bf16, logits
+  // [T,E]); the output [T,H] bf16 goes to out(). `ev`, when given, gets kEpStages + 1 events
+  // recorded on `s`: before each stage and after the last. Capturable in a CUDA graph.
   void run(const TensorView& hidden, const TensorView& logits, int t, cudaStream_t s, cudaEvent_t* ev = nullptr);
 
   const Layer& layer() const { return *mine_; }
@@ -48,6 +71,9 @@ class EpLayer {
   TensorView ids(int t) const { return rows_of(ids_, 0, t); }      // [T,k] routing of the last run
   TensorView weights(int t) const { return rows_of(wts_, 0, t); }  // [T,k]
   TensorView out(int t) const { return rows_of(out_, 0, t); }      // [T,H]
+  // FP8: what this rank dispatched in the last run: e4m3 [T,H] and scales [T,H/128] or [T].
+  TensorView hidden_q(int t) const { return rows_of(q_, 0, t); }
+  TensorView hidden_scale(int t) const { return rows_of(qs_, 0, t); }
   const DispatchResult& last_dispatch() const { return res_; }
 
  private:
@@ -58,6 +84,7 @@ class EpLayer {
   std::unique_ptr<Layer> mine_;
   std::unique_ptr<AllToAll> a2a_;
   Buffer ids_, wts_, out_, ws_buf_;
+  Buffer q_, qs_;  // FP8 only: [max_tokens, H] e4m3, [max_tokens, H/128] or [max_tokens] fp32
   size_t ws_bytes_ = 0;
   DispatchResult res_;
 };
@@ -65,7 +92,9 @@ class EpLayer {
 // fused_moe on one GPU over a global batch with all E experts: the reference of the EP layer.
 class FusedReference {
  public:
-  FusedReference(const Preset& preset, Device dev, uint64_t seed);
+  // dtype: the weights (FP8: the same quantized weights as the EP layers'); fused_moe
+  // quantizes the bf16 hidden itself, with dynamic scales over the global batch.
+  FusedReference(const Preset& preset, Device dev, uint64_t seed, QuantScheme dtype = QuantScheme::None);
   // Bytes the reference needs (weights of all E experts + the workspace at `num_tokens`),
   // estimated from a rank's layer holding a slice of the experts.
   static size_t bytes_needed(const Layer& slice, int64_t num_tokens);

@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "core/synth_fill.h"
+#include "reference/ep_sim.h"
 
 namespace modmoe::app {
 
@@ -38,47 +39,145 @@ HostTensor to_host(const TensorView& t) {
 
 namespace {
 
-// Fills expert by expert so the stream index of an element depends only on its global expert
-// id, not on the slice this rank holds: every rank and the CPU check see the same weights.
-void fill_experts(const TensorView& t, const ExpertMap& map, uint64_t seed, uint64_t stream,
-                  float scale, bool progress, const char* what) {
-  const int64_t per_expert = t.numel() / t.size(0);
-  // Only fills of a gigabyte or more take long enough to be worth a progress line.
-  progress = progress && t.nbytes() >= (size_t{1} << 30) && t.size(0) >= 10;
-  const char* end = isatty(fileno(stderr)) ? "\r" : "\n";
-  for (int64_t e = 0; e < t.size(0); ++e) {
-    TensorView slice = t.select0(e);
-    const uint64_t expert_stream = stream * 4096 + static_cast<uint64_t>(map.local_expert_offset + e);
-    synth::fill(slice, seed, expert_stream, scale);
-    if (progress && (e + 1) % (t.size(0) / 10) == 0) {
-      std::fprintf(stderr, "  generating %s: %lld/%lld experts (%.1f GB)%s", what,
-                   static_cast<long long>(e + 1), static_cast<long long>(t.size(0)),
-                   1e-9 * static_cast<double>(per_expert * (e + 1)) * 2.0, end);
+// A line per tenth of the experts done, for fills of a gigabyte or more (with E >= 10).
+class Progress {
+ public:
+  Progress(bool on, int64_t num_experts, double bytes_per_expert, const char* what)
+      : on_(on && num_experts >= 10 && bytes_per_expert * static_cast<double>(num_experts) >= 1073741824.0),
+        n_(num_experts), bytes_(bytes_per_expert), what_(what), end_(isatty(fileno(stderr)) ? "\r" : "\n") {}
+  Progress(const Progress&) = delete;
+  Progress& operator=(const Progress&) = delete;
+  ~Progress() {
+    if (on_ && *end_ == '\r') std::fprintf(stderr, "\n");
+  }
+  void done(int64_t e) const {  // experts [0, e] are done
+    if (on_ && (e + 1) % (n_ / 10) == 0) {
+      std::fprintf(stderr, "  generating %s: %lld/%lld experts (%.1f GB)%s", what_, static_cast<long long>(e + 1),
+                   static_cast<long long>(n_), 1e-9 * bytes_ * static_cast<double>(e + 1), end_);
     }
   }
-  if (progress && *end == '\r') std::fprintf(stderr, "\n");
+
+ private:
+  bool on_;
+  int64_t n_;
+  double bytes_;
+  const char* what_;
+  const char* end_;
+};
+
+// The synthetic stream of a local expert: it depends only on the global id, not on the slice
+// this rank holds, so every rank and the CPU check see the same weights.
+uint64_t expert_stream(uint64_t stream, const ExpertMap& map, int64_t local_expert) {
+  return stream * 4096 + static_cast<uint64_t>(map.local_expert_offset + local_expert);
+}
+
+// Fills expert by expert.
+void fill_experts(const TensorView& t, const ExpertMap& map, uint64_t seed, uint64_t stream,
+                  float scale, bool progress, const char* what) {
+  const Progress pr(progress, t.size(0), static_cast<double>(t.nbytes()) / static_cast<double>(t.size(0)), what);
+  for (int64_t e = 0; e < t.size(0); ++e) {
+    synth::fill(t.select0(e), seed, expert_stream(stream, map, e), scale);
+    pr.done(e);
+  }
+}
+
+// FP8 weights the way a loader of a bf16 checkpoint makes them (docs/fp8.md, "Weights"), one
+// expert at a time: the expert's bf16 masters (the numbers of the bf16 layer) ->
+// quantize_weights (one scale per 128x128 block, or per expert) -> prepare_weights
+// (GateUpInterleaved, G = 8) into the layer's tensors. Scratch: one expert, canonical.
+void make_fp8_weights(Layer& l, bool progress) {
+  const Preset& p = l.preset;
+  const int64_t e_local = l.map.num_local_experts, h = p.hidden, i = p.intermediate;
+  const int64_t rows13 = is_gated(p.activation) ? 2 * i : i, b = kFp8BlockSize;
+  const bool block = l.scheme == QuantScheme::Fp8Block128;
+  const Device dev = l.device;
+  // [n, rows/128, cols/128] or [n] fp32
+  auto scale_shape = [&](int64_t n, int64_t rows, int64_t cols) {
+    return block ? std::vector<int64_t>{n, rows / b, cols / b} : std::vector<int64_t>{n};
+  };
+  l.w13 = Buffer(DType::E4M3, {e_local, rows13, h}, dev);
+  l.w2 = Buffer(DType::E4M3, {e_local, h, i}, dev);
+  l.w13_scale = Buffer(DType::F32, scale_shape(e_local, rows13, h), dev);
+  l.w2_scale = Buffer(DType::F32, scale_shape(e_local, h, i), dev);
+  ExpertWeights all;  // the layer's tensors, all local experts
+  all.scheme = l.scheme;
+  all.w13 = l.w13;
+  all.w2 = l.w2;
+  all.w13_scale = l.w13_scale;
+  all.w2_scale = l.w2_scale;
+  const Buffer m13(DType::BF16, {1, rows13, h}, dev), m2(DType::BF16, {1, h, i}, dev);
+  const Buffer q13(DType::E4M3, {1, rows13, h}, dev), q2(DType::E4M3, {1, h, i}, dev);
+  const Buffer s13(DType::F32, scale_shape(1, rows13, h), dev), s2(DType::F32, scale_shape(1, h, i), dev);
+  ExpertWeights src;  // one expert, canonical GateUp
+  src.scheme = l.scheme;
+  src.w13 = q13;
+  src.w2 = q2;
+  src.w13_scale = s13;
+  src.w2_scale = s2;
+  Buffer b13, b2;
+  if (p.has_biases) {
+    l.w13_bias = Buffer(DType::F32, {e_local, rows13}, dev);
+    l.w2_bias = Buffer(DType::F32, {e_local, h}, dev);
+    all.w13_bias = l.w13_bias;
+    all.w2_bias = l.w2_bias;
+    b13 = Buffer(DType::F32, {1, rows13}, dev);
+    b2 = Buffer(DType::F32, {1, h}, dev);
+    src.w13_bias = b13;
+    src.w2_bias = b2;
+  }
+  const Progress pr(progress, e_local, static_cast<double>(q13.view().nbytes() + q2.view().nbytes()),
+                    quant_scheme_name(l.scheme));
+  ExpertWeights dst;
+  for (int64_t e = 0; e < e_local; ++e) {
+    synth::fill(m13, l.seed, expert_stream(kW13, l.map, e), 1.0f / std::sqrt(static_cast<float>(h)));
+    synth::fill(m2, l.seed, expert_stream(kW2, l.map, e), 1.0f / std::sqrt(static_cast<float>(i)));
+    quantize_weights(m13, l.scheme, q13, s13);
+    quantize_weights(m2, l.scheme, q2, s2);
+    if (p.has_biases) {
+      synth::fill(b13, l.seed, expert_stream(kW13Bias, l.map, e), 0.05f);
+      synth::fill(b2, l.seed, expert_stream(kW2Bias, l.map, e), 0.05f);
+    }
+    dst = reference::slice_experts(all, e, 1);
+    prepare_weights(src, dst);
+    pr.done(e);
+  }
+  l.weights = all;
+  l.weights.layout = dst.layout;  // what prepare_weights chose (Canonical for Relu2)
+  l.weights.order = dst.order;
+  l.weights.interleave_rows = dst.interleave_rows;
 }
 
 }  // namespace
 
-Layer::Layer(const Preset& p, const ExpertMap& m, Device dev, uint64_t s, bool progress)
-    : preset(p), map(m), device(dev), seed(s) {
+Layer::Layer(const Preset& p, const ExpertMap& m, Device dev, uint64_t s, bool progress, QuantScheme q)
+    : preset(p), map(m), device(dev), seed(s), scheme(q) {
   const int64_t e_local = map.num_local_experts, h = p.hidden, i = p.intermediate;
   const int64_t rows13 = is_gated(p.activation) ? 2 * i : i;
-  w13 = Buffer(DType::BF16, {e_local, rows13, h}, dev);
-  w2 = Buffer(DType::BF16, {e_local, h, i}, dev);
-  fill_experts(w13, map, seed, kW13, 1.0f / std::sqrt(static_cast<float>(h)), progress, "w13");
-  fill_experts(w2, map, seed, kW2, 1.0f / std::sqrt(static_cast<float>(i)), progress, "w2");
-  weights.w13 = w13;
-  weights.w2 = w2;
-  weights.order = GateUpOrder::GateUp;
-  if (p.has_biases) {
-    w13_bias = Buffer(DType::F32, {e_local, rows13}, dev);
-    w2_bias = Buffer(DType::F32, {e_local, h}, dev);
-    fill_experts(w13_bias, map, seed, kW13Bias, 0.05f, false, "w13 bias");
-    fill_experts(w2_bias, map, seed, kW2Bias, 0.05f, false, "w2 bias");
-    weights.w13_bias = w13_bias;
-    weights.w2_bias = w2_bias;
+  if (scheme != QuantScheme::None) {
+    MODMOE_CHECK(scheme == QuantScheme::Fp8Block128 || scheme == QuantScheme::Fp8PerTensor,
+                 "synthetic layer with quant scheme ", quant_scheme_name(scheme),
+                 ": expected none (bf16), fp8-block or fp8-tensor");
+    MODMOE_CHECK(h % kFp8BlockSize == 0 && i % kFp8BlockSize == 0, "preset ", p.name, " with quant scheme ",
+                 quant_scheme_name(scheme), ": H = ", h, ", I = ", i,
+                 ": expected multiples of 128 (the FP8 scale block); pick another preset or bf16");
+    MODMOE_CHECK(e_local >= 1, "synthetic layer of preset ", p.name, ": no local experts");
+    make_fp8_weights(*this, progress);
+  } else {
+    w13 = Buffer(DType::BF16, {e_local, rows13, h}, dev);
+    w2 = Buffer(DType::BF16, {e_local, h, i}, dev);
+    fill_experts(w13, map, seed, kW13, 1.0f / std::sqrt(static_cast<float>(h)), progress, "w13");
+    fill_experts(w2, map, seed, kW2, 1.0f / std::sqrt(static_cast<float>(i)), progress, "w2");
+    weights.w13 = w13;
+    weights.w2 = w2;
+    weights.order = GateUpOrder::GateUp;
+    if (p.has_biases) {
+      w13_bias = Buffer(DType::F32, {e_local, rows13}, dev);
+      w2_bias = Buffer(DType::F32, {e_local, h}, dev);
+      fill_experts(w13_bias, map, seed, kW13Bias, 0.05f, false, "w13 bias");
+      fill_experts(w2_bias, map, seed, kW2Bias, 0.05f, false, "w2 bias");
+      weights.w13_bias = w13_bias;
+      weights.w2_bias = w2_bias;
+    }
   }
   options.activation.kind = p.activation;
   options.do_finalize = true;
@@ -95,7 +194,8 @@ ExpertWeights Layer::host_subset(const std::vector<int>& local_experts,
   const int64_t rows13 = is_gated(preset.activation) ? 2 * i : i;
   keep.emplace_back(DType::BF16, std::vector<int64_t>{n, rows13, h});
   keep.emplace_back(DType::BF16, std::vector<int64_t>{n, h, i});
-  ExpertWeights w = weights;
+  ExpertWeights w;  // bf16, canonical GateUp, whatever this layer holds
+  w.order = GateUpOrder::GateUp;
   w.w13 = keep[keep.size() - 2];
   w.w2 = keep[keep.size() - 1];
   const bool bias = preset.has_biases;
@@ -106,12 +206,12 @@ ExpertWeights Layer::host_subset(const std::vector<int>& local_experts,
     w.w2_bias = keep[keep.size() - 1];
   }
   for (int64_t j = 0; j < n; ++j) {
-    const uint64_t global = static_cast<uint64_t>(map.local_expert_offset + local_experts[j]);
-    synth::fill_host(w.w13.select0(j), seed, kW13 * 4096 + global, 1.0f / std::sqrt(static_cast<float>(h)));
-    synth::fill_host(w.w2.select0(j), seed, kW2 * 4096 + global, 1.0f / std::sqrt(static_cast<float>(i)));
+    const int64_t e = local_experts[j];
+    synth::fill_host(w.w13.select0(j), seed, expert_stream(kW13, map, e), 1.0f / std::sqrt(static_cast<float>(h)));
+    synth::fill_host(w.w2.select0(j), seed, expert_stream(kW2, map, e), 1.0f / std::sqrt(static_cast<float>(i)));
     if (bias) {
-      synth::fill_host(w.w13_bias.select0(j), seed, kW13Bias * 4096 + global, 0.05f);
-      synth::fill_host(w.w2_bias.select0(j), seed, kW2Bias * 4096 + global, 0.05f);
+      synth::fill_host(w.w13_bias.select0(j), seed, expert_stream(kW13Bias, map, e), 0.05f);
+      synth::fill_host(w.w2_bias.select0(j), seed, expert_stream(kW2Bias, map, e), 0.05f);
     }
   }
   return w;

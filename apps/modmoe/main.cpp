@@ -31,13 +31,18 @@ void usage() {
       "  modmoe info\n"
       "      the build, the compiled architectures and the GPUs\n"
       "  modmoe ep-demo --gpus N [--preset NAME] [--backend nvlink|nccl] [--tokens T]\n"
-      "                 [--experts real|identity] [--reps R] [--num-sms S] [--seed S]\n"
+      "                 [--experts real|identity] [--dtype bf16|fp8-block|fp8-tensor]\n"
+      "                 [--reps R] [--num-sms S] [--seed S]\n"
       "      one expert-parallel layer on N GPUs (a process each): routing, dispatch, the\n"
-      "      modular experts, combine; checked against the single-GPU fused_moe, timed\n"
+      "      modular experts, combine; checked against the single-GPU fused_moe, timed.\n"
+      "      --dtype fp8-*: FP8 weights, each rank quantizes its tokens before the dispatch\n"
+      "      (e4m3 rows + fp32 scales travel), combine stays bf16\n"
       "  modmoe bench all-to-all --gpus N [--tokens 1,16,...] [--sms 24,...] [--combine pull,push]\n"
-      "                 [--backends nvlink,nccl,nccl_a2a_uneven] [--iters I] [--out PATH]\n"
-      "      dispatch/combine times and GB/s (H=7168, E=256, k=8), validated first;\n"
-      "      writes bench/results/<gpu>/all_to_all.json\n\n"
+      "                 [--backends nvlink,nccl,nccl_a2a_uneven] [--layer nvlink,nccl|none]\n"
+      "                 [--dtype bf16|fp8-block|fp8-tensor] [--iters I] [--out PATH]\n"
+      "      dispatch/combine times and GB/s (H=7168, E=256, k=8), validated first, then the\n"
+      "      whole EP layer; writes bench/results/<gpu>/all_to_all.json (FP8:\n"
+      "      all_to_all_<dtype>.json; rows carry \"dtype\")\n\n"
       "presets:",
       modmoe::version());
   for (const auto& p : modmoe::presets()) std::printf(" %s", p.name.c_str());

@@ -43,7 +43,10 @@ struct QuantizeOptions {
 //   x:     [T, H] (or batched [E_local, max_m, H]) bf16, contiguous, H % 128 == 0
 //   q:     x's shape, e4m3
 //   scale: fp32 dequantization scales (x ~ float(q) * s):
-//          Fp8PerTensor: [1];
+//          Fp8PerTensor: [1]; or, dynamic only, one per row (x's shape without H: [T], or
+//                        [E_local, max_m]), every entry the tensor's scale: the per-token
+//                        form that an all-to-all payload carries, and that the experts stage
+//                        accepts for rows that came from ranks with their own scales;
 //          Fp8Block128:  x's shape with H replaced by H/128, token-major ([T, H/128]), one per
 //                        1x128 group of a row. NOTE: FlashInfer's DeepSeek-FP8 kernels take the
 //                        transpose [H/128, T]; modmoe keeps the token-major layout, which is
@@ -54,9 +57,22 @@ void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorV
                           Stream stream = nullptr);
 
 // The inverse, for tests and debugging: out = float(q) * s (one fp32 multiply), written as
-// fp32, or rounded once to bf16. q, scale: as in quantize_activations; out: q's shape.
+// fp32, or rounded once to bf16. q, scale: as in quantize_activations (per tensor: [1] or one
+// per row); out: q's shape.
 void dequantize_activations(const TensorView& q, QuantScheme scheme, const TensorView& scale,
                             const TensorView& out, Stream stream = nullptr);
+
+// Quantizes bf16 expert weights (a bf16 checkpoint's, or synthetic masters) to FP8 as an FP8
+// checkpoint stores them, with the formulas of quantize_activations: per block of weights,
+// s = max(amax, 1e-10) / 448 and q = e4m3_satfinite(w / s).
+//   w:     [E, R, C] bf16, dense, R and C multiples of 128 (w13 [E, 2I, H], w2 [E, H, I])
+//   q:     w's shape, e4m3
+//   scale: fp32, Fp8PerTensor [E] (one per expert); Fp8Block128 [E, R/128, C/128] (one per
+//          128x128 block, DeepSeek-V3's weight_scale_inv)
+// q and scale are what prepare_weights takes as src (w13 + w13_scale, w2 + w2_scale). Runs
+// on the tensors' device; no allocation, no host synchronisation.
+void quantize_weights(const TensorView& w, QuantScheme scheme, const TensorView& q,
+                      const TensorView& scale, Stream stream = nullptr);
 
 // FP8 weights (prepare_weights with src.scheme = Fp8PerTensor or Fp8Block128) take the
 // tensors as a checkpoint stores them; every scale is a dequantization multiplier

@@ -191,15 +191,24 @@ void check_same_shape(const TensorView& other, const char* other_name, const Ten
                ": expected ", ref.shape_string(), " like ", ref_name);
 }
 
-// The activation scales of `scheme` for activations shaped like `act`.
+// The activation scales of `scheme` for activations `act` (named `act_name`): Fp8Block128 one
+// per 1x128 group; Fp8PerTensor [1], or one per row of act (act's shape without H: [T] or
+// [E_local, max_m]), the per-token form of rows that came from ranks with their own scales.
 void check_activation_scale(const TensorView& scale, const char* name, QuantScheme scheme,
-                            const TensorView& act, const Device& dev) {
+                            const TensorView& act, const char* act_name, const Device& dev) {
   check::defined(scale, name);
   check::dtype(scale, name, {DType::F32});
   check::contiguous(scale, name);
   check::device(scale, name, dev);
   if (scheme == QuantScheme::Fp8PerTensor) {
-    check::shape(scale, name, {1});
+    bool ok = scale.ndim == 1 && scale.size(0) == 1;
+    if (!ok && scale.ndim == act.ndim - 1) {
+      ok = true;
+      for (int d = 0; ok && d < scale.ndim; ++d) ok = scale.shape[d] == act.shape[d];
+    }
+    MODMOE_CHECK(ok, "argument '", name, "' has shape ", scale.shape_string(),
+                 ": expected [1] or one scale per row of ", act_name, " (shape ",
+                 act.shape_string(), ")");
     return;
   }
   bool ok = scale.ndim == act.ndim && scale.size(-1) == act.size(-1) / kBlock;
@@ -330,12 +339,15 @@ void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorV
   check_activation(x, "x", {DType::BF16}, dev);
   check_activation(q, "q", {DType::E4M3}, dev);
   check_same_shape(q, "q", x, "x");
-  check_activation_scale(scale, "scale", scheme, x, dev);
+  check_activation_scale(scale, "scale", scheme, x, "x", dev);
   MODMOE_CHECK(!options.static_scale || scheme == QuantScheme::Fp8PerTensor,
                "argument 'options.static_scale' = true with quant scheme ",
                quant_scheme_name(scheme),
                ": expected false (static scales are for Fp8PerTensor; 1x128 group scales are "
                "always computed)");
+  MODMOE_CHECK(!options.static_scale || scale.numel() == 1, "argument 'scale' has shape ",
+               scale.shape_string(), " with options.static_scale: expected [1] (a static scale ",
+               "is one calibrated value; one scale per row is written by dynamic quantization)");
   check::disjoint(q, "q", x, "x");
   check::disjoint(scale, "scale", x, "x");
   check::disjoint(scale, "scale", q, "q");
@@ -362,7 +374,7 @@ void dequantize_activations(const TensorView& q, QuantScheme scheme, const Tenso
   check::defined(q, "q");
   const Device dev = q.device;
   check_activation(q, "q", {DType::E4M3}, dev);
-  check_activation_scale(scale, "scale", scheme, q, dev);
+  check_activation_scale(scale, "scale", scheme, q, "q", dev);
   check_activation(out, "out", {DType::F32, DType::BF16}, dev);
   check_same_shape(out, "out", q, "q");
   check::disjoint(out, "out", q, "q");
@@ -376,6 +388,44 @@ void dequantize_activations(const TensorView& q, QuantScheme scheme, const Tenso
 #else
   (void)stream;
   api::no_cuda_backend("dequantize_activations", dev);
+#endif
+}
+
+void quantize_weights(const TensorView& w, QuantScheme scheme, const TensorView& q,
+                      const TensorView& scale, Stream stream) {
+  check_activation_scheme(scheme, "quantize_weights");
+  check::defined(w, "w");
+  const Device dev = w.device;
+  check::dtype(w, "w", {DType::BF16});
+  MODMOE_CHECK(w.ndim == 3, "argument 'w' has shape ", w.shape_string(),
+               ": expected [E, R, C] (w13 [E_local, 2I, H] or w2 [E_local, H, I])");
+  check::dense(w, "w", dev);
+  const int64_t E = w.size(0), R = w.size(1), C = w.size(2);
+  MODMOE_CHECK(R > 0 && R % kBlock == 0 && C > 0 && C % kBlock == 0, "argument 'w' has shape ",
+               w.shape_string(), ": expected R and C (its last two dimensions) positive ",
+               "multiples of 128 with an FP8 scheme (the 128x128 scale block; H and I of FP8 "
+               "experts are multiples of 128)");
+  check::defined(q, "q");
+  check::dtype(q, "q", {DType::E4M3});
+  check_same_shape(q, "q", w, "w");
+  check::dense(q, "q", dev);
+  if (scheme == QuantScheme::Fp8PerTensor) {
+    check_f32(scale, "scale", dev, {E});
+  } else {
+    check_f32(scale, "scale", dev, {E, R / kBlock, C / kBlock});
+  }
+  check::disjoint(q, "q", w, "w");
+  check::disjoint(scale, "scale", w, "w");
+  check::disjoint(scale, "scale", q, "q");
+  if (!dev.is_cuda()) {
+    reference::quantize_weights(w, scheme, q, scale);
+    return;
+  }
+#ifdef MODMOE_WITH_CUDA
+  cuda::quantize_weights(w, scheme, q, scale, stream);
+#else
+  (void)stream;
+  api::no_cuda_backend("quantize_weights", dev);
 #endif
 }
 
@@ -415,21 +465,7 @@ ExpertsDesc check_fp8_experts(const ExpertsInputs& in, const ExpertWeights& weig
 
   // hidden_scale: Fp8Block128 one per 1x128 group; Fp8PerTensor [1], or one per row (rows
   // that came from several ranks, each quantized with its own dynamic scale).
-  const TensorView& hs = in.hidden_scale;
-  const bool single = hs.ndim == 1 && hs.size(0) == 1;
-  if (scheme == QuantScheme::Fp8PerTensor && hs.defined() && !single &&
-      hs.ndim == in.hidden.ndim - 1) {
-    check::dtype(hs, "hidden_scale", {DType::F32});
-    check::contiguous(hs, "hidden_scale");
-    check::device(hs, "hidden_scale", dev);
-    bool ok = true;
-    for (int d = 0; ok && d < hs.ndim; ++d) ok = hs.shape[d] == in.hidden.shape[d];
-    MODMOE_CHECK(ok, "argument 'hidden_scale' has shape ", hs.shape_string(),
-                 ": expected [1] or one scale per row of hidden (shape ",
-                 in.hidden.shape_string(), ")");
-  } else {
-    check_activation_scale(hs, "hidden_scale", scheme, in.hidden, dev);
-  }
+  check_activation_scale(in.hidden_scale, "hidden_scale", scheme, in.hidden, "hidden", dev);
 
   ExpertsInputs shadow_in = in;
   shadow_in.hidden.dtype = DType::BF16;

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "modmoe/error.h"
+#include "modmoe/quant.h"
 
 namespace modmoe::reference {
 namespace {
@@ -20,11 +21,46 @@ TensorView rows(const TensorView& t, int64_t first, int64_t count) {
 
 ExpertWeights slice_experts(const ExpertWeights& w, int64_t first, int64_t count) {
   ExpertWeights s = w;
-  s.w13 = rows(w.w13, first, count);
-  s.w2 = rows(w.w2, first, count);
-  if (w.w13_bias.defined()) s.w13_bias = rows(w.w13_bias, first, count);
-  if (w.w2_bias.defined()) s.w2_bias = rows(w.w2_bias, first, count);
+  for (TensorView* t : {&s.w13, &s.w2, &s.w13_bias, &s.w2_bias, &s.w13_scale, &s.w2_scale,
+                        &s.w13_global_scale, &s.w2_global_scale}) {
+    if (t->defined()) *t = rows(*t, first, count);
+  }
   return s;
+}
+
+int64_t ep_scales_per_token(QuantScheme scheme, int64_t hidden) {
+  switch (scheme) {
+    case QuantScheme::None: return 0;
+    case QuantScheme::Fp8Block128: return hidden / kFp8BlockSize;
+    case QuantScheme::Fp8PerTensor: return 1;
+    default: break;
+  }
+  MODMOE_NOT_SUPPORTED("quantize before dispatch with quant scheme ", quant_scheme_name(scheme),
+                       ": expected none (bf16), fp8-block or fp8-tensor");
+}
+
+size_t ep_payload_bytes_per_token(QuantScheme scheme, int64_t hidden, int top_k) {
+  const size_t h = static_cast<size_t>(hidden), k = static_cast<size_t>(top_k);
+  const size_t scales = 4 * static_cast<size_t>(ep_scales_per_token(scheme, hidden));
+  return (scheme == QuantScheme::None ? 2 * h : h) + scales + 4 * k;
+}
+
+EpQuantized ep_quantize(const TensorView& hidden, QuantScheme scheme) {
+  MODMOE_CHECK(scheme == QuantScheme::Fp8Block128 || scheme == QuantScheme::Fp8PerTensor,
+               "ep_quantize: quant scheme ", quant_scheme_name(scheme),
+               ": expected fp8-block or fp8-tensor (bf16 tokens are dispatched as they are)");
+  MODMOE_CHECK(hidden.ndim == 2, "argument 'hidden' has shape ", hidden.shape_string(),
+               ": expected [T, H]");
+  const int64_t t = hidden.size(0), h = hidden.size(1);
+  EpQuantized out;
+  out.hidden.reset(DType::E4M3, {t, h});
+  if (scheme == QuantScheme::Fp8Block128) {
+    out.hidden_scale.reset(DType::F32, {t, h / kFp8BlockSize});
+  } else {
+    out.hidden_scale.reset(DType::F32, {t});
+  }
+  modmoe::quantize_activations(hidden, scheme, out.hidden, out.hidden_scale);
+  return out;
 }
 
 EpPlan ep_plan(const std::vector<EpRankTokens>& ranks, int num_experts, int ep_size, int max_tokens) {
@@ -63,11 +99,27 @@ EpPlan ep_plan(const std::vector<EpRankTokens>& ranks, int num_experts, int ep_s
 
 std::vector<EpReceived> ep_dispatch(const EpPlan& plan, const std::vector<EpRankTokens>& ranks) {
   const int ep = plan.ep_size;
-  const int64_t h = ranks[0].hidden.size(1), k = ranks[0].topk_ids.size(1), m = plan.max_tokens;
+  const TensorView& first = ranks[0].hidden;
+  const int64_t h = first.size(1), k = ranks[0].topk_ids.size(1), m = plan.max_tokens;
+  const int64_t row = h * static_cast<int64_t>(dtype_bytes(first.dtype));  // hidden row bytes
+  // Scales per token: [T, S] or [T] (S = 1); 0 without scales.
+  const TensorView& first_scale = ranks[0].hidden_scale;
+  const int64_t sc = !first_scale.defined() ? 0 : first_scale.ndim == 1 ? 1 : first_scale.size(1);
+  for (int s = 0; s < ep; ++s) {
+    MODMOE_CHECK(ranks[s].hidden.dtype == first.dtype && ranks[s].hidden_scale.defined() == (sc > 0),
+                 "ep_dispatch: rank ", s, " has hidden of dtype ", dtype_name(ranks[s].hidden.dtype),
+                 (ranks[s].hidden_scale.defined() ? " with" : " without"), " scales: expected ",
+                 dtype_name(first.dtype), (sc > 0 ? " with" : " without"),
+                 " scales, as rank 0 (every rank dispatches the same payloads)");
+  }
   std::vector<EpReceived> out(static_cast<size_t>(ep));
   for (int r = 0; r < ep; ++r) {
     EpReceived& rx = out[r];
-    rx.hidden.reset(DType::BF16, {ep, m, h});
+    rx.hidden.reset(first.dtype, {ep, m, h});
+    if (sc > 0) {
+      rx.hidden_scale.reset(DType::F32, first_scale.ndim == 1 ? std::vector<int64_t>{ep, m}
+                                                              : std::vector<int64_t>{ep, m, sc});
+    }
     rx.topk_ids.reset(DType::I32, {ep, m, k});
     rx.topk_weights.reset(DType::F32, {ep, m, k});
     std::fill_n(rx.topk_ids.data<int32_t>(), rx.topk_ids.numel(), -1);
@@ -77,7 +129,10 @@ std::vector<EpReceived> ep_dispatch(const EpPlan& plan, const std::vector<EpRank
       rx.recv_counts[s] = static_cast<int>(list.size());
       for (size_t i = 0; i < list.size(); ++i) {
         const int64_t t = list[i], dst = s * m + static_cast<int64_t>(i);
-        std::memcpy(rx.hidden.data<uint16_t>() + dst * h, ranks[s].hidden.ptr<uint16_t>() + t * h, h * 2);
+        std::memcpy(rx.hidden.data<uint8_t>() + dst * row, ranks[s].hidden.ptr<uint8_t>() + t * row, row);
+        if (sc > 0) {
+          std::memcpy(rx.hidden_scale.data<float>() + dst * sc, ranks[s].hidden_scale.ptr<float>() + t * sc, sc * 4);
+        }
         std::memcpy(rx.topk_ids.data<int32_t>() + dst * k, ranks[s].topk_ids.ptr<int32_t>() + t * k, k * 4);
         std::memcpy(rx.topk_weights.data<float>() + dst * k, ranks[s].topk_weights.ptr<float>() + t * k, k * 4);
       }
@@ -113,8 +168,18 @@ std::vector<HostTensor> ep_combine(const EpPlan& plan, const std::vector<EpRankT
 std::vector<HostTensor> ep_moe_layer(const std::vector<EpRankTokens>& ranks,
                                      const ExpertWeights& all_weights, int num_experts,
                                      int ep_size, int max_tokens, const ExpertsOptions& options) {
-  const EpPlan plan = ep_plan(ranks, num_experts, ep_size, max_tokens);
-  const std::vector<EpReceived> rx = ep_dispatch(plan, ranks);
+  // FP8 weights: quantize before dispatch, every rank its own tokens.
+  const bool fp8 = all_weights.scheme == QuantScheme::Fp8Block128 ||
+                   all_weights.scheme == QuantScheme::Fp8PerTensor;
+  std::vector<EpQuantized> quantized;
+  std::vector<EpRankTokens> sent = ranks;
+  for (size_t r = 0; fp8 && r < ranks.size(); ++r) {
+    quantized.push_back(ep_quantize(ranks[r].hidden, all_weights.scheme));
+    sent[r].hidden = quantized.back().hidden;
+    sent[r].hidden_scale = quantized.back().hidden_scale;
+  }
+  const EpPlan plan = ep_plan(sent, num_experts, ep_size, max_tokens);
+  const std::vector<EpReceived> rx = ep_dispatch(plan, sent);
   const int64_t h = all_weights.hidden(), k = ranks[0].topk_ids.size(1);
   const int64_t rows_total = static_cast<int64_t>(ep_size) * max_tokens;
   std::vector<HostTensor> payloads;
@@ -122,7 +187,12 @@ std::vector<HostTensor> ep_moe_layer(const std::vector<EpRankTokens>& ranks,
     const ExpertMap map = ExpertMap::for_rank(num_experts, ep_size, r);
     payloads.emplace_back(DType::BF16, std::vector<int64_t>{ep_size, max_tokens, h});
     ExpertsInputs in;
-    in.hidden = make_view(rx[r].hidden.view().data, DType::BF16, {rows_total, h});
+    in.hidden = make_view(rx[r].hidden.view().data, rx[r].hidden.view().dtype, {rows_total, h});
+    if (fp8) {  // [ep, max(, S)] -> [ep * max(, S)]
+      const TensorView& sc = rx[r].hidden_scale.view();
+      in.hidden_scale = sc.ndim == 2 ? make_view(sc.data, DType::F32, {rows_total})
+                                     : make_view(sc.data, DType::F32, {rows_total, sc.size(2)});
+    }
     in.topk_ids = make_view(rx[r].topk_ids.view().data, DType::I32, {rows_total, k});
     in.topk_weights = make_view(rx[r].topk_weights.view().data, DType::F32, {rows_total, k});
     ExpertsOutputs out;

@@ -3,6 +3,7 @@
 // src/core/fp8.h, which the CUDA kernels share, so both produce the same bytes.
 #include "reference/quant.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/fp8.h"
@@ -11,18 +12,32 @@
 
 namespace modmoe::reference {
 
+namespace {
+
+// Largest |x| of n bf16 as sign-cleared bits: for such floats the bit order is the value order,
+// and a NaN (bits above inf) wins, so a NaN anywhere makes the scale NaN.
+uint16_t amax_bits(const uint16_t* x, int64_t n) {
+  uint16_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t a = static_cast<uint16_t>(x[i] & 0x7fffu);
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+void quantize_row(const uint16_t* x, uint8_t* q, int64_t n, float s) {
+  for (int64_t i = 0; i < n; ++i) q[i] = fp8::quantize_e4m3(bf16_bits_to_float(x[i]), s);
+}
+
+float scale_of(uint16_t amax) { return fp8::e4m3_scale_from_amax(bf16_bits_to_float(amax)); }
+
+}  // namespace
+
 namespace detail {
 
 float quantize_group_128(const uint16_t* x, uint8_t* q) {
-  // amax over |x| as integers: for sign-cleared floats the bit order is the value order, and
-  // a NaN (bits above inf) wins, so a NaN anywhere in the group makes the scale NaN.
-  uint16_t amax_bits = 0;
-  for (int i = 0; i < fp8::kBlock; ++i) {
-    const uint16_t a = static_cast<uint16_t>(x[i] & 0x7fffu);
-    amax_bits = a > amax_bits ? a : amax_bits;
-  }
-  const float s = fp8::e4m3_scale_from_amax(bf16_bits_to_float(amax_bits));
-  for (int i = 0; i < fp8::kBlock; ++i) q[i] = fp8::quantize_e4m3(bf16_bits_to_float(x[i]), s);
+  const float s = scale_of(amax_bits(x, fp8::kBlock));
+  quantize_row(x, q, fp8::kBlock, s);
   return s;
 }
 
@@ -33,35 +48,34 @@ void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorV
   const int64_t n = x.numel();
   const auto* xb = x.ptr<const uint16_t>();  // [rows, H] bf16
   auto* qb = q.ptr<uint8_t>();               // [rows, H] e4m3
-  auto* sb = scale.ptr<float>();             // [1] or [rows, H/128] fp32
+  auto* sb = scale.ptr<float>();             // [1], [rows] or [rows, H/128] fp32
   if (scheme == QuantScheme::Fp8Block128) {
     for (int64_t g = 0; g < n / fp8::kBlock; ++g) {
       sb[g] = detail::quantize_group_128(xb + g * fp8::kBlock, qb + g * fp8::kBlock);
     }
     return;
   }
-  // Fp8PerTensor.
-  float s = sb[0];
-  if (!options.static_scale) {
-    uint16_t amax_bits = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint16_t a = static_cast<uint16_t>(xb[i] & 0x7fffu);
-      amax_bits = a > amax_bits ? a : amax_bits;
-    }
-    s = fp8::e4m3_scale_from_amax(bf16_bits_to_float(amax_bits));
-    sb[0] = s;
+  // Fp8PerTensor; a dynamic scale goes to every entry of `scale` ([1], or one per row).
+  float s = 0.0f;
+  if (options.static_scale) {
+    s = sb[0];
+  } else {  // NOTE: a per-row scale of no rows has no entry, not even sb[0]
+    s = scale_of(amax_bits(xb, n));
+    for (int64_t i = 0; i < scale.numel(); ++i) sb[i] = s;
   }
-  for (int64_t i = 0; i < n; ++i) qb[i] = fp8::quantize_e4m3(bf16_bits_to_float(xb[i]), s);
+  quantize_row(xb, qb, n, s);
 }
 
-void dequantize_activations(const TensorView& q, QuantScheme scheme, const TensorView& scale,
-                            const TensorView& out) {
+void dequantize_activations(const TensorView& q, QuantScheme /*scheme*/,
+                            const TensorView& scale, const TensorView& out) {
   const int64_t n = q.numel();
+  if (n == 0) return;
   const auto* qb = q.ptr<const uint8_t>();
   const auto* sb = scale.ptr<const float>();
-  const bool block = scheme == QuantScheme::Fp8Block128;
+  // Elements per scale: 128 (Fp8Block128), H (Fp8PerTensor, one per row) or n (one scale).
+  const int64_t per = n / scale.numel();
   for (int64_t i = 0; i < n; ++i) {
-    const float v = fp8::e4m3_to_float(qb[i]) * sb[block ? i / fp8::kBlock : 0];
+    const float v = fp8::e4m3_to_float(qb[i]) * sb[i / per];
     if (out.dtype == DType::BF16) {
       out.ptr<uint16_t>()[i] = float_to_bf16_bits(v);
     } else {
@@ -70,6 +84,33 @@ void dequantize_activations(const TensorView& q, QuantScheme scheme, const Tenso
   }
 }
 
+
+void quantize_weights(const TensorView& w, QuantScheme scheme, const TensorView& q,
+                      const TensorView& scale) {
+  const int64_t E = w.size(0), R = w.size(1), C = w.size(2), B = fp8::kBlock;
+  const auto* wb = w.ptr<const uint16_t>();  // [E, R, C] bf16
+  auto* qb = q.ptr<uint8_t>();               // [E, R, C] e4m3
+  auto* sb = scale.ptr<float>();             // [E] or [E, R/128, C/128] fp32
+  for (int64_t e = 0; e < E; ++e) {
+    const uint16_t* we = wb + e * R * C;
+    uint8_t* qe = qb + e * R * C;
+    if (scheme == QuantScheme::Fp8PerTensor) {
+      sb[e] = scale_of(amax_bits(we, R * C));
+      quantize_row(we, qe, R * C, sb[e]);
+      continue;
+    }
+    for (int64_t rb = 0; rb < R / B; ++rb) {
+      for (int64_t cb = 0; cb < C / B; ++cb) {
+        const int64_t first = rb * B * C + cb * B;  // element [rb*128, cb*128] of the expert
+        uint16_t m = 0;
+        for (int64_t r = 0; r < B; ++r) m = std::max(m, amax_bits(we + first + r * C, B));
+        const float s = scale_of(m);
+        sb[(e * (R / B) + rb) * (C / B) + cb] = s;
+        for (int64_t r = 0; r < B; ++r) quantize_row(we + first + r * C, qe + first + r * C, B, s);
+      }
+    }
+  }
+}
 
 void prepare_weights_fp8(const ExpertWeights& src, ExpertWeights& dst,
                          const PrepareWeightsOptions& options) {

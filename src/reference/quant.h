@@ -15,6 +15,9 @@ void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorV
                           const TensorView& scale, const QuantizeOptions& options);
 void dequantize_activations(const TensorView& q, QuantScheme scheme, const TensorView& scale,
                             const TensorView& out);
+// See modmoe::quantize_weights.
+void quantize_weights(const TensorView& w, QuantScheme scheme, const TensorView& q,
+                      const TensorView& scale);
 
 // prepare_weights for src.scheme = Fp8PerTensor / Fp8Block128 (dst's descriptor is set by
 // the API): w13 rows (and w13_bias) interleaved in groups of G, Fp8Block128 scale rows moved

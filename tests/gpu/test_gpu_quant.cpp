@@ -14,6 +14,7 @@
 
 #include "common/test_util.h"
 #include "gpu_test_util.h"
+#include "quant_inputs.h"
 #include "modmoe/modmoe.h"
 
 namespace modmoe {
@@ -34,38 +35,7 @@ std::vector<int64_t> scale_shape(const std::vector<int64_t>& x, QuantScheme sche
   return s;
 }
 
-// bf16 activations: N(0, 1) times a per-group power of two in 2^-20 .. 2^20, never zero;
-// with `edges`, some groups carry NaN, +-inf, only zeros, bf16 subnormals or bf16 maxima.
-HostTensor make_x(const std::vector<int64_t>& shape, uint64_t salt, bool edges) {
-  std::mt19937_64 rng(test::seed(salt));
-  HostTensor x(DType::BF16, shape);
-  test::fill_normal(x, rng, 1.0f);
-  std::uniform_int_distribution<int> ex(-20, 20);
-  auto* b = x.data<uint16_t>();
-  const int64_t groups = x.numel() / kB;
-  for (int64_t g = 0; g < groups; ++g) {
-    const float f = std::ldexp(1.0f, ex(rng));
-    for (int64_t i = g * kB; i < (g + 1) * kB; ++i) {
-      b[i] = float_to_bf16_bits(bf16_bits_to_float(b[i]) * f);
-    }
-    if (!edges) continue;
-    uint16_t* grp = b + g * kB;
-    switch (g % 11) {
-      case 1: grp[g % kB] = 0x7fc0; break;                      // NaN
-      case 3: grp[(g * 7) % kB] = (g % 2) ? 0xff80 : 0x7f80; break;  // -inf / +inf
-      case 5:
-        for (int64_t i = 0; i < kB; ++i) grp[i] = (i % 3) ? 0x0000 : 0x8000;  // +-0 only
-        break;
-      case 7:
-        for (int64_t i = 0; i < kB; ++i)
-          grp[i] = static_cast<uint16_t>((i % 2 ? 0x8000 : 0) | (1 + i % 127));
-        break;  // bf16 subnormals: the amax floor decides
-      case 9: grp[3] = 0x7f7f; grp[4] = 0xff7f; break;          // +-bf16 max
-      default: break;
-    }
-  }
-  return x;
-}
+using test::make_x;
 
 struct Result {
   HostTensor q, s;
@@ -154,15 +124,20 @@ INSTANTIATE_TEST_SUITE_P(
     [](const auto& info) { return case_name(info.param); });
 
 // Captured once, replayed over new inputs written into the same buffer: the per-tensor path
-// (memset, amax, quantize, scale) and the block path.
+// (memset, amax, quantize, scale; also with the scale written once per row, as the EP layer
+// captures it) and the block path.
 class GpuQuantizeGraph : public test::GpuTest {};
 
 TEST_F(GpuQuantizeGraph, CaptureAndReplay) {
   const std::vector<int64_t> shape{96, 2048};
-  for (QuantScheme scheme : {kBlk, kTen}) {
-    SCOPED_TRACE(quant_scheme_name(scheme));
-    DeviceTensor dx(DType::BF16, shape), dq(DType::E4M3, shape),
-        ds(DType::F32, scale_shape(shape, scheme));
+  struct Mode {
+    QuantScheme scheme;
+    std::vector<int64_t> scale;
+  };
+  for (const Mode& m : {Mode{kBlk, scale_shape(shape, kBlk)}, Mode{kTen, {1}}, Mode{kTen, {96}}}) {
+    const QuantScheme scheme = m.scheme;
+    SCOPED_TRACE(std::string(quant_scheme_name(scheme)) + " scale " + std::to_string(m.scale[0]));
+    DeviceTensor dx(DType::BF16, shape), dq(DType::E4M3, shape), ds(DType::F32, m.scale);
     cudaStream_t stream;
     MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     cudaGraph_t graph;
@@ -179,9 +154,10 @@ TEST_F(GpuQuantizeGraph, CaptureAndReplay) {
       MODMOE_CUDA_CHECK(cudaMemsetAsync(ds.view().data, 0xFF, ds.view().nbytes(), stream));
       MODMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
       MODMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-      const Result want = run_cpu(x, scheme, {}, 0.0f);
-      EXPECT_TRUE(test::bitwise_equal(dq.to_host(), want.q)) << "q, replay " << replay;
-      EXPECT_TRUE(test::bitwise_equal(ds.to_host(), want.s)) << "scale, replay " << replay;
+      HostTensor want_q(DType::E4M3, shape), want_s(DType::F32, m.scale);
+      quantize_activations(x, scheme, want_q, want_s);
+      EXPECT_TRUE(test::bitwise_equal(dq.to_host(), want_q)) << "q, replay " << replay;
+      EXPECT_TRUE(test::bitwise_equal(ds.to_host(), want_s)) << "scale, replay " << replay;
     }
     MODMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
     MODMOE_CUDA_CHECK(cudaGraphDestroy(graph));

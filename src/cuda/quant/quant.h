@@ -23,6 +23,8 @@ void quantize_rows_block128(const __nv_bfloat16* x, uint8_t* q, float* scale, in
                             int64_t cols, const int64_t* valid_rows, cudaStream_t stream);
 void dequantize_activations(const TensorView& q, QuantScheme scheme, const TensorView& scale,
                             const TensorView& out, Stream stream);
+void quantize_weights(const TensorView& w, QuantScheme scheme, const TensorView& q,
+                      const TensorView& scale, Stream stream);
 void prepare_weights_fp8(const ExpertWeights& src, ExpertWeights& dst,
                          const PrepareWeightsOptions& options, Stream stream);
 

@@ -11,6 +11,10 @@
 //   (the float order is the integer order; NaN, above inf, wins), so the result is the same
 //   on every run: the contract's "no atomics" rule is about order-dependent sums.
 // Fp8PerTensor, static: the quantize kernel alone, reading the caller's scale[0].
+// A dynamic per-tensor scale may be written once per row ([T]: the all-to-all payload form):
+//   the last kernel copies it into every entry.
+// Weights (quantize_weights): Fp8Block128, one CTA per 128x128 block (amax, then quantize from
+//   registers); Fp8PerTensor, the per-tensor activation path once per expert.
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
@@ -136,19 +140,23 @@ __global__ void __launch_bounds__(kThreads) quantize_tensor_kernel(const TensorA
   }
 }
 
-__global__ void finalize_scale_kernel(float* scale) {
-  *scale = fp8::e4m3_scale_from_amax(*scale);
+// One block: scale[0] holds the amax; every entry of scale[0, count) gets the scale ([1], or
+// one copy per row). Every thread reads the amax before any thread writes.
+__global__ void finalize_scale_kernel(float* scale, int64_t count) {
+  const float s = fp8::e4m3_scale_from_amax(*scale);
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) scale[i] = s;
 }
 
 // ---- dequantize ----
 
 struct DequantArgs {
-  const uint2* q;        // [num_vec] 8 e4m3 each
-  const float* scale;    // [1] or [numel / 128]
-  void* out;             // [numel] fp32 or bf16
+  const uint2* q;          // [num_vec] 8 e4m3 each
+  const float* scale;      // [numel / 128], [rows] or [1]
+  void* out;               // [numel] fp32 or bf16
   int64_t num_vec;
-  bool block;            // scale per 128 elements, else scale[0]
-  bool bf16;             // out is bf16
+  int64_t vec_per_scale;   // 16 (1x128 groups), H/8 (one per row) or num_vec (one scale)
+  bool bf16;               // out is bf16
 };
 
 // The host's float_to_bf16_bits (round to nearest even, NaN kept quiet with its payload), so
@@ -163,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const DequantArgs 
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.num_vec;
        i += int64_t(gridDim.x) * blockDim.x) {
     const uint2 v = __ldg(a.q + i);
-    const float s = a.scale[a.block ? i * kVec / fp8::kBlock : 0];
+    const float s = a.scale[i / a.vec_per_scale];
     float f[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
@@ -183,6 +191,44 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(const DequantArgs 
       o[1] = make_float4(f[4], f[5], f[6], f[7]);
     }
   }
+}
+
+// ---- weights, Fp8Block128: one CTA per 128x128 block ----
+
+struct WeightBlockArgs {
+  const uint4* w;     // [E, R, C] bf16, as 16-byte vectors
+  uint2* q;           // [E, R, C] e4m3, as 8-byte vectors
+  float* scale;       // [E, R/128, C/128] fp32, one per CTA
+  int64_t row_vec;    // C / 8: vectors per row
+  int64_t blocks_c;   // C / 128
+};
+
+// CTA b = (e * R/128 + rb) * C/128 + cb. Thread t owns row t / 2 of the block and 64 of its
+// columns, (t % 2) * 64 + [0, 64): 8 vectors, loaded once, kept in registers for the quantize.
+__global__ void __launch_bounds__(kThreads) quantize_weight_block128_kernel(const WeightBlockArgs a) {
+  constexpr int kVecPerThread = fp8::kBlock * fp8::kBlock / kThreads / kVec;  // 8
+  static_assert(kVecPerThread * kVec * 2 == fp8::kBlock, "two threads per block row");
+  __shared__ uint32_t warp_max[kThreads / 32];
+  const int64_t blk = blockIdx.x;
+  const int64_t cb = blk % a.blocks_c, block_row = blk / a.blocks_c;  // e * R/128 + rb
+  const int64_t row = block_row * fp8::kBlock + threadIdx.x / 2;     // row of [E * R, C]
+  const int64_t first = row * a.row_vec + cb * (fp8::kBlock / kVec) + (threadIdx.x % 2) * kVecPerThread;
+  uint4 v[kVecPerThread];
+  uint32_t m = 0;
+#pragma unroll
+  for (int j = 0; j < kVecPerThread; ++j) {
+    v[j] = __ldg(a.w + first + j);
+    m = max(m, abs_max_bits(v[j]));
+  }
+  m = __reduce_max_sync(0xffffffffu, m);
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kThreads / 32; ++i) m = max(m, warp_max[i]);
+  const float s = fp8::e4m3_scale_from_amax(__uint_as_float(m << 16));
+#pragma unroll
+  for (int j = 0; j < kVecPerThread; ++j) a.q[first + j] = quantize8(v[j], s);
+  if (threadIdx.x == 0) a.scale[blk] = s;
 }
 
 void check_aligned(const void* p, int bytes, const char* name) {
@@ -208,6 +254,8 @@ void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorV
   }
   const TensorArgs a{x.ptr<const uint4>(), q.ptr<uint2>(), scale.ptr<float>(), n / kVec,
                      !options.static_scale};
+  const int64_t num_scales = scale.numel();  // 1, or one per row (dynamic only)
+  if (num_scales == 0) return;               // no rows
   if (!options.static_scale) {
     MODMOE_CUDA_CHECK(cudaMemsetAsync(a.scale, 0, sizeof(float), stream));
     if (a.num_vec > 0) {
@@ -222,7 +270,7 @@ void quantize_activations(const TensorView& x, QuantScheme scheme, const TensorV
     MODMOE_LAUNCH_CHECK(stream);
   }
   if (!options.static_scale) {
-    finalize_scale_kernel<<<1, 1, 0, stream>>>(a.scale);
+    finalize_scale_kernel<<<1, num_scales == 1 ? 1 : kThreads, 0, stream>>>(a.scale, num_scales);
     MODMOE_LAUNCH_CHECK(stream);
   }
 }
@@ -240,13 +288,40 @@ void quantize_rows_block128(const __nv_bfloat16* x, uint8_t* q, float* scale, in
   MODMOE_LAUNCH_CHECK(stream);
 }
 
-void dequantize_activations(const TensorView& q, QuantScheme scheme, const TensorView& scale,
+void quantize_weights(const TensorView& w, QuantScheme scheme, const TensorView& q,
+                      const TensorView& scale, Stream stream) {
+  const int64_t E = w.size(0), R = w.size(1), C = w.size(2);
+  if (E == 0) return;
+  check_aligned(w.data, 16, "w");
+  check_aligned(q.data, 8, "q");
+  if (scheme == QuantScheme::Fp8PerTensor) {
+    // One scale per expert: the per-tensor activation path on each expert's [R, C].
+    for (int64_t e = 0; e < E; ++e) {
+      const TensorView we = make_view(w.ptr<uint16_t>() + e * R * C, DType::BF16, {R, C}, w.device);
+      const TensorView qe = make_view(q.ptr<uint8_t>() + e * R * C, DType::E4M3, {R, C}, q.device);
+      const TensorView se = make_view(scale.ptr<float>() + e, DType::F32, {1}, scale.device);
+      cuda::quantize_activations(we, QuantScheme::Fp8PerTensor, qe, se, QuantizeOptions{}, stream);
+    }
+    return;
+  }
+  const WeightBlockArgs a{w.ptr<const uint4>(), q.ptr<uint2>(), scale.ptr<float>(), C / kVec,
+                          C / fp8::kBlock};
+  const int64_t num_blocks = E * (R / fp8::kBlock) * (C / fp8::kBlock);
+  MODMOE_CHECK(num_blocks <= 0x7fffffff, "quantize_weights: ", num_blocks,
+               " blocks of 128x128: expected at most 2^31 - 1 (one CTA each)");
+  quantize_weight_block128_kernel<<<static_cast<unsigned>(num_blocks), kThreads, 0, stream>>>(a);
+  MODMOE_LAUNCH_CHECK(stream);
+}
+
+// The scale layout follows from the sizes: one scale per 128 elements, per row, or one.
+void dequantize_activations(const TensorView& q, QuantScheme /*scheme*/, const TensorView& scale,
                             const TensorView& out, Stream stream) {
   check_aligned(q.data, 8, "q");
   check_aligned(out.data, 16, "out");
-  const DequantArgs a{q.ptr<const uint2>(), scale.ptr<const float>(), out.data, q.numel() / kVec,
-                      scheme == QuantScheme::Fp8Block128, out.dtype == DType::BF16};
-  if (a.num_vec == 0) return;
+  const int64_t num_vec = q.numel() / kVec;
+  if (num_vec == 0) return;
+  const DequantArgs a{q.ptr<const uint2>(), scale.ptr<const float>(), out.data, num_vec,
+                      num_vec / scale.numel(), out.dtype == DType::BF16};
   dequantize_kernel<<<blocks_for(a.num_vec), kThreads, 0, stream>>>(a);
   MODMOE_LAUNCH_CHECK(stream);
 }
