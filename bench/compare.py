@@ -1,11 +1,22 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark on the GPU machine: the torch._grouped_mm composition (permute with
-torch.sort, _grouped_mm for both GEMMs, silu*mul, weighted scatter-add) over the ANCHORS.md grid,
+"""Side-by-side benchmark on the GPU machine: a PyTorch composition over the ANCHORS.md grid,
 then `modmoe bench experts` in the same run with that baseline, then one PNG per model (time
-against T for both, with the weight-read and compute floors).
+against T for both, with the floors).
 
-    python3 bench/compare.py --modmoe build/apps/modmoe [--models qwen3,...] [--tokens 1,16,...]
+    python3 bench/compare.py --modmoe build/apps/modmoe [--dtype bf16|fp8-block|fp8-tensor|nvfp4]
+        [--models qwen3,...] [--tokens 1,16,...]
         [--ab MODMOE_GEMM_TAIL=1,MODMOE_FUSED_PERMUTE=1]   (A/B columns: modmoe with each variable set)
+
+The baselines:
+  bf16        torch._grouped_mm composition (permute with torch.sort, _grouped_mm for both
+              GEMMs, silu*mul, weighted scatter-add)
+  fp8-tensor  the same with torch._scaled_grouped_mm: e4m3 hidden with one fp32 scale per token
+              row (the per-tensor scale broadcast, as a quantize-before-dispatch all-to-all
+              delivers it), e4m3 weights with one scale per expert broadcast to its rows, the
+              intermediate re-quantized per row (rowwise scales are what the op takes)
+  fp8-block, nvfp4: none in PyTorch; the baseline file says so and modmoe runs alone.
+If torch._scaled_grouped_mm is missing or raises, the error is recorded in the baseline file
+and the modmoe numbers are still measured.
 """
 import argparse
 import json
@@ -24,23 +35,120 @@ MODELS = {  # name: (E, k, H, I), as in ANCHORS.md
 }
 
 
-def torch_gm_layer(x, ids, w, w13, w2, num_experts):
-    """The composition users run today with PyTorch alone. Graph-capturable (no host sync)."""
+E4M3 = getattr(torch, "float8_e4m3fn", None)
+E4M3_MAX = 448.0
+
+
+def permute(ids, num_experts):
+    """Routing metadata of the compositions: slot order sorted by expert (stable), the int32
+    end offset of each expert's rows, and the token of each permuted row."""
     t, k = ids.shape
     flat = ids.reshape(-1)
     order = torch.sort(flat, stable=True).indices
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    token = order // k
-    h = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=offs)
-    gate, up = h.chunk(2, dim=-1)
-    a = F.silu(gate) * up
-    y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)
+    return order, offs, order // k
+
+
+def combine(y, w, order, token, t):
+    """Weighted scatter-add of the permuted rows y [P, H] into [t, H], in fp32, cast once."""
     y = y * w.reshape(-1)[order].unsqueeze(1).to(y.dtype)
-    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
+    out = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
     out.index_add_(0, token, y.float())
     return out.to(torch.bfloat16)
+
+
+def torch_gm_layer(x, ids, w, w13, w2, num_experts):
+    """The composition users run today with PyTorch alone. Graph-capturable (no host sync)."""
+    order, offs, token = permute(ids, num_experts)
+    h = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    return combine(y, w, order, token, ids.shape[0])
+
+
+def quantize_rows(x):
+    """Dynamic e4m3 with one fp32 dequantization scale per row (x ~ q * s): [R, C] -> q, s [R]."""
+    s = x.abs().amax(dim=-1).float().clamp(min=1e-10) / E4M3_MAX
+    q = (x.float() / s.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, s
+
+
+def torch_scaled_gm_layer(xq, x_scale, ids, w, w13q, w13s, w2q, w2s, num_experts):
+    """The FP8 composition with PyTorch alone. xq [T, H] e4m3 with x_scale [T] fp32 (one per
+    token row); w13q [E, 2I, H], w2q [E, H, I] e4m3 (K-major, so their transposes are the
+    column-major B the op wants) with w13s [E, 2I], w2s [E, H] fp32 (one per output column).
+    Graph-capturable (no host sync)."""
+    order, offs, token = permute(ids, num_experts)
+    rows = xq.view(torch.uint8)[token].view(E4M3)  # gathered as bytes: any indexing kernel works
+    h = torch._scaled_grouped_mm(rows, w13q.transpose(1, 2), x_scale[token], w13s,
+                                 offs=offs, out_dtype=torch.bfloat16)
+    gate, up = h.chunk(2, dim=-1)
+    aq, a_scale = quantize_rows(F.silu(gate) * up)
+    y = torch._scaled_grouped_mm(aq, w2q.transpose(1, 2), a_scale, w2s, offs=offs,
+                                 out_dtype=torch.bfloat16)
+    return combine(y, w, order, token, ids.shape[0])
+
+
+class Bf16Layer:
+    """torch._grouped_mm on bf16 weights. A batch is (x, ids, w)."""
+
+    def __init__(self, w13, w2, num_experts):
+        self.w13, self.w2, self.e = w13, w2, num_experts
+
+    def batch(self, x, ids, w):
+        return x, ids, w
+
+    def __call__(self, b):
+        return torch_gm_layer(*b, self.w13, self.w2, self.e)
+
+    def expert_f64(self, ex):
+        return self.w13[ex].double(), self.w2[ex].double()
+
+    def hidden_f64(self, b, row):
+        return b[0][row].double()
+
+
+class Fp8TensorLayer:
+    """torch._scaled_grouped_mm on e4m3 weights with one scale per expert. A batch is
+    (xq, x_scale, ids, w): hidden quantized outside the timed region with one dynamic scale
+    for the tensor, repeated per token row."""
+
+    def __init__(self, w13, w2, num_experts):
+        self.e = num_experts
+        self.w13q, s13 = self.per_expert(w13)
+        self.w2q, s2 = self.per_expert(w2)
+        self.w13s = s13[:, None].expand(-1, w13.shape[1]).contiguous()  # [E, 2I]
+        self.w2s = s2[:, None].expand(-1, w2.shape[1]).contiguous()     # [E, H]
+
+    @staticmethod
+    def per_expert(w):
+        q, s = quantize_rows(w.reshape(w.shape[0], -1))
+        return q.reshape(w.shape), s
+
+    def batch(self, x, ids, w):
+        q, s = quantize_rows(x.reshape(1, -1))
+        return q.reshape(x.shape), s.expand(x.shape[0]).contiguous(), ids, w
+
+    def __call__(self, b):
+        return torch_scaled_gm_layer(*b, self.w13q, self.w13s, self.w2q, self.w2s, self.e)
+
+    def expert_f64(self, ex):
+        return (self.w13q[ex].double() * self.w13s[ex, :, None].double(),
+                self.w2q[ex].double() * self.w2s[ex, :, None].double())
+
+    def hidden_f64(self, b, row):
+        return b[0][row].double() * float(b[1][row])
+
+
+LAYERS = {"bf16": Bf16Layer, "fp8-tensor": Fp8TensorLayer}
+NO_BASELINE = {
+    "fp8-block": "torch baseline: none for 128x128 blocks (torch._scaled_grouped_mm takes "
+                 "rowwise fp32 scales or MX block scales, not DeepSeek's 128x128 weight blocks)",
+    "nvfp4": "torch baseline: none for W4A16 (PyTorch has no grouped GEMM of NVFP4 weights "
+             "with bf16 activations)",
+}
 
 
 def routing(t, e, k, gen, device):
@@ -71,34 +179,66 @@ def time_graph_us(fn, calls, reps=10):
     return sorted(times)[len(times) // 2]
 
 
-def bench_torch(models, tokens, device):
+def bench_torch(models, tokens, device, dtype="bf16"):
+    """{"<model>/<T>/uniform": us} of the dtype's composition (bf16: exactly that; others:
+    plus "dtype", "op", and per-cell "token0_rel_l2"; "error" / "errors" where it failed)."""
     out = {}
+    quantized = dtype != "bf16"
+    if quantized:
+        out["dtype"] = dtype
+        if dtype in NO_BASELINE:
+            out["note"] = NO_BASELINE[dtype]
+            print(out["note"], flush=True)
+            return out
+        out["op"] = (f"torch._scaled_grouped_mm (torch {torch.__version__}): rowwise scales, hidden "
+                     "per tensor repeated per row, weights per expert repeated per row, "
+                     "intermediate re-quantized per row")
+        if not hasattr(torch, "_scaled_grouped_mm") or E4M3 is None:
+            out["error"] = f"torch {torch.__version__} has no torch._scaled_grouped_mm or float8_e4m3fn"
+            print("torch baseline:", out["error"], flush=True)
+            return out
+        out["token0_rel_l2"], out["errors"] = {}, {}
     gen = torch.Generator().manual_seed(7)
     for name in models:
         e, k, h, i = MODELS[name]
         w13 = (torch.randn(e, 2 * i, h, device=device) / h**0.5).to(torch.bfloat16)
         w2 = (torch.randn(e, h, i, device=device) / i**0.5).to(torch.bfloat16)
+        layer = LAYERS[dtype](w13, w2, e)
         for t in tokens:
+            key = f"{name}/{t}/uniform"
             rot = int(min(8, max(2, 256e6 / max(t * h * 4, 1))))
             batches = []
             for _ in range(rot):
                 ids, w = routing(t, e, k, gen, device)
                 x = (0.1 * torch.randn(t, h, device=device)).to(torch.bfloat16)
-                batches.append((x, ids, w))
-            # Correctness of the baseline itself, on one token, against a float64 evaluation.
-            x, ids, w = batches[0]
-            got = torch_gm_layer(x, ids, w, w13, w2, e)
-            ref = torch.zeros(h, dtype=torch.float64, device=device)
-            for j in range(k):
-                ex = int(ids[0, j])
-                hh = w13[ex].double() @ x[0].double()
-                g_, u_ = hh[:i], hh[i:]
-                ref += float(w[0, j]) * (w2[ex].double() @ (F.silu(g_) * u_))
-            err = float((got[0].double() - ref).norm() / ref.norm())
-            us = time_graph_us(lambda r: torch_gm_layer(*batches[r], w13, w2, e), rot)
-            out[f"{name}/{t}/uniform"] = us
+                batches.append(layer.batch(x, ids, w))
+            try:
+                # Correctness of the baseline itself, on one token, against a float64 evaluation
+                # over the values it computes with (dequantized for FP8).
+                b = batches[0]
+                ids, w = b[-2], b[-1]
+                got = layer(b)
+                ref = torch.zeros(h, dtype=torch.float64, device=device)
+                for j in range(k):
+                    w13e, w2e = layer.expert_f64(int(ids[0, j]))
+                    hh = w13e @ layer.hidden_f64(b, 0)
+                    g_, u_ = hh[:i], hh[i:]
+                    ref += float(w[0, j]) * (w2e @ (F.silu(g_) * u_))
+                err = float((got[0].double() - ref).norm() / ref.norm())
+                us = time_graph_us(lambda r: layer(batches[r]), rot)
+            except Exception as ex:  # noqa: BLE001 -- a failing baseline must not stop modmoe
+                if not quantized:
+                    raise
+                msg = f"{type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}"
+                out["errors"][key] = msg
+                out.setdefault("error", f"{key}: {msg}")
+                print(f"torch baseline {key} failed: {msg}", flush=True)
+                continue
+            out[key] = us
+            if quantized:
+                out["token0_rel_l2"][key] = err
             print(f"torch_gm {name:13s} T={t:6d} {us:10.1f} us  (token-0 rel L2 {err:.1e})", flush=True)
-        del w13, w2
+        del w13, w2, layer
         torch.cuda.empty_cache()
     return out
 
@@ -111,6 +251,10 @@ def plot(result, outdir):
     except ImportError:
         print("matplotlib is not installed: no plots drawn")
         return
+    dtype = result.get("dtype", "bf16")
+    bf16 = dtype == "bf16"
+    torch_key, torch_label = (("torch_grouped_mm_us", "torch._grouped_mm") if bf16
+                              else ("torch_scaled_grouped_mm_us", "torch._scaled_grouped_mm"))
     cells = [c for c in result["cells"] if c["routing"] == "uniform"]
     ceil = result["ceilings"]
     for name in sorted({c["model"] for c in cells}):
@@ -118,19 +262,24 @@ def plot(result, outdir):
         t = [c["tokens"] for c in rows]
         e, k, h, i = MODELS[name]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(t, [c["us"] for c in rows], "o-", label="modmoe")
-        if all("torch_grouped_mm_us" in c for c in rows):
-            ax.plot(t, [c["torch_grouped_mm_us"] for c in rows], "s-", label="torch._grouped_mm")
-        ax.plot(t, [c["experts_touched"] * 6 * h * i / (ceil["copy_GBps"] * 1e3) for c in rows], "--", label="weight-read floor")
-        ax.plot(t, [6 * tt * k * h * i / (ceil["dense_bf16_TFLOPs"] * 1e6) for tt in t], ":", label="compute floor")
+        ax.plot(t, [c["us"] for c in rows], "o-", label="modmoe" if bf16 else f"modmoe {dtype}")
+        if not bf16:
+            ax.plot(t, [c["bf16_us"] for c in rows], "^-", label="modmoe bf16")
+        if all(torch_key in c for c in rows):
+            ax.plot(t, [c[torch_key] for c in rows], "s-", label=torch_label)
+        if bf16:
+            ax.plot(t, [c["experts_touched"] * 6 * h * i / (ceil["copy_GBps"] * 1e3) for c in rows], "--", label="weight-read floor")
+            ax.plot(t, [6 * tt * k * h * i / (ceil["dense_bf16_TFLOPs"] * 1e6) for tt in t], ":", label="compute floor")
+        else:
+            ax.plot(t, [c["floor_us"] for c in rows], "--", label=f"{dtype} floor")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
         ax.set_ylabel("µs (CUDA-graph replay median)")
-        ax.set_title(f"{name} on {result['gpu']}")
+        ax.set_title(f"{name} on {result['gpu']}" + ("" if bf16 else f", {dtype}"))
         ax.legend()
         fig.tight_layout()
-        path = os.path.join(outdir, f"experts_{name}.png")
+        path = os.path.join(outdir, f"experts_{name}.png" if bf16 else f"experts_{dtype}_{name}.png")
         fig.savefig(path, dpi=110)
         print("wrote", path)
 
@@ -144,16 +293,27 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--plots", default="")
     ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: modmoe times each cell again with each variable set")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp8-block", "fp8-tensor", "nvfp4"],
+                    help="modmoe bench experts --dtype; the baseline follows it (module docstring)")
     args = ap.parse_args()
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
-    base = bench_torch(models, tokens, "cuda")
-    base_path = os.path.join(os.path.dirname(args.out) or ".", "torch_gm_baseline.json")
+    if args.dtype == "bf16":
+        base = bench_torch(models, tokens, "cuda")
+        base_name = "torch_gm_baseline.json"
+    else:
+        try:
+            base = bench_torch(models, tokens, "cuda", args.dtype)
+        except Exception as ex:  # noqa: BLE001 -- the modmoe numbers are measured regardless
+            base = {"dtype": args.dtype, "error": f"{type(ex).__name__}: {ex}"}
+            print("torch baseline failed:", base["error"], flush=True)
+        base_name = f"torch_baseline_{args.dtype}.json"
+    base_path = os.path.join(os.path.dirname(args.out) or ".", base_name)
     with open(base_path, "w") as f:
         json.dump(base, f, indent=1)
     cmd = [args.modmoe, "bench", "experts", "--models", args.models, "--tokens", args.tokens,
            "--torch-baseline", base_path] + (["--out", args.out] if args.out else []) + (["--skew"] if args.skew else []) \
-        + (["--ab", args.ab] if args.ab else [])
+        + (["--ab", args.ab] if args.ab else []) + (["--dtype", args.dtype] if args.dtype != "bf16" else [])
     print("running", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     print(proc.stdout + proc.stderr)

@@ -7,29 +7,17 @@
 #   OUT=<dir> [DEADLINE_S=280] bash bench/gpu_experts_run.sh     (binaries in build-hopper/)
 set -u
 OUT=${OUT:-/tmp/experts_out}
-mkdir -p "$OUT/logs"
+source "$(dirname "$0")/gpu_common.sh"
 export MODMOE_TEST_DATA_DIR=$PWD/tests/data
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv \
-  > "$OUT/logs/gpu.txt" 2>&1
-head -2 "$OUT/logs/gpu.txt"
-
-run_test() {  # binary, log name[, more ':'-joined negative filters]; prints one line
-  timeout 150 "./build-hopper/tests/$1" --gtest_brief=1 \
-    "--gtest_filter=-*GemmThroughput*${3:+:$3}" > "$OUT/logs/$2.log" 2>&1
-  local rc=$?
-  echo "$2: rc $rc $(grep -E '^\[  (PASSED|FAILED) ' "$OUT/logs/$2.log" | tr '\n' ' ')"
-  grep -E '^\[  FAILED  \] .*\.' "$OUT/logs/$2.log" | head -8
-  return $rc
-}
+gpu_header
 
 run_test test_gpu_permute permute
 run_test test_gpu_finalize finalize
 run_test test_gpu_experts experts
 
 AB=${AB:-MODMOE_GEMM_SPLIT_K=1,MODMOE_GEMM_CONFIG=sm90_256x128x64_s4}
-LEFT=$(( ${DEADLINE_S:-280} - SECONDS ))
-(( LEFT < 30 )) && LEFT=30  # NOTE: timeout 0 would mean no limit
+LEFT=$(seconds_left "${DEADLINE_S:-280}")
 timeout "$LEFT" python3 bench/compare.py --modmoe ./build-hopper/apps/modmoe \
   --out "$OUT/experts.json" --ab "$AB" > "$OUT/logs/compare.log" 2>&1
 echo "compare rc $? after ${SECONDS}s"

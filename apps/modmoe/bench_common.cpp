@@ -74,13 +74,6 @@ std::string gpu_name() {
   return prop.name;
 }
 
-void copy_to_device(const HostTensor& h, const TensorView& d) {
-  MODMOE_CHECK(h.nbytes() == d.nbytes(), "copy_to_device: ", h.nbytes(), " vs ", d.nbytes(), " bytes");
-  MODMOE_CUDA_CHECK(cudaMemcpy(d.data, h.view().data, h.nbytes(), cudaMemcpyHostToDevice));
-}
-
-void poison(const TensorView& d) { MODMOE_CUDA_CHECK(cudaMemset(d.data, 0xff, d.nbytes())); }
-
 double time_graph_ms(int calls, const std::function<void(int, cudaStream_t)>& call, int reps) {
   cudaStream_t s;
   MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
@@ -112,7 +105,7 @@ double time_graph_ms(int calls, const std::function<void(int, cudaStream_t)>& ca
   return median(t);
 }
 
-Ceilings measure_ceilings() {
+Ceilings measure_ceilings(bool with_fp8) {
   Ceilings c;
   {
     const int64_t bytes = int64_t{2} << 30;
@@ -142,6 +135,15 @@ Ceilings measure_ceilings() {
     c.dense_TFLOPs = 2.0 * n * static_cast<double>(n) * n / (ms * 1e9);
     cublasDestroy(h);
   }
+  if (with_fp8) {
+    try {
+      c.dense_fp8_TFLOPs = measure_dense_fp8_TFLOPs();
+      c.fp8_how = "cuBLASLt FP8 GEMM 8192^3, e4m3 x e4m3 -> bf16, TN, fp32 compute, fast accumulation, random data";
+    } catch (const Error& e) {
+      c.dense_fp8_TFLOPs = 2.0 * c.dense_TFLOPs;
+      c.fp8_how = std::string("2x the bf16 ceiling: the cuBLASLt FP8 GEMM failed: ") + e.what();
+    }
+  }
   return c;
 }
 
@@ -157,6 +159,10 @@ nlohmann::json bench_header(const std::string& name, const Ceilings& ceil) {
   j["modmoe_version"] = version();
   j["ceilings"] = {{"copy_GBps", ceil.copy_GBps}, {"dense_bf16_TFLOPs", ceil.dense_TFLOPs},
                    {"how", "2 GiB device-to-device copy (read + write bytes); cuBLAS bf16 GEMM 8192^3, random data"}};
+  if (ceil.dense_fp8_TFLOPs > 0) {
+    j["ceilings"]["dense_fp8_TFLOPs"] = ceil.dense_fp8_TFLOPs;
+    j["ceilings"]["dense_fp8_how"] = ceil.fp8_how;
+  }
   return j;
 }
 

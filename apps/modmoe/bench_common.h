@@ -26,11 +26,16 @@ std::string gpu_folder_name(const std::string& name);
 struct Ceilings {
   double copy_GBps = 0;     // device-to-device copy, bytes read + written
   double dense_TFLOPs = 0;  // cuBLAS bf16 GEMM 8192^3, fp32 accumulate, random data
+  double dense_fp8_TFLOPs = 0;  // with_fp8 only: cuBLASLt e4m3 GEMM 8192^3, or 2x bf16
+  std::string fp8_how;          // how dense_fp8_TFLOPs was obtained
 };
-Ceilings measure_ceilings();
+// with_fp8: also the FP8 dense ceiling; when cuBLASLt cannot run the FP8 GEMM, 2x the bf16
+// ceiling, and fp8_how says so and why.
+Ceilings measure_ceilings(bool with_fp8 = false);
+// cuBLASLt e4m3 x e4m3 -> bf16 GEMM n^3 (fp32 compute, fast accumulation), random data;
+// throws modmoe::Error naming the failing cuBLASLt call (fp8_ceiling.cpp).
+double measure_dense_fp8_TFLOPs(int n = 8192);
 std::string gpu_name();
-void copy_to_device(const HostTensor& h, const TensorView& d);
-void poison(const TensorView& d);  // 0xFF bytes: NaN in bf16 and fp32
 // Milliseconds per call: a graph of `calls` calls (call(i, stream) for i in [0, calls)) is
 // captured once, replayed after warm-up, and the median replay time is divided by `calls`.
 double time_graph_ms(int calls, const std::function<void(int, cudaStream_t)>& call, int reps = 10);

@@ -37,6 +37,38 @@ HostTensor to_host(const TensorView& t) {
   return h;
 }
 
+void copy_from_host(const TensorView& host, const TensorView& dst) {
+  MODMOE_CHECK(!host.device.is_cuda() && host.nbytes() == dst.nbytes(), "copy_from_host: ",
+               host.nbytes(), " bytes on ", host.device.to_string(), " into ", dst.nbytes(),
+               " bytes on ", dst.device.to_string());
+  if (dst.nbytes() == 0) return;
+  if (dst.device.is_cuda()) {
+#ifdef MODMOE_WITH_CUDA
+    MODMOE_CUDA_CHECK(cudaMemcpy(dst.data, host.data, host.nbytes(), cudaMemcpyHostToDevice));
+#endif
+  } else {
+    std::memcpy(dst.data, host.data, host.nbytes());
+  }
+}
+
+void poison(const TensorView& t) {
+  if (t.device.is_cuda()) {
+#ifdef MODMOE_WITH_CUDA
+    MODMOE_CUDA_CHECK(cudaMemset(t.data, 0xff, t.nbytes()));
+#endif
+  } else {
+    std::memset(t.data, 0xff, t.nbytes());
+  }
+}
+
+void synchronize(const Device& device) {
+#ifdef MODMOE_WITH_CUDA
+  if (device.is_cuda()) MODMOE_CUDA_CHECK(cudaDeviceSynchronize());
+#else
+  (void)device;
+#endif
+}
+
 namespace {
 
 // A line per tenth of the experts done, for fills of a gigabyte or more (with E >= 10).

@@ -33,6 +33,12 @@ class Buffer {
 
 // Copies any view (host or device, contiguous) into a new host tensor.
 HostTensor to_host(const TensorView& t);
+// The inverse: copies a host view into `dst` (host or device, contiguous, same bytes).
+void copy_from_host(const TensorView& host, const TensorView& dst);
+// 0xFF bytes (NaN in bf16 and fp32), on the host or the device: an unwritten element fails.
+void poison(const TensorView& t);
+// Waits for the device's work (nothing to wait for on the CPU).
+void synchronize(const Device& device);
 
 // Stream ids of the synthetic tensors (synth.h), so a check can regenerate any of them.
 enum SynthStream : uint64_t { kW13 = 1, kW2, kW13Bias, kW2Bias, kHidden, kLogits, kRouteBias };

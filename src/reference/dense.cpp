@@ -8,6 +8,8 @@
 #include <cstring>
 #include <utility>
 
+#include "core/fp8.h"
+#include "core/nvfp4.h"
 #include "modmoe/error.h"
 
 namespace modmoe::reference {
@@ -35,9 +37,82 @@ double activation_f64(Activation kind, double gate, double up, double alpha, dou
   MODMOE_FAIL("dense_moe_f64: unknown activation ", static_cast<int>(kind));
 }
 
+bool is_fp8(QuantScheme s) { return s == QuantScheme::Fp8PerTensor || s == QuantScheme::Fp8Block128; }
+
+// The rows of one weight tensor (w13 or w2) as float64: bf16 values, or the dequantized values
+// of a quantized scheme, which are exact in float64 (an e4m3 or e2m1 * e4m3 value times an
+// fp32 scale): FP8 float(q) * scale of the row's 128x128 block or expert (docs/fp8.md), NVFP4
+// e2m1 * block scale * global (docs/nvfp4.md).
+struct WeightRows {
+  QuantScheme scheme = QuantScheme::None;
+  TensorView q, scale, global;  // [E, rows, cols] (NVFP4: cols/2 bytes), scales, [E] globals
+  int64_t rows = 0, cols = 0;   // per expert, in values
+
+  void widen(int64_t e, int64_t r, double* dst) const {
+    const int64_t row = e * rows + r;
+    if (scheme == QuantScheme::None) {
+      const auto* p = q.ptr<const uint16_t>() + row * cols;
+      for (int64_t c = 0; c < cols; ++c) dst[c] = bf16_value(p[c]);
+    } else if (scheme == QuantScheme::Nvfp4) {
+      const auto* p = q.ptr<const uint8_t>() + row * cols / 2;
+      const auto* s = scale.ptr<const uint8_t>() + row * (cols / nvfp4::kBlock);
+      const double g = global.ptr<const float>()[e];
+      for (int64_t c = 0; c < cols; ++c) {
+        const uint8_t code = c % 2 ? nvfp4::e2m1x2_second(p[c / 2]) : nvfp4::e2m1x2_first(p[c / 2]);
+        dst[c] = static_cast<double>(nvfp4::e2m1_to_float(code)) *
+                 static_cast<double>(fp8::e4m3_to_float(s[c / nvfp4::kBlock])) * g;
+      }
+    } else {
+      const auto* p = q.ptr<const uint8_t>() + row * cols;
+      const float* s = scale.ptr<const float>();
+      const int64_t kB = fp8::kBlock;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float sc = scheme == QuantScheme::Fp8Block128
+                             ? s[(e * (rows / kB) + r / kB) * (cols / kB) + c / kB]
+                             : s[e];
+        dst[c] = static_cast<double>(fp8::e4m3_to_float(p[c])) * static_cast<double>(sc);
+      }
+    }
+  }
+};
+
+// The rows of hidden as float64: bf16, or e4m3 times its scale (Fp8Block128: one per 1x128
+// group of a row; Fp8PerTensor: [1], or one per row).
+struct HiddenRows {
+  TensorView x, scale;  // [rows, H] (batched [E_local, max_m, H]); FP8 only: the scales
+  int64_t H = 0;
+
+  double value(int64_t row, int64_t h) const {
+    if (x.dtype == DType::BF16) return bf16_value(x.ptr<const uint16_t>()[row * H + h]);
+    const int64_t groups = H / fp8::kBlock;
+    const float* s = scale.ptr<const float>();
+    const float sc = scale.numel() == 1                   ? s[0]
+                     : scale.numel() == x.numel() / H ? s[row]
+                                                          : s[row * groups + h / fp8::kBlock];
+    return static_cast<double>(fp8::e4m3_to_float(x.ptr<const uint8_t>()[row * H + h])) *
+           static_cast<double>(sc);
+  }
+};
+
+// The GEMM2 input of an FP8 kernel (docs/fp8.md, "Experts"): each row's bf16 activation
+// re-quantized to e4m3 with dynamic 1x128 groups, as float64. a: [n, I], bf16 values.
+void requantize_groups(double* a, int64_t n, int64_t I) {
+  for (int64_t g = 0; g < n * I / fp8::kBlock; ++g) {
+    double* v = a + g * fp8::kBlock;
+    float amax = 0.0f;
+    for (int i = 0; i < fp8::kBlock; ++i) amax = std::max(amax, std::fabs(static_cast<float>(v[i])));
+    const float s = fp8::e4m3_scale_from_amax(amax);
+    for (int i = 0; i < fp8::kBlock; ++i) {
+      v[i] = static_cast<double>(fp8::e4m3_to_float(fp8::quantize_e4m3(static_cast<float>(v[i]), s))) *
+             static_cast<double>(s);
+    }
+  }
+}
+
 struct DenseProblem {
   const ExpertWeights& w;
   const ActivationParams& act;
+  WeightRows w13 = {}, w2 = {};  // set by dense_moe_f64
   bool round = false;
   int64_t H = 0, I = 0, rows = 0;
   bool gated = true;
@@ -52,8 +127,6 @@ struct DenseProblem {
   // widened to double once and used for all n rows.
   void expert(int64_t e, int64_t n, const double* x, const std::vector<const uint16_t*>& lora,
               double* y) const {
-    const auto* w13 = w.w13.ptr<const uint16_t>() + e * rows * H;
-    const auto* w2 = w.w2.ptr<const uint16_t>() + e * H * I;
     const float* b13 = w.w13_bias.defined() ? w.w13_bias.ptr<const float>() + e * rows : nullptr;
     const float* b2 = w.w2_bias.defined() ? w.w2_bias.ptr<const float>() + e * H : nullptr;
     const double alpha = act.alpha_per_expert.defined() ? act.alpha_per_expert.ptr<const float>()[e]
@@ -67,8 +140,8 @@ struct DenseProblem {
     std::vector<double> a(static_cast<size_t>(n * I));  // [n, I] activations
     for (int64_t i = 0; i < I; ++i) {
       const int64_t gr = gate_row(i), ur = up_row(i);
-      widen(w13 + gr * H, H, wg.data());
-      if (gated) widen(w13 + ur * H, H, wu.data());
+      w13.widen(e, gr, wg.data());
+      if (gated) w13.widen(e, ur, wu.data());
       for (int64_t r = 0; r < n; ++r) {
         double gate = dot(x + r * H, wg.data(), H);
         double up = gated ? dot(x + r * H, wu.data(), H) : 0.0;
@@ -84,18 +157,16 @@ struct DenseProblem {
         a[r * I + i] = round ? round_bf16(v) : v;
       }
     }
+    if (round && is_fp8(w.scheme)) requantize_groups(a.data(), n, I);
     std::vector<double> w2row(static_cast<size_t>(I));
     for (int64_t h = 0; h < H; ++h) {
-      widen(w2 + h * I, I, w2row.data());
+      w2.widen(e, h, w2row.data());
       for (int64_t r = 0; r < n; ++r) {
         y[r * H + h] = dot(a.data() + r * I, w2row.data(), I) + (b2 ? b2[h] : 0.0);
       }
     }
   }
 
-  static void widen(const uint16_t* src, int64_t n, double* dst) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_value(src[i]);
-  }
   // float64 dot product; four partial sums so that the compiler can vectorise it.
   static double dot(const double* a, const double* b, int64_t n) {
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -124,7 +195,8 @@ double routing_weight(const ExpertsInputs& in, int64_t x, bool to_bf16) {
 void dense_pass(const ExpertsInputs& in, const ExpertMap& map, const ExpertsOptions& options,
                 const DenseProblem& prob, std::vector<double>& out, std::vector<double>* per_slot) {
   const int64_t H = prob.H;
-  const auto* hidden = in.hidden.ptr<const uint16_t>();
+  const HiddenRows hidden{in.hidden, in.hidden_scale, H};
+  const bool quantized_input = in.hidden.dtype != DType::BF16;
 
   if (in.format() == InputFormat::Batched) {
     const int64_t max_m = in.hidden.size(1);
@@ -133,7 +205,7 @@ void dense_pass(const ExpertsInputs& in, const ExpertMap& map, const ExpertsOpti
       const int64_t n = std::min<int64_t>(in.expert_num_tokens.ptr<const int32_t>()[e], max_m);
       if (n <= 0) continue;
       std::vector<double> x(static_cast<size_t>(n * H));
-      for (int64_t i = 0; i < n * H; ++i) x[i] = bf16_value(hidden[e * max_m * H + i]);
+      for (int64_t i = 0; i < n * H; ++i) x[i] = hidden.value(e * max_m + i / H, i % H);
       prob.expert(e, n, x.data(), std::vector<const uint16_t*>(n, nullptr),
                   out.data() + e * max_m * H);
     }
@@ -170,10 +242,11 @@ void dense_pass(const ExpertsInputs& in, const ExpertMap& map, const ExpertsOpti
       const double w = routing_weight(in, xi, options.bf16_routing_weights);
       out_w[xi] = options.apply_router_weight_on_input ? 1.0 : w;
       for (int64_t h = 0; h < H; ++h) {
-        double v = bf16_value(hidden[(xi / k) * H + h]);
+        double v = hidden.value(xi / k, h);
         if (options.apply_router_weight_on_input) {
           v *= w;
-          if (prob.round) v = round_bf16(v);
+          // NOTE: FP8 kernels scale the activation scales instead (docs/fp8.md): no bf16 here.
+          if (prob.round && !quantized_input) v = round_bf16(v);
         }
         x[r * H + h] = v;
       }
@@ -210,6 +283,24 @@ DenseResult dense_moe_f64(const ExpertsInputs& in, const ExpertWeights& weights,
   MODMOE_CHECK(weights.w13.ndim == 3 && weights.w13.size(1) == prob.rows,
                "dense_moe_f64: weights.w13 has shape ", weights.w13.shape_string(),
                ": expected [E_local, ", prob.rows, ", ", prob.H, "]");
+  const QuantScheme scheme = weights.scheme;
+  const bool fp8 = is_fp8(scheme), fp4 = scheme == QuantScheme::Nvfp4;
+  const DType wtype = fp8 ? DType::E4M3 : fp4 ? DType::E2M1x2 : DType::BF16;
+  MODMOE_CHECK((scheme == QuantScheme::None || fp8 || fp4) && weights.w13.dtype == wtype &&
+                   weights.w2.dtype == wtype &&
+                   (scheme == QuantScheme::None ||
+                    (weights.w13_scale.defined() && weights.w2_scale.defined())) &&
+                   (!fp4 || (weights.w13_global_scale.defined() && weights.w2_global_scale.defined())),
+               "dense_moe_f64: weights of scheme ", quant_scheme_name(scheme), " with w13 ",
+               dtype_name(weights.w13.dtype), " and w2 ", dtype_name(weights.w2.dtype),
+               ": expected bf16 (none), e4m3 + scales (fp8-tensor, fp8-block) or E2M1x2 + "
+               "scales + global scales (nvfp4)");
+  MODMOE_CHECK(fp8 ? in.hidden.dtype == DType::E4M3 && in.hidden_scale.defined()
+                   : in.hidden.dtype == DType::BF16,
+               "dense_moe_f64: hidden is ", dtype_name(in.hidden.dtype), " with weights of scheme ",
+               quant_scheme_name(scheme), ": expected e4m3 + hidden_scale for FP8, else bf16");
+  prob.w13 = {scheme, weights.w13, weights.w13_scale, weights.w13_global_scale, prob.rows, prob.H};
+  prob.w2 = {scheme, weights.w2, weights.w2_scale, weights.w2_global_scale, prob.H, prob.I};
 
   DenseResult res;
   prob.round = dense.round_intermediate;

@@ -13,7 +13,9 @@ namespace modmoe::reference {
 
 struct DenseOptions {
   // true: round to bf16 where the kernels do before the GEMM2 input (the activation output,
-  // and the router-weighted input under apply_router_weight_on_input). false: pure float64.
+  // and the router-weighted input under apply_router_weight_on_input), and with FP8 weights
+  // re-quantize the activation to e4m3 in 1x128 groups as the FP8 kernels do (docs/fp8.md).
+  // false: pure float64.
   bool round_intermediate = false;
   // Also return the pure float64 result in `out_unrounded` (useful with round_intermediate).
   bool keep_unrounded = false;
@@ -30,7 +32,8 @@ struct DenseResult {
 };
 
 // Takes the arguments of modmoe::experts (weights in the Canonical layout, GateUp or UpGate;
-// host tensors). The options' do_finalize is ignored: `out` is always the finalized sum.
+// host tensors). Quantized weights (Fp8PerTensor, Fp8Block128, Nvfp4) and e4m3 hidden (with
+// hidden_scale) are read as their dequantized values, which are exact in float64. The options' do_finalize is ignored: `out` is always the finalized sum.
 // bf16_routing_weights and apply_router_weight_on_input are part of the problem and are
 // always honoured. Throws modmoe::Error on weights in another layout or device tensors.
 DenseResult dense_moe_f64(const ExpertsInputs& in, const ExpertWeights& weights,

@@ -8,9 +8,9 @@
 #include <random>
 #include <vector>
 
-#include "core/fp8.h"
 #include "core/host_tensor.h"
 #include "modmoe/quant.h"
+#include "reference/quantize_weights.h"
 
 namespace modmoe::test {
 
@@ -20,33 +20,13 @@ inline void quantize_weights(const std::vector<float>& w, int64_t E, int64_t R, 
                              QuantScheme scheme, HostTensor& q, HostTensor& s) {
   constexpr int64_t kB = kFp8BlockSize;
   q.reset(DType::E4M3, {E, R, C});
-  const bool block = scheme == QuantScheme::Fp8Block128;
-  if (block) {
+  if (scheme == QuantScheme::Fp8Block128) {
     s.reset(DType::F32, {E, R / kB, C / kB});
   } else {
     s.reset(DType::F32, {E});
   }
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t nrb = block ? R / kB : 1, ncb = block ? C / kB : 1;
-    const int64_t rb_rows = block ? kB : R, cb_cols = block ? kB : C;
-    for (int64_t rb = 0; rb < nrb; ++rb) {
-      for (int64_t cb = 0; cb < ncb; ++cb) {
-        float amax = 0.0f;
-        for (int64_t r = rb * rb_rows; r < (rb + 1) * rb_rows; ++r) {
-          for (int64_t c = cb * cb_cols; c < (cb + 1) * cb_cols; ++c) {
-            amax = std::max(amax, std::fabs(w[(e * R + r) * C + c]));
-          }
-        }
-        const float sc = fp8::e4m3_scale_from_amax(amax);
-        s.data<float>()[block ? (e * nrb + rb) * ncb + cb : e] = sc;
-        for (int64_t r = rb * rb_rows; r < (rb + 1) * rb_rows; ++r) {
-          for (int64_t c = cb * cb_cols; c < (cb + 1) * cb_cols; ++c) {
-            q.data<uint8_t>()[(e * R + r) * C + c] = fp8::quantize_e4m3(w[(e * R + r) * C + c], sc);
-          }
-        }
-      }
-    }
-  }
+  reference::quantize_fp8_weights(make_view(const_cast<float*>(w.data()), DType::F32, {E, R, C}),
+                                  scheme, q, s);
 }
 
 // [E, R, C] float, N(0, std^2) (never zero) times a factor 2^j, j uniform in [-3, 3], per

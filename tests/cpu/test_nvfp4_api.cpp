@@ -27,6 +27,7 @@
 #include "cpu/fp8_weights.h"
 #include "modmoe/modmoe.h"
 #include "reference/nvfp4.h"
+#include "reference/quantize_weights.h"
 
 namespace modmoe {
 namespace {
@@ -110,20 +111,14 @@ HostTensor to_bf16(const std::vector<float>& v, std::vector<int64_t> shape) {
 }
 
 // [E, R, C] float -> NVFP4 as a ModelOpt checkpoint holds it, one expert at a time through
-// the public quantizer (dynamic global per expert).
+// the quantizer (dynamic global per expert).
 //   q: [E, R, C/2] E2M1x2; s: [E, R, C/16] E4M3; g: [E] fp32
 void quantize_nvfp4_weights(const std::vector<float>& w, int64_t E, int64_t R, int64_t C,
                             HostTensor& q, HostTensor& s, HostTensor& g) {
   q.reset(DType::E2M1x2, {E, R, C / 2});
   s.reset(DType::E4M3, {E, R, C / kNvfp4BlockSize});
   g.reset(DType::F32, {E});
-  HostTensor g1(DType::F32, {1});
-  for (int64_t e = 0; e < E; ++e) {
-    const std::vector<float> we(w.begin() + e * R * C, w.begin() + (e + 1) * R * C);
-    const HostTensor x = to_bf16(we, {R, C});
-    quantize_nvfp4(x, q.view().select0(e), s.view().select0(e), g1);
-    g.data<float>()[e] = g1.data<float>()[0];
-  }
+  reference::quantize_nvfp4_weights(to_bf16(w, {E, R, C}), q, s, g);
 }
 
 // The weight tensors of one scheme, canonical layout: bf16 (None), e4m3 with 128x128 block
