@@ -143,14 +143,18 @@ inline bool is_large_expert(int64_t intermediate) { return intermediate >= 2048;
 // rel_l2 against the float64 reference that rounds the intermediate as the kernels do
 // (bf16, then e4m3 in 1x128 groups) <= emulated_bound. docs/fp8.md measures 0.016-0.028 and
 // 0.0020-0.0030 for those two on the CPU oracle; the bf16 pipeline (and W4A16 on its decoded
-// weights) stands at about 3e-3.
+// weights) stands at about 3e-3. The emulated bound is 1e-2, not 5e-3: on the GPU, GEMM1 sums
+// in another order than the float64 reference, so a bf16 intermediate now and then sits an ulp
+// away and its e4m3 code one step (2^-3 relative) away; test_gpu_fp8_experts measures the GPU
+// against the CPU oracle at 1.7e-3 to 6e-3 on random inputs (H100), and 4 sampled tokens are a
+// noisy estimate. The first H100 run with 5e-3 flagged 8 of 18 cells per dtype.
 struct CheckBounds {
   double rel_l2 = 1e-2;
   double emulated = 0;  // 0: no emulated check
 };
 
 inline CheckBounds check_bounds(BenchDtype d) {
-  return is_fp8(d) ? CheckBounds{0.04, 5e-3} : CheckBounds{1e-2, 0};
+  return is_fp8(d) ? CheckBounds{0.04, 1e-2} : CheckBounds{1e-2, 0};
 }
 
 // The targets for a quantized dtype, each measured against the same run's bf16:

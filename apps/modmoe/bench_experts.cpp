@@ -108,16 +108,27 @@ Options parse_options(const std::vector<std::string>& argv) {
 using CellFn = std::function<void(const Model&, const Layer&, const BenchWeights& weights,
                                   const BenchWeights* bf16, int64_t tokens, bool zipf)>;
 
-void for_each_cell(const Options& o, Device device, const CellFn& fn) {
+// FP8 needs H and I multiples of 128 (the scale block and the GEMM K block): a model without
+// them (gpt-oss, H = I = 2880) is skipped with a note, returned.
+std::vector<std::string> for_each_cell(const Options& o, Device device, const CellFn& fn) {
+  std::vector<std::string> skipped;
   for (const Model& m : grid_models()) {
     if (std::find(o.models.begin(), o.models.end(), m.name) == o.models.end()) continue;
     const Preset p = device.is_cuda() ? m.preset : m.preset.scaled_down();
+    if (is_fp8(o.dtype) && (p.hidden % kFp8BlockSize != 0 || p.intermediate % kFp8BlockSize != 0)) {
+      skipped.push_back(m.name + ": H = " + std::to_string(p.hidden) + ", I = " +
+                        std::to_string(p.intermediate) + " are not multiples of 128, which " +
+                        bench_dtype_name(o.dtype) + " needs (the scale block and the GEMM K block)");
+      std::printf("  skipped %s\n", skipped.back().c_str());
+      continue;
+    }
     const Layer layer(p, ExpertMap::single(p.num_experts), device, o.seed, false);
     const BenchWeights weights = make_bench_weights(layer, o.dtype);
     std::optional<BenchWeights> bf16;
     if (o.dtype != BenchDtype::Bf16) bf16 = make_bench_weights(layer, BenchDtype::Bf16);
     for (auto [t, zipf] : o.runs) fn(m, layer, weights, bf16 ? &*bf16 : nullptr, t, zipf);
   }
+  return skipped;
 }
 
 // The sampled tokens checked per cell: 4 for the dtype under test, 1 for the bf16 comparison
@@ -151,7 +162,7 @@ int run_gpu(const Options& o) {
   const Ceilings ceil = measure_ceilings(is_fp8(o.dtype));
   Report report(o.dtype, ceil, o.ab, o.torch_base);
   report.print_header(gpu_name());
-  for_each_cell(o, Device::cuda(0), [&](const Model& m, const Layer& layer, const BenchWeights& w,
+  const std::vector<std::string> skipped = for_each_cell(o, Device::cuda(0), [&](const Model& m, const Layer& layer, const BenchWeights& w,
                                         const BenchWeights* bf16, int64_t t, bool zipf) {
     const CellInputs in = make_cell_inputs(layer, t, zipf, o.seed, o.dtype);
     CellResult c;
@@ -164,6 +175,7 @@ int run_gpu(const Options& o) {
     report.add(c);
   });
   nlohmann::json out = report.finish(bench_header("experts", ceil));
+  if (!skipped.empty()) out["skipped_models"] = skipped;
   write_bench_json(out, o.out, bench_json_name(o.dtype));
   return 0;
 }
