@@ -64,6 +64,8 @@ std::string experts_not_supported_on_gpu(QuantScheme dtype, int device) {
   MODMOE_CUDA_CHECK(cudaMemset(ids.view().data, 0xff, 4));  // id -1: nothing to compute
   ExpertWeights w;
   w.scheme = dtype;
+  w.layout = WeightLayout::GateUpInterleaved;  // what prepare_weights gives, as the layer has
+  w.interleave_rows = 8;
   w.w13 = w13;
   w.w2 = w2;
   w.w13_scale = s13;
