@@ -34,7 +34,14 @@ class DeviceTensor {
     release();
     view_ = make_view(nullptr, dtype, shape.data(), static_cast<int>(shape.size()),
                       Device::cuda(device_index));
-    if (view_.nbytes() > 0) MODMOE_CUDA_CHECK(cudaMalloc(&view_.data, view_.nbytes()));
+    if (view_.nbytes() == 0) return;
+    // On device_index, whatever the current device is (a rank process sees every GPU).
+    int current = 0;
+    MODMOE_CUDA_CHECK(cudaGetDevice(&current));
+    if (current != device_index) MODMOE_CUDA_CHECK(cudaSetDevice(device_index));
+    const cudaError_t err = cudaMalloc(&view_.data, view_.nbytes());
+    if (current != device_index) MODMOE_CUDA_CHECK(cudaSetDevice(current));
+    MODMOE_CUDA_CHECK(err);
   }
   // A device copy of a host tensor.
   static DeviceTensor from_host(const HostTensor& h, int device_index = 0) {

@@ -231,8 +231,14 @@ GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& props) {
   // slices = waves / ceil(waves) with waves = tiles * S / #SMs; the smallest S reaching 0.9,
   // else the best one. Decode tiles have one row tile per touched expert. (v2 bench, H100:
   // mixtral T=1 with 2 slices at 1.15x of the floor, of which ~25 us are the other kernels.)
+  // bf16: off. Measured on an H100 SXM (2026-11-27, `--ab MODMOE_GEMM_SPLIT_K=1`, experts.json
+  // of bench/results/nvidia-h100-80gb-hbm3): without split-K every T=1 cell was faster (qwen3
+  // 58.8 -> 47.1 us, gpt-oss 106.0 -> 90.0, deepseek 290.8 -> 260.5, mixtral 268.1 -> 255.3)
+  // and T >= 16 the same: the scratch round trip and the last CTA's reduction cost more than
+  // the idle SMs of the last wave. FP8 keeps the rule until the same A/B has run on it.
+  // MODMOE_GEMM_SPLIT_K still forces it (the workspace keeps the scratch for that hook).
   const SplitKCapacity cap = split_k_capacity(desc);
-  if (c == narrow_of(desc) && cap.max_split > 1 && props.sm_count > 0) {
+  if (desc.fp8 && c == narrow_of(desc) && cap.max_split > 1 && props.sm_count > 0) {
     const double tiles = std::round(touched) * static_cast<double>(ceil_div(desc.b_rows(), c.block_n));
     double best_eff = 0.0;
     int best = 1;
