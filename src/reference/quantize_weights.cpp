@@ -1,5 +1,7 @@
 #include "reference/quantize_weights.h"
 
+#include "reference/quant.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -39,6 +41,10 @@ void quantize_fp8_weights(const TensorView& w, QuantScheme scheme, const TensorV
                    scale.numel() == (block ? E * (R / kB) * (C / kB) : E),
                "quantize_fp8_weights: q ", q.shape_string(), " ", dtype_name(q.dtype),
                ", scale ", scale.shape_string(), " do not match w ", w.shape_string());
+  if (w.dtype == DType::BF16) {  // the library's quantizer (modmoe::quantize_weights), same bits
+    reference::quantize_weights(w, scheme, q, scale);
+    return;
+  }
   auto value = [&](int64_t i) {
     return w.dtype == DType::F32 ? w.ptr<const float>()[i]
                                  : bf16_bits_to_float(w.ptr<const uint16_t>()[i]);
