@@ -570,19 +570,12 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   const bool gemm1_aligned =
       aligned16(in.hidden.data) && aligned16(weights.w13.data) &&
       weights.w13.stride(0) % 8 == 0 && weights.w13.stride(1) % 8 == 0 && H % 8 == 0;
-  // FP8: the sm90 FP8 kernels are the only ones; refuse what they cannot run before anything
-  // is launched (the API checks the layout too: api::check_fp8_experts_device).
-  if (fp8) {
-    MODMOE_CHECK(props.cc_major == 9 && props.cc_minor == 0,
-                 "not supported yet: FP8 experts on the GPU need an sm_90 (Hopper) device; ",
-                 dev.to_string(), " is sm_", props.cc_major, props.cc_minor);
-    if (gated) {
-      const gemm::GateUpMap m = gemm::GateUpMap::from(weights, I);
-      MODMOE_CHECK(m.group == 8 && m.gate_offset == 0 && m.up_offset == 8,
-                   "not supported yet: FP8 experts on the GPU need w13 in the layout of "
-                   "prepare_weights (GateUpInterleaved with interleave_rows = 8)");
-    }
-  }
+  // FP8: the sm90 FP8 kernels are the only ones; refuse another device before anything is
+  // launched (a layout they cannot read: api::check_fp8_experts_device, and select_config
+  // below, which also runs before any launch).
+  MODMOE_CHECK(!fp8 || (props.cc_major == 9 && props.cc_minor == 0),
+               "not supported yet: FP8 experts on the GPU need an sm_90 (Hopper) device; ",
+               dev.to_string(), " is sm_", props.cc_major, props.cc_minor);
   const bool gemm2_aligned = aligned16(weights.w2.data) && weights.w2.stride(0) % 8 == 0 &&
                              weights.w2.stride(1) % 8 == 0 && I % 8 == 0;
   if (gated) {

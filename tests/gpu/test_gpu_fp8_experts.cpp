@@ -549,6 +549,35 @@ INSTANTIATE_TEST_SUITE_P(Cases, GpuFp8Experts, ::testing::ValuesIn(cases()),
 
 class GpuFp8Stage : public test::GpuTest {};
 
+// A problem's prepared weights on the GPU; view() the whole layer, or the experts
+// [first, first + count) as one EP rank holds them.
+struct DeviceWeights {
+  explicit DeviceWeights(const Problem& p)
+      : base(p.prepared),
+        w13(DeviceTensor::from_host(p.p13)), w2(DeviceTensor::from_host(p.p2)),
+        s13(DeviceTensor::from_host(p.ps13)), s2(DeviceTensor::from_host(p.ps2)),
+        b13(DeviceTensor::from_host(p.pb13)), b2(DeviceTensor::from_host(p.pb2)) {}
+  ExpertWeights view(int64_t first = 0, int64_t count = -1) const {
+    auto rows = [&](const DeviceTensor& t) {
+      TensorView v = t.view();
+      const int64_t per = v.nbytes() / v.shape[0];
+      v.data = static_cast<char*>(v.data) + first * per;
+      if (count >= 0) v.shape[0] = count;
+      return v;
+    };
+    ExpertWeights w = base;
+    w.w13 = rows(w13);
+    w.w2 = rows(w2);
+    w.w13_scale = rows(s13);
+    w.w2_scale = rows(s2);
+    w.w13_bias = rows(b13);
+    w.w2_bias = rows(b2);
+    return w;
+  }
+  ExpertWeights base;
+  DeviceTensor w13, w2, s13, s2, b13, b2;
+};
+
 // The same call three times, and captured in a CUDA graph and replayed: the same bits.
 TEST_F(GpuFp8Stage, RepeatedAndGraphReplayBitwise) {
   Case c;
@@ -566,17 +595,9 @@ TEST_F(GpuFp8Stage, RepeatedAndGraphReplayBitwise) {
   const ExpertsOptions o = options_of(c);
   DeviceTensor x = DeviceTensor::from_host(p.x), xs = DeviceTensor::from_host(p.xs);
   DeviceTensor ids = DeviceTensor::from_host(p.ids), wts = DeviceTensor::from_host(p.wts);
-  DeviceTensor w13 = DeviceTensor::from_host(p.p13), w2 = DeviceTensor::from_host(p.p2);
-  DeviceTensor s13 = DeviceTensor::from_host(p.ps13), s2 = DeviceTensor::from_host(p.ps2);
-  DeviceTensor b13 = DeviceTensor::from_host(p.pb13), b2 = DeviceTensor::from_host(p.pb2);
+  const DeviceWeights dw(p);
+  const ExpertWeights w = dw.view();
   DeviceTensor out(DType::BF16, {c.M, c.H});
-  ExpertWeights w = p.prepared;
-  w.w13 = w13;
-  w.w2 = w2;
-  w.w13_scale = s13;
-  w.w2_scale = s2;
-  w.w13_bias = b13;
-  w.w2_bias = b2;
   ExpertsInputs in;
   in.hidden = x;
   in.hidden_scale = xs;
@@ -623,16 +644,8 @@ TEST_F(GpuFp8Stage, ModularEqualsMonolithicAndEpSlicesSum) {
     test::fill_normal(hidden, rng, 1.0f);
     test::fill_normal(logits, rng, 1.0f);
     DeviceTensor d_hidden = DeviceTensor::from_host(hidden), d_logits = DeviceTensor::from_host(logits);
-    DeviceTensor w13 = DeviceTensor::from_host(p.p13), w2 = DeviceTensor::from_host(p.p2);
-    DeviceTensor s13 = DeviceTensor::from_host(p.ps13), s2 = DeviceTensor::from_host(p.ps2);
-    DeviceTensor b13 = DeviceTensor::from_host(p.pb13), b2 = DeviceTensor::from_host(p.pb2);
-    ExpertWeights w = p.prepared;
-    w.w13 = w13;
-    w.w2 = w2;
-    w.w13_scale = s13;
-    w.w2_scale = s2;
-    w.w13_bias = b13;
-    w.w2_bias = b2;
+    const DeviceWeights dw(p);
+    const ExpertWeights w = dw.view();
     RoutingParams rp;
     rp.num_experts = c.E;
     rp.top_k = c.k;
@@ -668,21 +681,7 @@ TEST_F(GpuFp8Stage, ModularEqualsMonolithicAndEpSlicesSum) {
     std::vector<double> sum(static_cast<size_t>(c.M * c.H), 0.0);
     for (int rank = 0; rank < 4; ++rank) {
       const ExpertMap m = ExpertMap::for_rank(c.E, 4, rank);
-      const int64_t el = m.num_local_experts, off = m.local_expert_offset;
-      auto slice = [&](const DeviceTensor& t) {
-        TensorView v = t.view();
-        const int64_t per = v.nbytes() / v.shape[0];
-        v.data = static_cast<char*>(v.data) + off * per;
-        v.shape[0] = el;
-        return v;
-      };
-      ExpertWeights wr = w;
-      wr.w13 = slice(w13);
-      wr.w2 = slice(w2);
-      wr.w13_scale = slice(s13);
-      wr.w2_scale = slice(s2);
-      wr.w13_bias = slice(b13);
-      wr.w2_bias = slice(b2);
+      const ExpertWeights wr = dw.view(m.local_expert_offset, m.num_local_experts);
       test::poison(out);
       experts(in, wr, m, o, eo, {ews_buf.view().data, ews});
       test::sync();
