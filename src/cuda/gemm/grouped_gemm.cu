@@ -51,7 +51,6 @@ const GemmConfig& sm90_fp8_mid() { return configs()[5]; }
 // The narrow (decode) and the wide sm90 tile of a problem's element type.
 const GemmConfig& narrow_of(const GemmDesc& d) { return d.fp8 ? sm90_fp8_narrow() : sm90_narrow(); }
 const GemmConfig& wide_of(const GemmDesc& d) { return d.fp8 ? sm90_fp8_mid() : sm90_wide(); }
-bool is_fp8_config(const GemmConfig& c) { return c.arch == 90 && c.block_k == 128; }
 
 // Experts that `rows` rows touch, of `experts`, under uniform routing:
 // E * (1 - (1 - 1/E)^rows); at least 1.
@@ -345,6 +344,8 @@ bool use_stage_pdl() {
   }();
   return v;
 }
+
+bool is_fp8_config(const GemmConfig& c) { return c.arch == 90 && c.block_k == 128; }
 
 bool config_runs(const GemmDesc& desc, const GemmConfig& config) {
   if (!is_compiled(config)) return false;

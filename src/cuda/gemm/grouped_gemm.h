@@ -124,6 +124,8 @@ bool is_compiled(const GemmConfig& config);
 // Whether a compiled config can run the problem: the element type (FP8 configs have
 // block_k = 128 and are sm90), the sm90 conditions (sm90_supported, allow_sm90).
 bool config_runs(const GemmDesc& desc, const GemmConfig& config);
+// The FP8 tiles: sm90 with 128-element (128-byte e4m3) k-blocks.
+bool is_fp8_config(const GemmConfig& config);
 int max_split_k();
 // The tail rows an sm90 config may take (tail_m when on): the tile's wgmma N step.
 int sm90_tail_rows(const GemmConfig& config);

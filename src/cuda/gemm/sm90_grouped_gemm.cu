@@ -38,7 +38,7 @@ GemmConfig sm90_wide_config() { return Sm90Wide::config(); }
 GemmConfig sm90_fp8_narrow_config() { return Sm90Fp8Narrow::config(); }
 GemmConfig sm90_fp8_mid_config() { return Sm90Fp8Mid::config(); }
 int sm90_tail_rows(const GemmConfig& config) {
-  if (config.block_k == Sm90Fp8Narrow::kBlockK) return 0;
+  if (is_fp8_config(config)) return 0;
   return config.block_m == Sm90Wide::kBlockM ? Sm90Wide::kTail : Sm90Narrow::kTail;
 }
 
