@@ -1,10 +1,17 @@
-"""modmoe: Mixture-of-Experts kernels (routing, modular BF16 experts, fused MoE, all-to-all).
+"""modmoe: Mixture-of-Experts kernels (routing, modular BF16 and FP8 experts, fused MoE,
+all-to-all).
 
 Tensors arrive through DLPack (PyTorch, NumPy, CuPy, JAX) and each call runs on their device:
 the CPU reference for host arrays, the CUDA kernels for GPU tensors. The calls mirror
 FlashInfer's MoE API (README.md, "Python"); ``modmoe.vllm`` adapts the experts to vLLM's
 modular MoE kernel. Errors raise ``modmoe.Error`` (a RuntimeError) naming the argument, its
 value and what was expected.
+
+FP8 (``QuantScheme`` 'fp8-tensor' and 'fp8-block', docs/fp8.md "Python"): the same calls take
+e4m3 weights with ``gemm1_weights_scale`` / ``gemm2_weights_scale`` (or a
+``modmoe.ExpertWeights`` holding them) and e4m3 ``hidden_states`` with
+``hidden_states_scale``; ``quantize_weights`` and ``quantize_activations`` make them from bf16.
+e4m3 tensors are float8_e4m3fn (PyTorch, ml_dtypes) or uint8 bytes under an FP8 quant_scheme.
 """
 
 try:
@@ -24,6 +31,7 @@ from ._api import (
     Error,
     ExpertWeights,
     GateUpOrder,
+    QuantScheme,
     RoutingMethodType,
     WeightLayout,
     experts,
@@ -31,6 +39,8 @@ from ._api import (
     fused_moe,
     fused_moe_workspace_size,
     prepare_weights,
+    quantize_activations,
+    quantize_weights,
     route,
 )
 
@@ -49,6 +59,7 @@ __all__ = [
     "Error",
     "ExpertWeights",
     "GateUpOrder",
+    "QuantScheme",
     "RoutingMethodType",
     "WeightLayout",
     "built_with_cuda",
@@ -57,5 +68,7 @@ __all__ = [
     "fused_moe",
     "fused_moe_workspace_size",
     "prepare_weights",
+    "quantize_activations",
+    "quantize_weights",
     "route",
 ]

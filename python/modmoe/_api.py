@@ -6,6 +6,11 @@ maps them side by side. What this file does besides passing arguments through: i
 defaults, maps FlashInfer's enum values to modmoe's, and allocates the outputs that the caller
 did not pass, with the caller's framework. A call that receives every output (``output=``,
 ``workspace=``, ...) allocates nothing.
+
+FP8 (docs/fp8.md, "Python"): the same calls with e4m3 weights and their scales (the keywords
+of FlashInfer's ``trtllm_fp8_*_moe``: ``gemm1_weights_scale``, ``gemm2_weights_scale``,
+``hidden_states_scale``), or a modmoe.ExpertWeights that holds them; ``quantize_activations``
+and ``quantize_weights`` make e4m3 tensors and scales from bf16 ones.
 """
 
 import enum
@@ -48,6 +53,16 @@ class GateUpOrder(enum.IntEnum):
 
     GateUp = _C.GATE_UP  # vLLM: rows [0, I) gate, [I, 2I) up
     UpGate = _C.UP_GATE  # FlashInfer / TRT-LLM: rows [0, I) up, [I, 2I) gate
+
+
+class QuantScheme(enum.IntEnum):
+    """The precision of the experts, held by their weights. Calls take a member or its name:
+    'bf16' (or 'none'), 'fp8-tensor', 'fp8-block'. Every scale is an fp32 dequantization
+    multiplier (x ~ float(e4m3) * scale)."""
+
+    Bf16 = _C.SCHEME_NONE  # bf16 weights and hidden states
+    Fp8PerTensor = _C.SCHEME_FP8_TENSOR  # e4m3; one scale per expert / per tensor (or row)
+    Fp8Block128 = _C.SCHEME_FP8_BLOCK  # e4m3; per 128x128 weight block / 1x128 hidden group
 
 
 class WeightLayout(enum.IntEnum):
@@ -95,6 +110,27 @@ def _activation(activation_type, per_expert):
     return kind, alpha, beta, limit
 
 
+def _weights(gemm1_weights, gemm2_weights, gate_up_order, gemm1_weights_scale,
+             gemm2_weights_scale, quant_scheme):
+    """(ExpertWeights or None, w13, w2): the weights of a call. FP8 tensors and their scales
+    are wrapped in an ExpertWeights (which checks them); bf16 tensors pass through."""
+    if type(gemm1_weights) is ExpertWeights:
+        extra = {"gemm2_weights": gemm2_weights, "gemm1_weights_scale": gemm1_weights_scale,
+                 "gemm2_weights_scale": gemm2_weights_scale, "quant_scheme": quant_scheme}
+        for name, value in extra.items():
+            if value is not None:
+                raise Error(f"modmoe: {name} is given with a modmoe.ExpertWeights as "
+                            "gemm1_weights: expected None (the ExpertWeights holds both weights, "
+                            "their scales and quant_scheme)")
+        return gemm1_weights, None, None
+    if gemm1_weights_scale is None and gemm2_weights_scale is None and quant_scheme is None:
+        return None, gemm1_weights, gemm2_weights
+    weights = ExpertWeights(gemm1_weights, gemm2_weights, int(gate_up_order),
+                            quant_scheme=quant_scheme, gemm1_weights_scale=gemm1_weights_scale,
+                            gemm2_weights_scale=gemm2_weights_scale)
+    return weights, None, None
+
+
 def _check_layout(use_shuffled_weight, weight_layout):
     if use_shuffled_weight or (weight_layout is not None and weight_layout != WeightLayout.MajorK):
         raise Error(
@@ -110,7 +146,9 @@ def _check_layout(use_shuffled_weight, weight_layout):
 # ---------------------------------------------------------------------------------------
 
 _NUMPY_NAMES = {"f32": "float32", "i32": "int32", "i64": "int64", "u8": "uint8"}
-_TORCH_NAMES = {"bf16": "bfloat16", **_NUMPY_NAMES}
+_TORCH_NAMES = {"bf16": "bfloat16", "e4m3": "float8_e4m3fn", **_NUMPY_NAMES}
+# dtypes NumPy lacks: ml_dtypes' name, and the raw bits that stand for them without it.
+_ML_DTYPES = {"bf16": ("bfloat16", "uint16"), "e4m3": ("float8_e4m3fn", "uint8")}
 
 
 def _framework(like):
@@ -118,18 +156,18 @@ def _framework(like):
     return module.partition(".")[0]
 
 
-def _numpy_bf16(like):
-    """NumPy has no bf16: ml_dtypes' bfloat16 if installed (and `like` is not raw uint16 bits)."""
-    import numpy as np
-
-    if getattr(like, "dtype", None) != np.uint16:
+def _numpy_dtype(like, dtype):
+    """NumPy's dtype for 'bf16' or 'e4m3': ml_dtypes' if installed and `like` is not raw
+    bits (uint16 / uint8), else the raw bits."""
+    name, raw = _ML_DTYPES[dtype]
+    if str(getattr(like, "dtype", "")) not in ("uint16", "uint8"):
         try:
             import ml_dtypes
 
-            return ml_dtypes.bfloat16
+            return getattr(ml_dtypes, name)
         except ImportError:
             pass
-    return np.uint16
+    return raw
 
 
 def _shape(x, name):
@@ -141,8 +179,8 @@ def _shape(x, name):
 
 
 def _empty(like, shape, dtype):
-    """An uninitialised `dtype` array ('bf16', 'f32', 'i32', 'i64', 'u8') of the framework
-    and on the device of `like`."""
+    """An uninitialised `dtype` array ('bf16', 'e4m3', 'f32', 'i32', 'i64', 'u8') of the
+    framework and on the device of `like`."""
     framework = _framework(like)
     if framework == "torch":
         import torch
@@ -151,11 +189,13 @@ def _empty(like, shape, dtype):
     if framework == "numpy":
         import numpy as np
 
-        return np.empty(shape, dtype=_numpy_bf16(like) if dtype == "bf16" else _NUMPY_NAMES[dtype])
+        numpy_dtype = _numpy_dtype(like, dtype) if dtype in _ML_DTYPES else _NUMPY_NAMES[dtype]
+        return np.empty(shape, dtype=numpy_dtype)
     if framework == "cupy":
         import cupy
 
-        return cupy.empty(shape, dtype="uint16" if dtype == "bf16" else _NUMPY_NAMES[dtype])
+        return cupy.empty(shape, dtype=_ML_DTYPES[dtype][1] if dtype in _ML_DTYPES
+                          else _NUMPY_NAMES[dtype])
     raise TypeError(
         f"modmoe cannot allocate outputs like a {type(like).__module__}.{type(like).__name__}: "
         "pass them explicitly (output=, workspace=, ...)"
@@ -261,9 +301,14 @@ def experts(
     gemm1_activation_output=None,
     expert_num_tokens=None,
     validate_only=False,
+    hidden_states_scale=None,
+    gemm1_weights_scale=None,
+    gemm2_weights_scale=None,
+    quant_scheme=None,
 ):
     """The modular experts on already-routed (and dispatched) tokens: FlashInfer's
-    trtllm_bf16_routed_moe, on modmoe's kernels.
+    trtllm_bf16_routed_moe (and, with FP8 weights, its trtllm_fp8_*_routed_moe), on modmoe's
+    kernels.
 
     topk_ids: packed int32 [M, k] ``(id << 16) | bf16 weight bits``, or a tuple
     ``(topk_ids int32 [M, k], topk_weights fp32|bf16 [M, k])``. Ids are global; any id outside
@@ -272,6 +317,14 @@ def experts(
     gemm1_weights: bf16 [E_local, 2I, H] in ``gate_up_order`` (or [E_local, I, H] for Relu2)
     and gemm2_weights bf16 [E_local, H, I]; or a modmoe.ExpertWeights (from prepare_weights),
     then gemm2_weights is None.
+
+    FP8: gemm1_weights / gemm2_weights e4m3 (float8_e4m3fn; uint8 bytes with quant_scheme
+    given) with fp32 gemm1_weights_scale / gemm2_weights_scale ('fp8-tensor': [E_local] each;
+    'fp8-block': [E_local, 2I/128, H/128] and [E_local, H/128, I/128]; quant_scheme None: taken
+    from the scales), or an ExpertWeights holding them; hidden_states e4m3 [M, H] with
+    hidden_states_scale fp32 ('fp8-block': [M, H/128], token-major; 'fp8-tensor': [1] or [M]),
+    as quantize_activations() makes them. H and I are multiples of 128. CUDA tensors need the
+    weights of prepare_weights(). The outputs stay bf16.
 
     Returns, as FlashInfer does: do_finalize -> output [M, H] bf16 (with gemm1_lora_delta:
     [output, expanded_idx_to_permuted_idx, gemm1_activation_output]); else [gemm2_output,
@@ -289,13 +342,8 @@ def experts(
         ids, weights = topk_ids, None
     if use_shuffled_weight or weight_layout is not None:
         _check_layout(use_shuffled_weight, weight_layout)
-    if type(gemm1_weights) is ExpertWeights:
-        prepared, w13, w2 = gemm1_weights, None, None
-        if gemm2_weights is not None:
-            raise Error("modmoe: gemm2_weights is given with a modmoe.ExpertWeights as "
-                        "gemm1_weights: expected None (the ExpertWeights holds both)")
-    else:
-        prepared, w13, w2 = None, gemm1_weights, gemm2_weights
+    prepared, w13, w2 = _weights(gemm1_weights, gemm2_weights, gate_up_order,
+                                 gemm1_weights_scale, gemm2_weights_scale, quant_scheme)
     per_expert = gemm1_alpha is not None or gemm1_beta is not None or gemm1_clamp_limit is not None
     kind, alpha, beta, limit = _activation(activation_type, per_expert)
     flags = (
@@ -333,7 +381,7 @@ def experts(
             gemm1_activation_output = _empty(hidden_states, (m * k, inter), "bf16")
 
     args = (
-        hidden_states, ids, weights, prepared, w13, w2, int(gate_up_order),
+        hidden_states, hidden_states_scale, ids, weights, prepared, w13, w2, int(gate_up_order),
         -1 if num_experts is None else num_experts, local_expert_offset,
         -1 if local_num_experts is None else local_num_experts, top_k or 0,
         intermediate_size or 0, kind, alpha, beta, limit, gemm1_alpha, gemm1_beta,
@@ -393,15 +441,24 @@ def fused_moe(
     bf16_routing_weights=False,
     topk_ids=None,
     topk_weights=None,
+    hidden_states_scale=None,
+    gemm1_weights_scale=None,
+    gemm2_weights_scale=None,
+    quant_scheme=None,
 ):
-    """Routing followed by the experts: FlashInfer's trtllm_bf16_moe, on modmoe's kernels.
-    At one rank the output is bitwise that of route() then experts().
+    """Routing followed by the experts: FlashInfer's trtllm_bf16_moe (trtllm_fp8_*_moe with
+    FP8 weights), on modmoe's kernels. At one rank the output is bitwise that of route() then
+    experts().
 
     routing_logits [T, E] fp32|bf16, routing_bias [E] (DeepSeekV3) or None, hidden_states
     [T, H] bf16; weights as in experts(). apply_router_weight_on_input defaults to True for
     Llama4 routing (its weight scales the expert's input), False otherwise. topk_ids /
     topk_weights ([T, k] int32 / fp32) receive the routing result when given. Returns output
     [T, H] (do_finalize=False: route() then experts(), FlashInfer's unfinalized list).
+
+    FP8 weights (as in experts()): bf16 hidden_states are quantized with the weights' scheme
+    (dynamic scales), bitwise route() -> quantize_activations() -> experts(); e4m3
+    hidden_states with their hidden_states_scale run route() then experts().
     """
     if top_k is None:
         raise TypeError("modmoe.fused_moe(): argument 'top_k' is required")
@@ -410,27 +467,27 @@ def fused_moe(
                     "(int32 [T, top_k]) to receive the routing result")
     if apply_router_weight_on_input is None:
         apply_router_weight_on_input = routing_method_type == RoutingMethodType.Llama4
-    if not do_finalize:
+    prepared, w13, w2 = _weights(gemm1_weights, gemm2_weights, gate_up_order,
+                                 gemm1_weights_scale, gemm2_weights_scale, quant_scheme)
+    if not do_finalize or hidden_states_scale is not None:
         ids, weights = route(
             routing_logits, routing_bias, routing_method_type, top_k, n_group=n_group,
             topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
             norm_topk_prob=norm_topk_prob, topk_ids=topk_ids, topk_weights=topk_weights,
             stream=stream)
         return experts(
-            (ids, weights), hidden_states, gemm1_weights, gemm2_weights, num_experts, top_k,
-            intermediate_size=intermediate_size, local_expert_offset=local_expert_offset,
-            local_num_experts=local_num_experts, use_shuffled_weight=use_shuffled_weight,
-            weight_layout=weight_layout, do_finalize=False, activation_type=activation_type,
-            gemm1_alpha=gemm1_alpha, gemm1_beta=gemm1_beta, gemm1_clamp_limit=gemm1_clamp_limit,
-            stream=stream, gate_up_order=gate_up_order,
-            apply_router_weight_on_input=apply_router_weight_on_input,
-            bf16_routing_weights=bf16_routing_weights)
+            (ids, weights), hidden_states, w13 if prepared is None else prepared, w2,
+            num_experts, top_k, intermediate_size=intermediate_size,
+            local_expert_offset=local_expert_offset, local_num_experts=local_num_experts,
+            use_shuffled_weight=use_shuffled_weight,
+            weight_layout=weight_layout, do_finalize=do_finalize,
+            activation_type=activation_type, gemm1_alpha=gemm1_alpha, gemm1_beta=gemm1_beta,
+            gemm1_clamp_limit=gemm1_clamp_limit, output=output,
+            workspace=workspace if do_finalize else None, stream=stream,
+            gate_up_order=gate_up_order, apply_router_weight_on_input=apply_router_weight_on_input,
+            bf16_routing_weights=bf16_routing_weights, hidden_states_scale=hidden_states_scale)
     if use_shuffled_weight or weight_layout is not None:
         _check_layout(use_shuffled_weight, weight_layout)
-    if type(gemm1_weights) is ExpertWeights:
-        prepared, w13, w2 = gemm1_weights, None, None
-    else:
-        prepared, w13, w2 = None, gemm1_weights, gemm2_weights
     per_expert = gemm1_alpha is not None or gemm1_beta is not None or gemm1_clamp_limit is not None
     kind, alpha, beta, limit = _activation(activation_type, per_expert)
     flags = (
@@ -467,18 +524,90 @@ def prepare_weights(
     interleave_rows=8,
     out=None,
     stream=None,
+    gemm1_weights_scale=None,
+    gemm2_weights_scale=None,
+    quant_scheme=None,
 ):
     """Turns canonical weights (gemm1 [E_local, 2I, H] in gate_up_order, gemm2 [E_local, H, I])
     into the kernels' layout, once at load time, and returns a modmoe.ExpertWeights to pass as
-    gemm1_weights. out: optional destination tensors (gemm1, gemm2[, gemm1_bias, gemm2_bias])
-    of the sources' shapes; allocated like the sources otherwise."""
+    gemm1_weights. FP8 weights come with their scales, as in experts(); gemm1's block scales
+    move with its rows (docs/fp8.md, "Weights"). out: optional destination tensors (gemm1,
+    gemm2[, gemm1_bias, gemm2_bias[, gemm1_weights_scale, gemm2_weights_scale]]) of the
+    sources' shapes; allocated like the sources otherwise."""
+    src = ExpertWeights(gemm1_weights, gemm2_weights, int(gate_up_order), gemm1_bias, gemm2_bias,
+                        quant_scheme=quant_scheme, gemm1_weights_scale=gemm1_weights_scale,
+                        gemm2_weights_scale=gemm2_weights_scale)
     if out is None:
-        out = (_empty_like(gemm1_weights), _empty_like(gemm2_weights),
-               _empty_like(gemm1_bias), _empty_like(gemm2_bias))
-    dst = tuple(out) + (None,) * (4 - len(out))
-    rows = _C.prepare_weights(gemm1_weights, gemm2_weights, int(gate_up_order), gemm1_bias,
-                              gemm2_bias, interleave_rows, dst[0], dst[1], dst[2], dst[3], stream)
-    return ExpertWeights(dst[0], dst[1], int(gate_up_order), dst[2], dst[3], rows)
+        out = tuple(_empty_like(x) for x in (gemm1_weights, gemm2_weights, gemm1_bias, gemm2_bias,
+                                             gemm1_weights_scale, gemm2_weights_scale))
+    dst = tuple(out) + (None,) * (6 - len(out))
+    rows = _C.prepare_weights(src, interleave_rows, *dst, stream)
+    return ExpertWeights(dst[0], dst[1], int(gate_up_order), dst[2], dst[3], rows,
+                         quant_scheme=src.quant_scheme, gemm1_weights_scale=dst[4],
+                         gemm2_weights_scale=dst[5])
+
+
+def _scale_shape(shape, rows):
+    """`rows` (a shape) followed by shape[-1] / 128, or None where `shape` is no tensor shape
+    the quantizers take (they name the argument)."""
+    return tuple(rows) + (shape[-1] // 128,) if len(shape) >= 2 else None
+
+
+def quantize_activations(
+    hidden_states,
+    quant_scheme,
+    *,
+    out=None,
+    scale=None,
+    static_scale=False,
+    per_row_scale=False,
+    stream=None,
+):
+    """bf16 hidden_states [T, H] (or [E_local, max_m, H]) -> (e4m3 [T, H], fp32 scale), the
+    hidden_states and hidden_states_scale of FP8 experts(); H % 128 == 0. q = e4m3(x / s) with
+    s = max(amax, 1e-10) / 448 (docs/fp8.md, "Activations"):
+    'fp8-block': scale [T, H/128], one per 1x128 group, token-major (FlashInfer's DeepSeek-FP8
+    kernels take the transpose; modmoe keeps the per-token layout an all-to-all carries);
+    'fp8-tensor': scale [1] over the tensor; per_row_scale: [T], every entry that scale (the
+    per-token payload of quantize-before-dispatch); static_scale: scale [1] is the caller's
+    calibrated scale, only read. out / scale: optional destinations."""
+    shape = _shape(hidden_states, "hidden_states")
+    if static_scale and scale is None:
+        raise Error("modmoe: static_scale=True needs scale=: the calibrated fp32 [1] scale to "
+                    "quantize with")
+    block = _C.quant_scheme(quant_scheme) == QuantScheme.Fp8Block128
+    if per_row_scale and block:
+        raise Error("modmoe: per_row_scale=True with quant_scheme 'fp8-block': expected False "
+                    "(its scales are per 1x128 group of a row already)")
+    if out is None:
+        out = _empty(hidden_states, shape, "e4m3")
+    if scale is None:
+        if block:
+            scale_shape = _scale_shape(shape, shape[:-1])
+        else:
+            scale_shape = shape[:-1] if per_row_scale else (1,)
+        scale = _empty(hidden_states, scale_shape, "f32") if scale_shape else None
+    _C.quantize_activations(hidden_states, quant_scheme, out, scale, static_scale, stream)
+    return out, scale
+
+
+def quantize_weights(weights, quant_scheme, *, out=None, scale=None, stream=None):
+    """bf16 expert weights [E, R, C] (gemm1 [E_local, 2I, H], gemm2 [E_local, H, I]; R, C
+    multiples of 128) -> (e4m3 [E, R, C], fp32 scale) as an FP8 checkpoint stores them:
+    'fp8-tensor' scale [E], one per expert; 'fp8-block' [E, R/128, C/128], one per 128x128
+    block (DeepSeek-V3's weight_scale_inv). s = max(amax, 1e-10) / 448, q = e4m3(w / s).
+    The results are prepare_weights' (and experts') gemm*_weights and gemm*_weights_scale."""
+    shape = _shape(weights, "weights")
+    if out is None:
+        out = _empty(weights, shape, "e4m3")
+    if scale is None and len(shape) == 3:
+        if _C.quant_scheme(quant_scheme) == QuantScheme.Fp8Block128:
+            scale_shape = _scale_shape(shape, (shape[0], shape[1] // 128))
+        else:
+            scale_shape = shape[:1]
+        scale = _empty(weights, scale_shape, "f32")
+    _C.quantize_weights(weights, quant_scheme, out, scale, stream)
+    return out, scale
 
 
 def experts_workspace_size(
@@ -493,12 +622,15 @@ def experts_workspace_size(
     activation_type=ActivationType.Swiglu,
     do_finalize=True,
     batched=False,
+    quant_scheme=QuantScheme.Bf16,
 ):
-    """Bytes of `workspace` that experts() needs for up to num_tokens tokens (batched: max_m)."""
+    """Bytes of `workspace` that experts() needs for up to num_tokens tokens (batched: max_m),
+    with weights of quant_scheme."""
     kind = _activation(activation_type, False)[0]
     return _C.experts_workspace_size(
         num_tokens, hidden_size, intermediate_size, top_k, num_experts, local_expert_offset,
-        -1 if local_num_experts is None else local_num_experts, kind, do_finalize, batched)
+        -1 if local_num_experts is None else local_num_experts, kind, do_finalize, batched,
+        quant_scheme)
 
 
 def fused_moe_workspace_size(
@@ -514,10 +646,12 @@ def fused_moe_workspace_size(
     routing_method_type=RoutingMethodType.Default,
     n_group=None,
     topk_group=None,
+    quant_scheme=QuantScheme.Bf16,
 ):
-    """Bytes of `workspace` that fused_moe() needs for up to num_tokens tokens."""
+    """Bytes of `workspace` that fused_moe() needs for up to num_tokens tokens, with weights of
+    quant_scheme (FP8: the quantized hidden states are carved from it too)."""
     kind = _activation(activation_type, False)[0]
     return _C.fused_moe_workspace_size(
         num_tokens, hidden_size, intermediate_size, top_k, num_experts, local_expert_offset,
         -1 if local_num_experts is None else local_num_experts, kind, int(routing_method_type),
-        n_group or 0, topk_group or 0)
+        n_group or 0, topk_group or 0, quant_scheme)

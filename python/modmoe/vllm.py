@@ -10,6 +10,14 @@ only combines (vLLM's ``TopKWeightAndReduceNoOP``).
 vLLM's ``expert_map`` ([E] int32, global id -> local id or -1) becomes modmoe's contiguous
 local range; a map that is not contiguous is rejected with an error.
 
+FP8 (``_supports_quant_scheme``): vLLM's Fp8 MoE with per-tensor weight scales and static or
+dynamic per-tensor activation scales, and block-quantized W8A8 (128x128 weight blocks, dynamic
+1x128 activation groups: DeepSeek-V3). The scheme comes from the quant_config; vLLM's prepare
+step quantizes the hidden states (``expects_unquantized_inputs`` is False), ``apply`` receives
+e4m3 rows with ``a1q_scale`` and reads the weight scales from the quant_config.
+``process_weights_after_loading`` reorders w13 in place into the layout the FP8 GPU kernels
+read. bf16 behaves as before.
+
 vLLM is optional: this module imports without it (the class then derives from ``object``, and
 tests drive it the way vLLM does). Where vLLM imports, the class derives from vLLM's
 ``FusedMoEExpertsModular`` and returns vLLM's own enum and no-op objects. See
@@ -20,7 +28,7 @@ import enum
 import importlib.util
 
 from . import _C, _api
-from ._api import Error, GateUpOrder
+from ._api import Error, GateUpOrder, QuantScheme
 
 
 def _import_vllm():
@@ -89,6 +97,58 @@ def _activation_name(activation):
     return _VLLM_ACTIVATIONS[name]
 
 
+# vLLM's (weight_key, activation_key) pairs that modmoe runs. A vLLM QuantKey is
+# (dtype, scale=ScaleDesc(dtype, static, group_shape), scale2, symmetric); the pairs below are of
+# symmetric float8_e4m3fn keys with fp32 scales and no second scale, keyed by (static, group
+# shape), GroupShape(-1, -1) being per tensor.
+_FP8_KEYS = {
+    # kFp8StaticTensorSym weights x kFp8StaticTensorSym / kFp8DynamicTensorSym activations
+    ((True, (-1, -1)), (True, (-1, -1))): QuantScheme.Fp8PerTensor,
+    ((True, (-1, -1)), (False, (-1, -1))): QuantScheme.Fp8PerTensor,
+    # kFp8Static128BlockSym weights x kFp8Dynamic128Sym activations
+    ((True, (128, 128)), (False, (1, 128))): QuantScheme.Fp8Block128,
+}
+
+
+def _fp8_key(key):
+    """(static, group shape) of a vLLM QuantKey as _FP8_KEYS has them, or None."""
+    scale = getattr(key, "scale", None)
+    if (scale is None or getattr(key, "scale2", None) is not None
+            or not getattr(key, "symmetric", False)
+            or not str(getattr(key, "dtype", "")).endswith("float8_e4m3fn")
+            or not str(getattr(scale, "dtype", "")).endswith("float32")):
+        return None
+    return bool(scale.static), tuple(scale.group_shape)
+
+
+def quant_scheme_of_keys(weight_key, activation_key):
+    """modmoe's QuantScheme for vLLM's (weight_key, activation_key): Bf16 for (None, None), an
+    FP8 scheme for the pairs of _FP8_KEYS, None where modmoe does not run the pair."""
+    if weight_key is None and activation_key is None:
+        return QuantScheme.Bf16
+    return _FP8_KEYS.get((_fp8_key(weight_key), _fp8_key(activation_key)))
+
+
+def quant_scheme_of_config(quant_config):
+    """modmoe's QuantScheme for vLLM's FusedMoEQuantConfig: quant_dtype None is bf16;
+    float8_e4m3fn is 'fp8-block' with block_shape [128, 128], 'fp8-tensor' without."""
+    dtype = getattr(quant_config, "quant_dtype", None)
+    if dtype is None:
+        return QuantScheme.Bf16
+    block = getattr(quant_config, "block_shape", None)
+    per_token = getattr(quant_config, "per_act_token_quant", False)
+    per_channel = getattr(quant_config, "per_out_ch_quant", False)
+    if str(dtype).endswith("float8_e4m3fn") and not per_token and not per_channel:
+        if block is None:
+            return QuantScheme.Fp8PerTensor
+        if list(block) == [128, 128]:
+            return QuantScheme.Fp8Block128
+    raise Error(f"modmoe: quant_config has quant_dtype {dtype}, block_shape {block}, "
+                f"per_act_token_quant {per_token}, per_out_ch_quant {per_channel}: expected "
+                "bf16 (quant_dtype None), or float8_e4m3fn with per-tensor scales (no block_shape) "
+                "or 128x128 blocks (block_shape [128, 128])")
+
+
 def local_range(expert_map, num_local_experts=None):
     """(local_expert_offset, local_num_experts) of a vLLM expert_map: [E] ints, global id ->
     local id or -1. modmoe needs the local experts contiguous and in order: global
@@ -124,10 +184,16 @@ class ModmoeExperts(_Base):
     expert_map (default: moe_config's ep_rank * local experts, else 0). gate_up_order: the
     half of w1's rows that holds the gate (vLLM: GateUp). bf16_routing_weights: round the
     fp32 routing weights to bf16 first, as FlashInfer's packed BF16 kernels do.
+
+    FP8: quant_config gives the scheme (quant_scheme_of_config) and the weight scales
+    (w1_scale, w2_scale). interleave_rows: the interleave of FP8 weights that are in
+    prepare_weights' layout already (0: the checkpoint's; process_weights_after_loading sets
+    it).
     """
 
     def __init__(self, moe_config=None, quant_config=None, *, local_expert_offset=None,
-                 gate_up_order=GateUpOrder.GateUp, bf16_routing_weights=False):
+                 gate_up_order=GateUpOrder.GateUp, bf16_routing_weights=False,
+                 interleave_rows=0):
         if _mk is not None and moe_config is not None:
             super().__init__(moe_config, quant_config)
         else:
@@ -136,6 +202,8 @@ class ModmoeExperts(_Base):
         self.local_expert_offset = local_expert_offset
         self.gate_up_order = gate_up_order
         self.bf16_routing_weights = bf16_routing_weights
+        self.quant_scheme = quant_scheme_of_config(quant_config)
+        self.interleave_rows = interleave_rows
         self._ranges = {}  # id(expert_map) -> (expert_map, (offset, count))
         self._unit_weights = None  # ones [>= M, k] fp32, for apply_router_weight_on_input
 
@@ -170,7 +238,7 @@ class ModmoeExperts(_Base):
 
     @staticmethod
     def _supports_quant_scheme(weight_key, activation_key):
-        return weight_key is None and activation_key is None  # bf16 only
+        return quant_scheme_of_keys(weight_key, activation_key) is not None
 
     @staticmethod
     def _supports_activation(activation):
@@ -216,7 +284,7 @@ class ModmoeExperts(_Base):
 
     @property
     def expects_unquantized_inputs(self):
-        return True
+        return self.quant_scheme == QuantScheme.Bf16  # FP8: vLLM's prepare quantizes
 
     # ---- sizes ----
 
@@ -235,12 +303,62 @@ class ModmoeExperts(_Base):
         inter = N if act == "relu2" else N // 2
         nbytes = _api.experts_workspace_size(
             M, K, inter, topk, max(global_num_experts, local_num_experts),
-            local_num_experts=local_num_experts, activation_type=act)
+            local_num_experts=local_num_experts, activation_type=act,
+            quant_scheme=self.quant_scheme)
         ws2 = (M, -(-nbytes // (2 * M))) if nbytes and M else (0,)
         return (0,), ws2, (M, K)
 
     def finalize_weight_and_reduce_impl(self):
         return _VllmNoOp() if _VllmNoOp is not None else WeightAndReduceNoOp()
+
+    # ---- weights ----
+
+    def process_weights_after_loading(self, layer):
+        """FP8: reorders layer.w13_weight and its scales (quant_config.w1_scale) in place, one
+        expert at a time, into prepare_weights' layout (the gate/up interleave of 8 rows that
+        the FP8 GPU kernels read; block scale rows move with their rows), once; later apply()
+        calls read them so. bf16 weights stay as they are."""
+        if self.quant_scheme == QuantScheme.Bf16 or self.interleave_rows:
+            return
+        w13, w2 = layer.w13_weight, layer.w2_weight
+        w13_scale, w2_scale = self.quant_config.w1_scale, self.quant_config.w2_scale
+        for e in range(w13.shape[0]):
+            one = slice(e, e + 1)
+            prepared = _api.prepare_weights(
+                w13[one], w2[one], gate_up_order=self.gate_up_order,
+                gemm1_weights_scale=w13_scale[one], gemm2_weights_scale=w2_scale[one],
+                quant_scheme=self.quant_scheme)
+            w13[one] = prepared.gemm1_weights
+            w13_scale[one] = prepared.gemm1_weights_scale
+        self.interleave_rows = prepared.interleave_rows
+
+    def _weights(self, w1, w2):
+        """(gemm1_weights, gemm2_weights) of experts(): bf16 tensors as they are; FP8 ones in
+        an ExpertWeights with the quant_config's scales."""
+        if self.quant_scheme == QuantScheme.Bf16:
+            return w1, w2
+        weights = _api.ExpertWeights(
+            w1, w2, int(self.gate_up_order), None, None, self.interleave_rows,
+            quant_scheme=self.quant_scheme, gemm1_weights_scale=self.quant_config.w1_scale,
+            gemm2_weights_scale=self.quant_config.w2_scale)
+        return weights, None
+
+    def _hidden_scale(self, a1q_scale):
+        """a1q_scale as experts() takes it: None (bf16), [M, H/128] (fp8-block), [1] or [M]
+        (fp8-tensor: vLLM may hand a 0-d static scale, or [M, 1])."""
+        if self.quant_scheme == QuantScheme.Bf16:
+            if a1q_scale is not None:
+                raise Error("modmoe: argument 'a1q_scale' is given: expected unquantized bf16 "
+                            "activations (expects_unquantized_inputs is True)")
+            return None
+        if a1q_scale is None:
+            raise Error(f"modmoe: argument 'a1q_scale' is None with FP8 experts "
+                        f"({QuantScheme(self.quant_scheme).name}): expected the scales of the "
+                        "e4m3 hidden_states, which vLLM's prepare step makes "
+                        "(expects_unquantized_inputs is False)")
+        if self.quant_scheme == QuantScheme.Fp8PerTensor and len(a1q_scale.shape) != 1:
+            return a1q_scale.reshape(-1)
+        return a1q_scale
 
     # ---- the compute ----
 
@@ -249,19 +367,21 @@ class ModmoeExperts(_Base):
               workspace2=None, expert_tokens_meta=None, apply_router_weight_on_input=False):
         """output [M, H] = sum over this rank's experts j of w_j * Expert_j(hidden_states).
         With apply_router_weight_on_input the prepare step already scaled the input (top_k 1),
-        so the experts apply weight 1."""
-        if a1q_scale is not None:
-            raise Error("modmoe: argument 'a1q_scale' is given: expected unquantized bf16 "
-                        "activations (expects_unquantized_inputs is True)")
+        so the experts apply weight 1. FP8: hidden_states e4m3 with a1q_scale; a2_scale is
+        not used (modmoe re-quantizes the intermediate with dynamic 1x128 groups,
+        docs/fp8.md)."""
+        hidden_scale = self._hidden_scale(a1q_scale)
         offset, count = self._local_range(expert_map, w1)
         weights = self._ones_like(topk_weights) if apply_router_weight_on_input else topk_weights
         if workspace2 is not None and workspace2.shape[0] == 0:
             workspace2 = None
+        gemm1, gemm2 = self._weights(w1, w2)
         _api.experts(
-            (topk_ids, weights), hidden_states, w1, w2, global_num_experts, topk_ids.shape[1],
-            local_expert_offset=offset, local_num_experts=count,
+            (topk_ids, weights), hidden_states, gemm1, gemm2, global_num_experts,
+            topk_ids.shape[1], local_expert_offset=offset, local_num_experts=count,
             activation_type=_activation_name(activation), output=output, workspace=workspace2,
-            gate_up_order=self.gate_up_order, bf16_routing_weights=self.bf16_routing_weights)
+            gate_up_order=self.gate_up_order, bf16_routing_weights=self.bf16_routing_weights,
+            hidden_states_scale=hidden_scale)
 
     def _local_range(self, expert_map, w1):
         num_local = w1.shape[0]

@@ -4,7 +4,15 @@
 // fills the library's structs and calls it. The library checks every argument; this file only
 // checks what exists in Python alone (values given beside the tensors that define them, such
 // as top_k and intermediate_size; objects that are no tensors; dtypes that DLPack can name but
-// modmoe cannot) and renames the C++ argument names in error messages to the Python ones.
+// modmoe cannot; uint8 bytes that are e4m3 only under an FP8 quant_scheme) and renames the C++
+// argument names in error messages to the Python ones.
+//
+// e4m3 tensors (FP8, docs/fp8.md "Python") arrive as float8_e4m3fn or as uint8 bytes. DLPack
+// 1.1 names float8_e4m3fn (kDLFloat8_e4m3fn); frameworks that cannot export it through DLPack
+// (PyTorch's DLPack refuses float8; NumPy's ml_dtypes arrays have neither DLPack nor the
+// buffer protocol) are read through a uint8 view of the same bytes, labelled e4m3 because
+// their dtype says so. A plain uint8 tensor is read as e4m3 only where the call's quant scheme
+// is FP8 (given, or held by the weights); elsewhere it is refused with a message that says so.
 //
 // No framework is linked or imported. PyTorch gets two shortcuts once the caller has imported
 // it: its tensors are exported with torch.utils.dlpack.to_dlpack (a C function, several times
@@ -18,6 +26,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,6 +54,7 @@ constexpr int kValidate = 2;        // validate only: everything but the launch
 
 // DLPack codes (dlpack.h: DLDataTypeCode, DLDeviceType).
 constexpr uint8_t kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4;
+constexpr uint8_t kDLFloat8_e4m3fn = 10;  // DLPack 1.1
 constexpr int kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
 
 // ---------------------------------------------------------------------------------------
@@ -54,8 +64,21 @@ constexpr int kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
 // C++ argument name -> the name of the Python (FlashInfer-style) argument that carries it.
 constexpr std::pair<const char*, const char*> kPythonNames[] = {
     {"'hidden'", "'hidden_states'"},
+    {"'hidden_scale'", "'hidden_states_scale'"},
     {"'weights.w13'", "'gemm1_weights'"},
     {"'weights.w2'", "'gemm2_weights'"},
+    {"'weights.w13_scale'", "'gemm1_weights_scale'"},
+    {"'weights.w2_scale'", "'gemm2_weights_scale'"},
+    {"'weights.scheme'", "'quant_scheme'"},
+    {"'scheme'", "'quant_scheme'"},
+    {"'src.w13_scale'", "'gemm1_weights_scale'"},
+    {"'src.w2_scale'", "'gemm2_weights_scale'"},
+    {"'dst.w13'", "'out[0]'"},
+    {"'dst.w2'", "'out[1]'"},
+    {"'dst.w13_bias'", "'out[2]'"},
+    {"'dst.w2_bias'", "'out[3]'"},
+    {"'dst.w13_scale'", "'out[4]'"},
+    {"'dst.w2_scale'", "'out[5]'"},
     {"'weights.w13_bias'", "'gemm1_bias'"},
     {"'weights.w2_bias'", "'gemm2_bias'"},
     {"'src.w13'", "'gemm1_weights'"},
@@ -84,8 +107,11 @@ constexpr std::pair<const char*, const char*> kPythonNames[] = {
     {"'routing.num_experts'", "'num_experts'"},
 };
 
-std::string python_names(std::string msg) {
-  for (const auto& [from, to] : kPythonNames) {
+using Renames = std::initializer_list<std::pair<const char*, const char*>>;
+
+template <class Range>
+std::string replaced(std::string msg, const Range& renames) {
+  for (const auto& [from, to] : renames) {
     const std::string f(from), t(to);
     for (size_t pos = msg.find(f); pos != std::string::npos; pos = msg.find(f, pos + t.size())) {
       msg.replace(pos, f.size(), t);
@@ -94,13 +120,18 @@ std::string python_names(std::string msg) {
   return msg;
 }
 
-// Runs f; a modmoe::Error leaves with its argument names in the Python API's words.
+std::string python_names(const std::string& msg, Renames call_names) {
+  return replaced(replaced(msg, kPythonNames), call_names);
+}
+
+// Runs f; a modmoe::Error leaves with its argument names in the Python API's words:
+// kPythonNames, then `call_names` (the names of one call, such as quantize_activations' 'x').
 template <class F>
-auto renamed_errors(F&& f) {
+auto renamed_errors(F&& f, Renames call_names = {}) {
   try {
     return f();
   } catch (const Error& e) {
-    throw Error(python_names(e.what()));
+    throw Error(python_names(e.what(), call_names));
   }
 }
 
@@ -113,6 +144,7 @@ struct TorchHooks {
   PyObject* to_dlpack = nullptr;        // torch.utils.dlpack.to_dlpack
   PyObject* raw_stream = nullptr;       // torch._C._cuda_getCurrentRawStream(device) -> int
   PyObject* cuda = nullptr;             // torch.cuda, the fallback for the stream
+  PyObject* module = nullptr;           // torch, for its dtypes (bits_view)
 };
 // NOTE: the references are never released: at exit the interpreter may already be gone.
 TorchHooks g_torch;
@@ -130,6 +162,7 @@ bool torch_loaded() {
                          ? nb::object(c.attr("_cuda_getCurrentRawStream"))
                          : nb::object();
     g_torch.cuda = nb::object(t.attr("cuda")).release().ptr();
+    g_torch.module = t.inc_ref().ptr();
     g_torch.to_dlpack = to_dlpack.release().ptr();
     g_torch.raw_stream = raw.is_valid() ? raw.release().ptr() : nullptr;
     g_torch.tensor_type = reinterpret_cast<PyTypeObject*>(tensor.release().ptr());
@@ -170,6 +203,9 @@ bool dtype_of(nb::dlpack::dtype dt, DType& out) {
     case kDLBfloat:
       out = DType::BF16;
       return dt.bits == 16;
+    case kDLFloat8_e4m3fn:
+      out = DType::E4M3;
+      return dt.bits == 8;
   }
   return false;
 }
@@ -177,11 +213,26 @@ bool dtype_of(nb::dlpack::dtype dt, DType& out) {
 std::string dlpack_dtype_name(nb::dlpack::dtype dt) {
   static const char* const kCodes[] = {"int",    "uint",    "float", "opaque",
                                        "bfloat", "complex", "bool"};
-  std::string name = dt.code < 7 ? kCodes[dt.code] : "dlpack-code-" + std::to_string(dt.code);
-  name += std::to_string(dt.bits);
+  // DLPack 1.1's 8-, 6- and 4-bit floats, codes 7 to 17: the name says the bits.
+  static const char* const kSmallFloats[] = {
+      "float8_e3m4",     "float8_e4m3",   "float8_e4m3b11fnuz", "float8_e4m3fn",
+      "float8_e4m3fnuz", "float8_e5m2",   "float8_e5m2fnuz",    "float8_e8m0fnu",
+      "float6_e2m3fn",   "float6_e3m2fn", "float4_e2m1fn"};
+  std::string name;
+  if (dt.code < 7) {
+    name = kCodes[dt.code] + std::to_string(dt.bits);
+  } else if (dt.code <= 17) {
+    name = kSmallFloats[dt.code - 7];
+  } else {
+    name = "dlpack-code-" + std::to_string(dt.code) + "-bits-" + std::to_string(dt.bits);
+  }
   if (dt.lanes != 1) name += "x" + std::to_string(dt.lanes);
   return name;
 }
+
+constexpr const char* kTakenDtypes =
+    "modmoe takes bf16 (or uint16 holding bf16 bits), f16, f32, f64, int32, int64, uint8, and "
+    "float8_e4m3fn (or uint8 holding e4m3 bits, under an FP8 quant_scheme)";
 
 TensorView view_of(const Array& a, const char* name) {
   TensorView v;
@@ -189,9 +240,7 @@ TensorView view_of(const Array& a, const char* name) {
   MODMOE_CHECK(ndim >= 1 && ndim <= TensorView::kMaxDims, "argument '", name, "' has ", ndim,
                " dimensions: expected 1 to ", TensorView::kMaxDims);
   MODMOE_CHECK(dtype_of(a.dtype(), v.dtype), "argument '", name, "' has dtype ",
-               dlpack_dtype_name(a.dtype()),
-               ": modmoe takes bf16 (or uint16 holding bf16 bits), f16, f32, f64, int32, int64 "
-               "and uint8");
+               dlpack_dtype_name(a.dtype()), ": ", kTakenDtypes);
   switch (a.device_type()) {
     case kDLCPU:
     case kDLCUDAHost:
@@ -214,27 +263,95 @@ TensorView view_of(const Array& a, const char* name) {
   return v;
 }
 
+// Dtypes that an array's framework cannot export, read through a view of the same bits: NumPy's
+// ml_dtypes bfloat16 and float8_e4m3fn (neither DLPack nor the buffer protocol), and PyTorch's
+// float8_e4m3fn where its DLPack export refuses float8. `name` is str(array.dtype); `view_as`
+// names the dtype of the view, in the array's framework.
+struct BitsView {
+  const char* name;
+  const char* view_as;
+  DType dtype;
+};
+constexpr BitsView kBitsViews[] = {
+    {"bfloat16", "uint16", DType::BF16},
+    {"float8_e4m3fn", "uint8", DType::E4M3},
+    {"torch.float8_e4m3fn", "uint8", DType::E4M3},
+};
+
+// h's DLPack export (PyTorch through to_dlpack; a refusal raises nb::python_error), or false
+// where nanobind cannot import it.
+bool export_array(nb::handle h, Array& a) {
+  if (!is_torch(h)) return nb::try_cast(h, a, false);
+  nb::object capsule = nb::steal(PyObject_CallOneArg(g_torch.to_dlpack, h.ptr()));
+  if (!capsule.is_valid()) throw nb::python_error();
+  return nb::try_cast(capsule, a, false);
+}
+
+std::string dtype_str(nb::handle h) {
+  const nb::object dtype = h.attr("dtype");
+  return nb::str(nb::handle(dtype)).c_str();
+}
+
+// The kBitsViews entry of an array's dtype, or nullptr.
+const BitsView* bits_entry(const std::string& dtype) {
+  for (const BitsView& b : kBitsViews) {
+    if (dtype == b.name) return &b;
+  }
+  return nullptr;
+}
+
+// An array that export_array refused (`refusal`: PyTorch's message, or empty): read through
+// kBitsViews, else an error that names its dtype.
+TensorView bits_view(nb::handle h, const char* name, const std::string& refusal) {
+  const std::string dtype = dtype_str(h);
+  if (const BitsView* b = bits_entry(dtype)) {
+    nb::object as = is_torch(h) ? nb::handle(g_torch.module).attr(b->view_as) : nb::str(b->view_as);
+    Array a;
+    if (export_array(h.attr("view")(as), a)) {
+      TensorView v = view_of(a, name);
+      v.dtype = b->dtype;
+      return v;
+    }
+  }
+  MODMOE_FAIL("argument '", name, "' has dtype ", dtype,
+              refusal.empty() ? "" : " and its DLPack export failed (" + refusal + ")", ": ",
+              kTakenDtypes);
+}
+
 // A view of `h`, or an undefined view for None. The caller's object owns the memory for the
 // duration of the call, so the DLPack export is released before the call returns.
 TensorView to_view(nb::handle h, const char* name) {
   if (!h.is_valid() || h.is_none()) return {};
   Array a;
-  if (is_torch(h)) {
-    nb::object capsule = nb::steal(PyObject_CallOneArg(g_torch.to_dlpack, h.ptr()));
-    if (!capsule.is_valid()) throw nb::python_error();
-    if (nb::try_cast(capsule, a, false)) return view_of(a, name);
-  } else if (nb::try_cast(h, a, false)) {
-    return view_of(a, name);
-  } else if (nb::hasattr(h, "dtype") && nb::str(h.attr("dtype")).equal(nb::str("bfloat16"))) {
-    // NumPy cannot export ml_dtypes.bfloat16 arrays through DLPack or the buffer protocol;
-    // their uint16 view carries the same bits (see dtype_of).
-    if (nb::try_cast(h.attr("view")("uint16"), a, false)) return view_of(a, name);
+  std::string refusal;
+  try {
+    if (export_array(h, a)) return view_of(a, name);
+  } catch (const nb::python_error& e) {
+    refusal = nb::str(e.value()).c_str();
   }
+  if (nb::hasattr(h, "dtype") && nb::hasattr(h, "view")) return bits_view(h, name, refusal);
   throw nb::type_error(("argument '" + std::string(name) +
                         "': expected a tensor (PyTorch, NumPy, CuPy, JAX: anything with "
                         "__dlpack__ or the buffer protocol), got " +
                         nb::type_name(h.type()).c_str())
                            .c_str());
+}
+
+// e4m3 arguments under an FP8 quant scheme: uint8 bytes are e4m3 codes there.
+TensorView e4m3_view(nb::handle h, const char* name) {
+  TensorView v = to_view(h, name);
+  if (v.dtype == DType::U8) v.dtype = DType::E4M3;
+  return v;
+}
+
+// Where the call is bf16, an e4m3 (or uint8) tensor is a mix-up that the library's plain
+// dtype error would not explain.
+void check_not_fp8(const TensorView& v, const char* name) {
+  MODMOE_CHECK(!v.defined() || (v.dtype != DType::E4M3 && v.dtype != DType::U8), "argument '", name,
+               "' has dtype ", dtype_name(v.dtype),
+               " and the weights are bf16: FP8 experts take FP8 weights with their scales ",
+               "(gemm1_weights_scale, gemm2_weights_scale, or a modmoe.ExpertWeights holding ",
+               "them); uint8 is read as e4m3 bits only under an FP8 quant_scheme");
 }
 
 Workspace workspace_of(nb::handle h, const Device& dev) {
@@ -283,19 +400,87 @@ Stream stream_of(nb::handle stream, nb::handle like, const TensorView& v) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Quant schemes
+// ---------------------------------------------------------------------------------------
+
+// The schemes the Python package runs (NVFP4 and MXFP8 are not bound).
+constexpr QuantScheme kPythonSchemes[] = {QuantScheme::None, QuantScheme::Fp8PerTensor,
+                                          QuantScheme::Fp8Block128};
+
+bool is_fp8(QuantScheme s) {
+  return s == QuantScheme::Fp8PerTensor || s == QuantScheme::Fp8Block128;
+}
+
+// quant_scheme as the Python calls take it: a modmoe.QuantScheme (an int), its name
+// (quant_scheme_name's "none", "fp8-tensor", "fp8-block", or "bf16"), or None: "from the
+// tensors" (std::nullopt).
+std::optional<QuantScheme> scheme_arg(nb::handle h) {
+  if (h.is_none()) return std::nullopt;
+  const bool is_name = nb::isinstance<nb::str>(h);
+  const bool is_int = PyLong_Check(h.ptr()) && !PyBool_Check(h.ptr());
+  const std::string name = is_name ? nb::cast<std::string>(h) : std::string();
+  const long value = is_int ? PyLong_AsLong(h.ptr()) : -1;
+  if (value == -1 && PyErr_Occurred()) PyErr_Clear();
+  for (QuantScheme s : kPythonSchemes) {
+    if ((is_name && (name == quant_scheme_name(s) || (name == "bf16" && s == QuantScheme::None))) ||
+        (is_int && value == static_cast<long>(s))) {
+      return s;
+    }
+  }
+  MODMOE_FAIL("argument 'quant_scheme' = ", nb::repr(h).c_str(),
+              ": expected 'fp8-block' (QuantScheme.Fp8Block128), 'fp8-tensor' "
+              "(QuantScheme.Fp8PerTensor), 'bf16' (QuantScheme.Bf16), or None (from the "
+              "tensors)");
+}
+
+// The scheme of weights: quant_scheme when given; else FP8 where float8_e4m3fn weights come
+// with scales, per tensor for [E_local] scales and 128x128 blocks for 3-D ones; else bf16.
+QuantScheme weights_scheme(nb::handle quant_scheme, const TensorView& w13,
+                           const TensorView& w13_scale) {
+  if (const auto given = scheme_arg(quant_scheme)) return *given;
+  if (!w13_scale.defined()) return QuantScheme::None;
+  MODMOE_CHECK(w13.dtype == DType::E4M3, "argument 'gemm1_weights' has dtype ",
+               dtype_name(w13.dtype), " with gemm1_weights_scale given and no quant_scheme: ",
+               "expected float8_e4m3fn; for e4m3 bits held in uint8, pass quant_scheme=",
+               "'fp8-block' or 'fp8-tensor'");
+  if (w13_scale.ndim == 1) return QuantScheme::Fp8PerTensor;
+  MODMOE_CHECK(w13_scale.ndim == 3, "argument 'gemm1_weights_scale' has shape ",
+               w13_scale.shape_string(), ": expected [E_local] (fp8-tensor, one scale per ",
+               "expert) or [E_local, 2I/128, H/128] (fp8-block, one per 128x128 block)");
+  return QuantScheme::Fp8Block128;
+}
+
+// ---------------------------------------------------------------------------------------
 // Expert weights: converted once, kept with the tensors that own them
 // ---------------------------------------------------------------------------------------
 
 struct PyExpertWeights {
   ExpertWeights w;
-  nb::object w13, w2, w13_bias, w2_bias;  // the caller's tensors, kept alive for the views
+  // The caller's tensors, kept alive for the views.
+  nb::object w13, w2, w13_bias, w2_bias, w13_scale, w2_scale;
 };
 
 PyExpertWeights make_weights(nb::handle w13, nb::handle w2, int order, nb::handle w13_bias,
-                             nb::handle w2_bias, int interleave_rows) {
+                             nb::handle w2_bias, int interleave_rows, nb::handle quant_scheme,
+                             nb::handle w13_scale, nb::handle w2_scale) {
   PyExpertWeights p;
   p.w.w13 = to_view(w13, "gemm1_weights");
   p.w.w2 = to_view(w2, "gemm2_weights");
+  p.w.w13_scale = to_view(w13_scale, "gemm1_weights_scale");
+  p.w.w2_scale = to_view(w2_scale, "gemm2_weights_scale");
+  p.w.scheme = weights_scheme(quant_scheme, p.w.w13, p.w.w13_scale);
+  if (is_fp8(p.w.scheme)) {
+    for (TensorView* v : {&p.w.w13, &p.w.w2}) {
+      if (v->dtype == DType::U8) v->dtype = DType::E4M3;
+    }
+  } else {
+    MODMOE_CHECK(!p.w.w13_scale.defined() && !p.w.w2_scale.defined(), "argument '",
+                 p.w.w13_scale.defined() ? "gemm1_weights_scale" : "gemm2_weights_scale",
+                 "' is given and quant_scheme is bf16: expected None (FP8 weights are e4m3 ",
+                 "with both scales)");
+    check_not_fp8(p.w.w13, "gemm1_weights");
+    check_not_fp8(p.w.w2, "gemm2_weights");
+  }
   p.w.w13_bias = to_view(w13_bias, "gemm1_bias");
   p.w.w2_bias = to_view(w2_bias, "gemm2_bias");
   p.w.order = static_cast<GateUpOrder>(order);
@@ -305,17 +490,30 @@ PyExpertWeights make_weights(nb::handle w13, nb::handle w2, int order, nb::handl
   p.w2 = nb::borrow(w2);
   p.w13_bias = nb::borrow(w13_bias);
   p.w2_bias = nb::borrow(w2_bias);
+  p.w13_scale = nb::borrow(w13_scale);
+  p.w2_scale = nb::borrow(w2_scale);
   return p;
 }
 
-// The weights of a call: an ExpertWeights object, or canonical tensors converted for this call.
+// The weights of a call: an ExpertWeights object, or canonical bf16 tensors converted for this
+// call (python/modmoe/_api.py wraps FP8 tensors and their scales in an ExpertWeights).
 const ExpertWeights& weights_of(nb::handle weights, nb::handle w13, nb::handle w2, int order,
                                 ExpertWeights& scratch) {
   if (!weights.is_none()) return nb::cast<PyExpertWeights*>(weights)->w;
   scratch.w13 = to_view(w13, "gemm1_weights");
   scratch.w2 = to_view(w2, "gemm2_weights");
+  check_not_fp8(scratch.w13, "gemm1_weights");
+  check_not_fp8(scratch.w2, "gemm2_weights");
   scratch.order = static_cast<GateUpOrder>(order);
   return scratch;
+}
+
+// hidden_states of an experts call: e4m3 (or uint8 bytes) with FP8 weights, else bf16.
+TensorView hidden_of(nb::handle hidden, const ExpertWeights& w) {
+  if (is_fp8(w.scheme)) return e4m3_view(hidden, "hidden_states");
+  TensorView v = to_view(hidden, "hidden_states");
+  check_not_fp8(v, "hidden_states");
+  return v;
 }
 
 // E_local defaults to the weights' first dimension, E to offset + E_local (a single rank).
@@ -349,12 +547,12 @@ ActivationParams activation_of(int kind, float alpha, float beta, float limit, n
 // The calls
 // ---------------------------------------------------------------------------------------
 
-size_t experts_call(nb::handle hidden, nb::handle topk_ids, nb::handle topk_weights,
-                    nb::handle weights, nb::handle w13, nb::handle w2, int order, int num_experts,
-                    int local_expert_offset, int local_num_experts, int top_k,
-                    int64_t intermediate_size, int act, float alpha, float beta, float limit,
-                    nb::handle alpha_pe, nb::handle beta_pe, nb::handle limit_pe, int flags,
-                    nb::handle lora, nb::handle expert_num_tokens, nb::handle out,
+size_t experts_call(nb::handle hidden, nb::handle hidden_scale, nb::handle topk_ids,
+                    nb::handle topk_weights, nb::handle weights, nb::handle w13, nb::handle w2,
+                    int order, int num_experts, int local_expert_offset, int local_num_experts,
+                    int top_k, int64_t intermediate_size, int act, float alpha, float beta,
+                    float limit, nb::handle alpha_pe, nb::handle beta_pe, nb::handle limit_pe,
+                    int flags, nb::handle lora, nb::handle expert_num_tokens, nb::handle out,
                     nb::handle gemm2_out, nb::handle expert_weights, nb::handle e2p,
                     nb::handle offsets, nb::handle act_out, nb::handle workspace, nb::handle stream,
                     int mode) {
@@ -362,7 +560,8 @@ size_t experts_call(nb::handle hidden, nb::handle topk_ids, nb::handle topk_weig
     ExpertWeights scratch;
     const ExpertWeights& w = weights_of(weights, w13, w2, order, scratch);
     ExpertsInputs in;
-    in.hidden = to_view(hidden, "hidden_states");
+    in.hidden = hidden_of(hidden, w);
+    in.hidden_scale = to_view(hidden_scale, "hidden_states_scale");
     in.topk_ids = to_view(topk_ids, "topk_ids");
     in.topk_weights = to_view(topk_weights, "topk_weights");
     in.expert_num_tokens = to_view(expert_num_tokens, "expert_num_tokens");
@@ -417,6 +616,13 @@ size_t fused_moe_call(nb::handle logits, nb::handle bias, nb::handle hidden, nb:
     const ExpertWeights& w = weights_of(weights, w13, w2, order, scratch);
     const TensorView logits_v = to_view(logits, "routing_logits");
     const TensorView hidden_v = to_view(hidden, "hidden_states");
+    // e4m3 hidden states come with hidden_states_scale, which _api.py sends through route()
+    // and experts() instead.
+    MODMOE_CHECK(hidden_v.dtype != DType::E4M3 && hidden_v.dtype != DType::U8,
+                 "argument 'hidden_states' has dtype ", dtype_name(hidden_v.dtype),
+                 " and no hidden_states_scale is given: expected bf16 hidden states (with FP8 ",
+                 "weights fused_moe quantizes them with the weights' scheme), or e4m3 ones with ",
+                 "their hidden_states_scale");
     check_intermediate(intermediate_size, w);
     if (num_experts < 0) num_experts = logits_v.ndim == 2 ? static_cast<int>(logits_v.size(1)) : 0;
     const ExpertMap map = map_of(num_experts, local_expert_offset, local_num_experts, w);
@@ -478,22 +684,24 @@ void route_call(nb::handle logits, nb::handle bias, int method, int top_k, int n
 }
 
 // Returns the interleave of the prepared weights (0: canonical, e.g. for non-gated weights).
-int prepare_weights_call(nb::handle w13, nb::handle w2, int order, nb::handle w13_bias,
-                         nb::handle w2_bias, int interleave_rows, nb::handle dst_w13,
+// dst_*: the destination tensors, out[0] to out[5] in the Python call.
+int prepare_weights_call(const PyExpertWeights& src, int interleave_rows, nb::handle dst_w13,
                          nb::handle dst_w2, nb::handle dst_w13_bias, nb::handle dst_w2_bias,
-                         nb::handle stream) {
+                         nb::handle dst_w13_scale, nb::handle dst_w2_scale, nb::handle stream) {
   return renamed_errors([&] {
-    const PyExpertWeights src = make_weights(w13, w2, order, w13_bias, w2_bias, 0);
+    const auto weight_view = is_fp8(src.w.scheme) ? e4m3_view : to_view;
     ExpertWeights dst;
-    dst.w13 = to_view(dst_w13, "out[0]");
-    dst.w2 = to_view(dst_w2, "out[1]");
+    dst.w13 = weight_view(dst_w13, "out[0]");
+    dst.w2 = weight_view(dst_w2, "out[1]");
     dst.w13_bias = to_view(dst_w13_bias, "out[2]");
     dst.w2_bias = to_view(dst_w2_bias, "out[3]");
+    dst.w13_scale = to_view(dst_w13_scale, "out[4]");
+    dst.w2_scale = to_view(dst_w2_scale, "out[5]");
     PrepareWeightsOptions options;
     options.layout =
         interleave_rows > 0 ? WeightLayout::GateUpInterleaved : WeightLayout::Canonical;
     options.interleave_rows = interleave_rows;
-    const Stream s = stream_of(stream, w2, src.w.w2);
+    const Stream s = stream_of(stream, src.w2, src.w.w2);
     {
       nb::gil_scoped_release release;
       prepare_weights(src.w, dst, options, s);
@@ -502,11 +710,52 @@ int prepare_weights_call(nb::handle w13, nb::handle w2, int order, nb::handle w1
   });
 }
 
+// The quantizers' binding: `in` (named `in_name`) to e4m3 `q` and fp32 `scale` under
+// quant_scheme, by quantize(in, scheme, q, scale, stream) without the GIL. `names`: the call's
+// renames of the C++ argument names.
+template <class F>
+void quantize_call(nb::handle in, const char* in_name, nb::handle quant_scheme, nb::handle q,
+                   nb::handle scale, nb::handle stream, Renames names, F&& quantize) {
+  renamed_errors(
+      [&] {
+        const QuantScheme scheme = scheme_arg(quant_scheme).value_or(QuantScheme::None);
+        const TensorView in_v = to_view(in, in_name);
+        const TensorView q_v = e4m3_view(q, "out");
+        const TensorView scale_v = to_view(scale, "scale");
+        const Stream s = stream_of(stream, in, in_v);
+        nb::gil_scoped_release release;
+        quantize(in_v, scheme, q_v, scale_v, s);
+      },
+      names);
+}
+
+void quantize_activations_call(nb::handle x, nb::handle quant_scheme, nb::handle q,
+                               nb::handle scale, bool static_scale, nb::handle stream) {
+  QuantizeOptions options;
+  options.static_scale = static_scale;
+  quantize_call(
+      x, "hidden_states", quant_scheme, q, scale, stream,
+      {{"'x'", "'hidden_states'"}, {"'q'", "'out'"}, {"options.static_scale", "static_scale"}},
+      [&](const TensorView& x_v, QuantScheme scheme, const TensorView& q_v,
+          const TensorView& scale_v,
+          Stream s) { quantize_activations(x_v, scheme, q_v, scale_v, options, s); });
+}
+
+void quantize_weights_call(nb::handle w, nb::handle quant_scheme, nb::handle q, nb::handle scale,
+                           nb::handle stream) {
+  quantize_call(
+      w, "weights", quant_scheme, q, scale, stream, {{"'w'", "'weights'"}, {"'q'", "'out'"}},
+      [](const TensorView& w_v, QuantScheme scheme, const TensorView& q_v,
+         const TensorView& scale_v, Stream s) { quantize_weights(w_v, scheme, q_v, scale_v, s); });
+}
+
 size_t experts_workspace_size_call(int64_t num_tokens, int64_t hidden, int64_t intermediate,
                                    int top_k, int num_experts, int local_expert_offset,
-                                   int local_num_experts, int act, bool do_finalize, bool batched) {
+                                   int local_num_experts, int act, bool do_finalize, bool batched,
+                                   nb::handle quant_scheme) {
   return renamed_errors([&] {
     ExpertsDesc desc;
+    desc.scheme = scheme_arg(quant_scheme).value_or(QuantScheme::None);
     desc.format = batched ? InputFormat::Batched : InputFormat::Standard;
     desc.num_tokens = num_tokens;
     desc.hidden = hidden;
@@ -524,14 +773,16 @@ size_t experts_workspace_size_call(int64_t num_tokens, int64_t hidden, int64_t i
 size_t fused_moe_workspace_size_call(int64_t num_tokens, int64_t hidden, int64_t intermediate,
                                      int top_k, int num_experts, int local_expert_offset,
                                      int local_num_experts, int act, int method, int n_group,
-                                     int topk_group) {
+                                     int topk_group, nb::handle quant_scheme) {
   return renamed_errors([&] {
     const ExpertMap map{
         num_experts, local_expert_offset,
         local_num_experts < 0 ? num_experts - local_expert_offset : local_num_experts};
     // Only the sizes of the weights matter here: a view with a shape and no data.
     ExpertWeights w;
-    w.w2 = make_view(nullptr, DType::BF16, {map.num_local_experts, hidden, intermediate});
+    w.scheme = scheme_arg(quant_scheme).value_or(QuantScheme::None);
+    w.w2 = make_view(nullptr, is_fp8(w.scheme) ? DType::E4M3 : DType::BF16,
+                     {map.num_local_experts, hidden, intermediate});
     RoutingParams routing;
     routing.method = static_cast<RoutingMethod>(method);
     routing.num_experts = num_experts;
@@ -680,9 +931,22 @@ NB_MODULE(_C, m) {
   m.attr("ACT_RELU2") = static_cast<int>(Activation::Relu2);
   m.attr("GATE_UP") = static_cast<int>(GateUpOrder::GateUp);
   m.attr("UP_GATE") = static_cast<int>(GateUpOrder::UpGate);
+  m.attr("SCHEME_NONE") = static_cast<int>(QuantScheme::None);
+  m.attr("SCHEME_FP8_TENSOR") = static_cast<int>(QuantScheme::Fp8PerTensor);
+  m.attr("SCHEME_FP8_BLOCK") = static_cast<int>(QuantScheme::Fp8Block128);
   m.attr("BACKEND_NVLINK") = static_cast<int>(AllToAllBackend::NvLink);
   m.attr("BACKEND_NCCL") = static_cast<int>(AllToAllBackend::Nccl);
   m.def("version", [] { return std::string(version()); });
+  m.def(
+      "quant_scheme",
+      [](nb::handle h) {
+        return renamed_errors([&] {
+          const auto s = scheme_arg(h);
+          return s ? static_cast<int>(*s) : -1;
+        });
+      },
+      "quant_scheme"_a.none(),
+      "quant_scheme as a number (QuantScheme), or -1 for None (from the tensors)");
   m.def("built_with_cuda", &built_with_cuda);
   m.def("compiled_architectures", &compiled_architectures);
 
@@ -690,21 +954,32 @@ NB_MODULE(_C, m) {
       .def(
           "__init__",
           [](PyExpertWeights* self, nb::handle w13, nb::handle w2, int order, nb::handle w13_bias,
-             nb::handle w2_bias, int interleave_rows) {
-            new (self) PyExpertWeights(renamed_errors(
-                [&] { return make_weights(w13, w2, order, w13_bias, w2_bias, interleave_rows); }));
+             nb::handle w2_bias, int interleave_rows, nb::handle quant_scheme, nb::handle w13_scale,
+             nb::handle w2_scale) {
+            new (self) PyExpertWeights(renamed_errors([&] {
+              return make_weights(w13, w2, order, w13_bias, w2_bias, interleave_rows, quant_scheme,
+                                  w13_scale, w2_scale);
+            }));
           },
           "gemm1_weights"_a, "gemm2_weights"_a, "gate_up_order"_a = 0,
           "gemm1_bias"_a.none() = nb::none(), "gemm2_bias"_a.none() = nb::none(),
-          "interleave_rows"_a = 0,
+          "interleave_rows"_a = 0, nb::kw_only(), "quant_scheme"_a.none() = nb::none(),
+          "gemm1_weights_scale"_a.none() = nb::none(), "gemm2_weights_scale"_a.none() = nb::none(),
           "Expert weights converted once: gemm1_weights [E_local, 2I, H] (or [E_local, I, H] "
-          "for relu2) and gemm2_weights [E_local, H, I], bf16, with the gate/up order of "
-          "gemm1 (0: gate rows first, vLLM; 1: up rows first, FlashInfer) and the interleave "
-          "of prepare_weights (0: canonical). Keeps the tensors alive.")
+          "for relu2) and gemm2_weights [E_local, H, I], with the gate/up order of gemm1 (0: "
+          "gate rows first, vLLM; 1: up rows first, FlashInfer) and the interleave of "
+          "prepare_weights (0: canonical). bf16; or FP8: e4m3 (float8_e4m3fn, or uint8 bytes "
+          "with quant_scheme given) with fp32 dequantization scales gemm1_weights_scale / "
+          "gemm2_weights_scale, [E_local] each for 'fp8-tensor', [E_local, 2I/128, H/128] / "
+          "[E_local, H/128, I/128] for 'fp8-block' (quant_scheme None: taken from the scales). "
+          "Keeps the tensors alive.")
       .def_prop_ro("gemm1_weights", [](PyExpertWeights& p) { return p.w13; })
       .def_prop_ro("gemm2_weights", [](PyExpertWeights& p) { return p.w2; })
       .def_prop_ro("gemm1_bias", [](PyExpertWeights& p) { return p.w13_bias; })
       .def_prop_ro("gemm2_bias", [](PyExpertWeights& p) { return p.w2_bias; })
+      .def_prop_ro("gemm1_weights_scale", [](PyExpertWeights& p) { return p.w13_scale; })
+      .def_prop_ro("gemm2_weights_scale", [](PyExpertWeights& p) { return p.w2_scale; })
+      .def_prop_ro("quant_scheme", [](PyExpertWeights& p) { return static_cast<int>(p.w.scheme); })
       .def_prop_ro("gate_up_order", [](PyExpertWeights& p) { return static_cast<int>(p.w.order); })
       .def_prop_ro("interleave_rows", [](PyExpertWeights& p) { return p.w.interleave_rows; })
       .def_prop_ro("num_local_experts",
@@ -717,16 +992,18 @@ NB_MODULE(_C, m) {
         return "modmoe.ExpertWeights(gemm1 " + p.w.w13.shape_string() + ", gemm2 " +
                p.w.w2.shape_string() + ", " +
                (p.w.order == GateUpOrder::GateUp ? "gate_up" : "up_gate") +
-               ", interleave_rows=" + std::to_string(p.w.interleave_rows) + ")";
+               ", interleave_rows=" + std::to_string(p.w.interleave_rows) +
+               ", quant_scheme=" + quant_scheme_name(p.w.scheme) + ")";
       });
 
-  m.def("experts", &experts_call, "hidden"_a.none(), "topk_ids"_a.none(), "topk_weights"_a.none(),
-        "weights"_a.none(), "w13"_a.none(), "w2"_a.none(), "order"_a, "num_experts"_a,
-        "local_expert_offset"_a, "local_num_experts"_a, "top_k"_a, "intermediate_size"_a, "act"_a,
-        "alpha"_a, "beta"_a, "limit"_a, "alpha_pe"_a.none(), "beta_pe"_a.none(),
-        "limit_pe"_a.none(), "flags"_a, "lora"_a.none(), "expert_num_tokens"_a.none(),
-        "out"_a.none(), "gemm2_out"_a.none(), "expert_weights"_a.none(), "e2p"_a.none(),
-        "offsets"_a.none(), "act_out"_a.none(), "workspace"_a.none(), "stream"_a.none(), "mode"_a);
+  m.def("experts", &experts_call, "hidden"_a.none(), "hidden_scale"_a.none(), "topk_ids"_a.none(),
+        "topk_weights"_a.none(), "weights"_a.none(), "w13"_a.none(), "w2"_a.none(), "order"_a,
+        "num_experts"_a, "local_expert_offset"_a, "local_num_experts"_a, "top_k"_a,
+        "intermediate_size"_a, "act"_a, "alpha"_a, "beta"_a, "limit"_a, "alpha_pe"_a.none(),
+        "beta_pe"_a.none(), "limit_pe"_a.none(), "flags"_a, "lora"_a.none(),
+        "expert_num_tokens"_a.none(), "out"_a.none(), "gemm2_out"_a.none(),
+        "expert_weights"_a.none(), "e2p"_a.none(), "offsets"_a.none(), "act_out"_a.none(),
+        "workspace"_a.none(), "stream"_a.none(), "mode"_a);
   m.def("fused_moe", &fused_moe_call, "logits"_a.none(), "bias"_a.none(), "hidden"_a.none(),
         "weights"_a.none(), "w13"_a.none(), "w2"_a.none(), "order"_a, "method"_a, "num_experts"_a,
         "top_k"_a, "n_group"_a, "topk_group"_a, "routed_scaling_factor"_a, "local_expert_offset"_a,
@@ -737,14 +1014,19 @@ NB_MODULE(_C, m) {
   m.def("route", &route_call, "logits"_a.none(), "bias"_a.none(), "method"_a, "top_k"_a,
         "n_group"_a, "topk_group"_a, "routed_scaling_factor"_a, "norm_topk_prob"_a,
         "topk_ids"_a.none(), "topk_weights"_a.none(), "stream"_a.none());
-  m.def("prepare_weights", &prepare_weights_call, "w13"_a.none(), "w2"_a.none(), "order"_a,
-        "w13_bias"_a.none(), "w2_bias"_a.none(), "interleave_rows"_a, "dst_w13"_a.none(),
-        "dst_w2"_a.none(), "dst_w13_bias"_a.none(), "dst_w2_bias"_a.none(), "stream"_a.none());
+  m.def("prepare_weights", &prepare_weights_call, "src"_a, "interleave_rows"_a, "dst_w13"_a.none(),
+        "dst_w2"_a.none(), "dst_w13_bias"_a.none(), "dst_w2_bias"_a.none(),
+        "dst_w13_scale"_a.none(), "dst_w2_scale"_a.none(), "stream"_a.none());
+  m.def("quantize_activations", &quantize_activations_call, "x"_a.none(), "quant_scheme"_a.none(),
+        "q"_a.none(), "scale"_a.none(), "static_scale"_a, "stream"_a.none());
+  m.def("quantize_weights", &quantize_weights_call, "w"_a.none(), "quant_scheme"_a.none(),
+        "q"_a.none(), "scale"_a.none(), "stream"_a.none());
   m.def("experts_workspace_size", &experts_workspace_size_call, "num_tokens"_a, "hidden"_a,
         "intermediate"_a, "top_k"_a, "num_experts"_a, "local_expert_offset"_a,
-        "local_num_experts"_a, "act"_a, "do_finalize"_a, "batched"_a);
+        "local_num_experts"_a, "act"_a, "do_finalize"_a, "batched"_a, "quant_scheme"_a.none());
   m.def("fused_moe_workspace_size", &fused_moe_workspace_size_call, "num_tokens"_a, "hidden"_a,
         "intermediate"_a, "top_k"_a, "num_experts"_a, "local_expert_offset"_a,
-        "local_num_experts"_a, "act"_a, "method"_a, "n_group"_a, "topk_group"_a);
+        "local_num_experts"_a, "act"_a, "method"_a, "n_group"_a, "topk_group"_a,
+        "quant_scheme"_a.none());
   bind_all_to_all(m);
 }

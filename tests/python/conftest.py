@@ -1,8 +1,9 @@
-"""Shared helpers of the Python tests: seeded problems, bf16 through ml_dtypes, and the float64
-and same-precision references of the experts stage (docs/contract.md, "Numerics").
+"""Shared helpers of the Python tests: seeded problems, bf16 and e4m3 through ml_dtypes, and the
+float64 and same-precision references of the experts stage (docs/contract.md, "Numerics"; FP8:
+docs/fp8.md).
 
-NumPy has no bf16 dtype: the tests use ml_dtypes.bfloat16 arrays, which modmoe reads as their
-uint16 bits (the package does the same for any uint16 array)."""
+NumPy has no bf16 or e4m3 dtype: the tests use ml_dtypes.bfloat16 and float8_e4m3fn arrays,
+which modmoe reads through their uint16 / uint8 bits."""
 
 import os
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 BF16 = ml_dtypes.bfloat16
+E4M3 = ml_dtypes.float8_e4m3fn
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROUTING_DATA = os.path.join(REPO, "tests", "data", "routing")
 
@@ -86,13 +88,16 @@ def activation(p, e, h_gate, h_up, dtype):
     raise ValueError(p.act)
 
 
-def reference(p, ids=None, weights=None, precision="f64", weight_on_input=False):
+def reference(p, ids=None, weights=None, precision="f64", weight_on_input=False,
+              intermediate=None):
     """out [M, H] float64: sum over local j of w_j * Expert_{id_j}(x).
 
     precision "f64": every step in float64 from the bf16 inputs (the oracle).
     precision "bf16": the same-precision composition PyTorch would run: bf16 GEMM outputs
     (fp32 accumulate), activation on bf16 inputs rounded to bf16, weighted sum in fp32, one
-    cast. The contract bounds modmoe's error by 1.5x of this composition's."""
+    cast. The contract bounds modmoe's error by 1.5x of this composition's.
+    intermediate: a function applied to each activation vector [I] before GEMM2 (FP8:
+    fp8_intermediate, the rounding of docs/fp8.md)."""
     ids = p.ids if ids is None else ids
     weights = p.weights if weights is None else weights
     low = precision == "bf16"
@@ -120,6 +125,8 @@ def reference(p, ids=None, weights=None, precision="f64", weight_on_input=False)
                 a = activation(p, e, hg, hu, dt)
             if low:
                 a = f64(bf16(a))
+            if intermediate is not None:
+                a = intermediate(a)
             y = f64(p.w2[e]) @ f64(a)
             if low:
                 y = f64(bf16(y))
@@ -147,3 +154,62 @@ def first_mismatch(a, b):
     """The first differing coordinate of two arrays, for failure messages."""
     diff = np.argwhere(f64(a) != f64(b))
     return None if diff.size == 0 else tuple(int(i) for i in diff[0])
+
+
+# ---------------------------------------------------------------------------------------
+# FP8 (docs/fp8.md): the quantizer's formula, dequantization, the intermediate's rounding
+# ---------------------------------------------------------------------------------------
+
+
+def e4m3_quantize(x):
+    """docs/fp8.md's quantizer, one scale over the last axis of x [..., n]: s = max(amax,
+    1e-10) / 448 and q = e4m3(x / s), each one fp32 operation. Returns (q e4m3 [..., n],
+    s float32 [...])."""
+    x = np.asarray(x, np.float32)
+    amax = np.abs(x).max(axis=-1)
+    s = np.maximum(amax, np.float32(1e-10)) / np.float32(448)
+    return (x / s[..., None]).astype(E4M3), s.astype(np.float32)
+
+
+def dequantize(q, scale):
+    """float64 q * scale, with a scale per block of q when scale has q's rank (the blocks tile
+    q), per leading index for a 1-D scale of q.shape[0] entries, else one scale."""
+    q, s = f64(q), f64(scale)
+    if s.ndim == q.ndim:
+        for d in range(q.ndim):
+            s = np.repeat(s, q.shape[d] // s.shape[d], axis=d)
+    elif s.size > 1:
+        s = s.reshape((-1,) + (1,) * (q.ndim - 1))
+    return q * s
+
+
+def fp8_intermediate(a):
+    """The FP8 experts' intermediate: the activation rounded to bf16, then to e4m3 in 1x128
+    groups (docs/fp8.md, "Experts"); float64 [I]."""
+    q, s = e4m3_quantize(f64(bf16(a)).reshape(-1, 128))
+    return dequantize(q, s[:, None]).reshape(-1)
+
+
+class Fp8Problem:
+    """A Problem's tensors quantized by modmoe (hidden_states, gemm1/gemm2 and their scales
+    under `scheme`), and `dq`: the Problem over their float64 dequantization, whose reference()
+    is FP8 experts' float64 oracle."""
+
+    def __init__(self, p, scheme):
+        import copy
+
+        import modmoe
+
+        self.p, self.scheme = p, scheme
+        self.x, self.x_scale = modmoe.quantize_activations(p.x, scheme)
+        self.w13, self.w13_scale = modmoe.quantize_weights(p.w13, scheme)
+        self.w2, self.w2_scale = modmoe.quantize_weights(p.w2, scheme)
+        self.dq = copy.copy(p)
+        self.dq.x = dequantize(self.x, self.x_scale)
+        self.dq.w13 = dequantize(self.w13, self.w13_scale)
+        self.dq.w2 = dequantize(self.w2, self.w2_scale)
+
+    def weights(self, **kw):
+        """gemm1_weights, gemm2_weights and their scales as keywords of modmoe's calls."""
+        return dict(gemm1_weights=self.w13, gemm2_weights=self.w2,
+                    gemm1_weights_scale=self.w13_scale, gemm2_weights_scale=self.w2_scale, **kw)

@@ -1,16 +1,27 @@
 """modmoe.vllm.ModmoeExperts driven the way vLLM's modular kernel drives an experts class,
-with the tensors an all-to-all prepare step hands it, on CPU arrays (NumPy)."""
+with the tensors an all-to-all prepare step hands it, on CPU arrays (NumPy); bf16 and FP8."""
 
 import importlib.util
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import modmoe
 import modmoe.vllm as mv
-from conftest import BF16, Problem, assert_within_contract, bf16, f64, rel_l2, reference
+from conftest import (
+    BF16,
+    Fp8Problem,
+    Problem,
+    assert_within_contract,
+    bf16,
+    f64,
+    first_mismatch,
+    rel_l2,
+    reference,
+)
 
 
 def expert_parallel_rows(p, ep_size, max_tokens):
@@ -36,8 +47,10 @@ def expert_parallel_rows(p, ep_size, max_tokens):
     return ranks
 
 
-def run_rank(experts, p, w13, w2, x, ids, weights, expert_map, apply_router_weight=False):
-    """One rank's experts call as FusedMoEKernelModularImpl makes it."""
+def run_rank(experts, p, w13, w2, x, ids, weights, expert_map, apply_router_weight=False,
+             a1q_scale=None):
+    """One rank's experts call as FusedMoEKernelModularImpl makes it (x: bf16, or e4m3 with
+    a1q_scale)."""
     e_local, m, n, k, topk = experts.moe_problem_size(x, w13, w2, ids)
     ws13_shape, ws2_shape, out_shape = experts.workspace_shapes(
         m, n, k, topk, p.num_experts, e_local, None, "silu")
@@ -46,7 +59,7 @@ def run_rank(experts, p, w13, w2, x, ids, weights, expert_map, apply_router_weig
     workspace2 = np.empty(ws2_shape, dtype)
     output = bf16(np.full(out_shape, np.nan))
     experts.apply(output, x, w13, w2, topk_weights=weights, topk_ids=ids, activation="silu",
-                  global_num_experts=p.num_experts, expert_map=expert_map, a1q_scale=None,
+                  global_num_experts=p.num_experts, expert_map=expert_map, a1q_scale=a1q_scale,
                   a2_scale=None, workspace13=workspace13, workspace2=workspace2,
                   expert_tokens_meta=None, apply_router_weight_on_input=apply_router_weight)
     reduce = experts.finalize_weight_and_reduce_impl()
@@ -149,3 +162,124 @@ def test_imports_without_vllm():
     assert out.returncode == 0, out.stderr
     if importlib.util.find_spec("vllm") is None:
         assert out.stdout.strip() == "object"
+
+
+# ---------------------------------------------------------------------------------------
+# FP8
+# ---------------------------------------------------------------------------------------
+
+
+def quant_key(static, group_shape, dtype="torch.float8_e4m3fn", scale_dtype="torch.float32",
+              symmetric=True, scale2=None):
+    """A stand-in for vLLM's QuantKey(dtype, ScaleDesc(scale_dtype, static, group_shape),
+    scale2, symmetric); dtypes as str() names them."""
+    scale = SimpleNamespace(dtype=scale_dtype, static=static, group_shape=group_shape)
+    return SimpleNamespace(dtype=dtype, scale=scale, scale2=scale2, symmetric=symmetric)
+
+
+TENSOR, TOKEN, BLOCK, GROUP = (-1, -1), (1, -1), (128, 128), (1, 128)
+STATIC_TENSOR = quant_key(True, TENSOR)  # kFp8StaticTensorSym
+DYNAMIC_TENSOR = quant_key(False, TENSOR)  # kFp8DynamicTensorSym
+STATIC_BLOCK = quant_key(True, BLOCK)  # kFp8Static128BlockSym
+DYNAMIC_GROUP = quant_key(False, GROUP)  # kFp8Dynamic128Sym
+
+
+@pytest.mark.parametrize("weight_key,activation_key,supported", [
+    (None, None, True),
+    (STATIC_TENSOR, STATIC_TENSOR, True),
+    (STATIC_TENSOR, DYNAMIC_TENSOR, True),
+    (STATIC_BLOCK, DYNAMIC_GROUP, True),
+    (STATIC_TENSOR, None, False),  # FP8 weights, bf16 activations (W8A16)
+    (STATIC_BLOCK, DYNAMIC_TENSOR, False),
+    (STATIC_TENSOR, quant_key(False, TOKEN), False),  # per-token activations
+    (quant_key(True, (-1, 1)), DYNAMIC_TENSOR, False),  # per-channel weights
+    (quant_key(True, (64, 64)), quant_key(False, (1, 64)), False),
+    (quant_key(True, TENSOR, "torch.float8_e4m3fnuz"), quant_key(False, TENSOR,
+                                                                "torch.float8_e4m3fnuz"), False),
+    (quant_key(True, TENSOR, symmetric=False), DYNAMIC_TENSOR, False),
+    (quant_key(True, TENSOR, scale2=STATIC_TENSOR.scale), DYNAMIC_TENSOR, False),
+    ("fp8", None, False),
+])
+def test_supported_quant_schemes(weight_key, activation_key, supported):
+    assert mv.ModmoeExperts._supports_quant_scheme(weight_key, activation_key) is supported
+
+
+def test_supported_quant_schemes_with_vllm_keys():
+    qu = pytest.importorskip("vllm.model_executor.layers.quantization.utils.quant_utils")
+    supports = mv.ModmoeExperts._supports_quant_scheme
+    assert supports(qu.kFp8StaticTensorSym, qu.kFp8StaticTensorSym)
+    assert supports(qu.kFp8StaticTensorSym, qu.kFp8DynamicTensorSym)
+    assert supports(qu.kFp8Static128BlockSym, qu.kFp8Dynamic128Sym)
+    assert not supports(qu.kFp8StaticTensorSym, qu.kFp8DynamicTokenSym)
+    assert not supports(qu.kFp8Static128BlockSym, None)
+
+
+def quant_config(q):
+    """A stand-in for vLLM's FusedMoEQuantConfig of q's FP8 weights (its scales copied: the
+    adapter reorders w1_scale in place)."""
+    block = [128, 128] if q.scheme == "fp8-block" else None
+    return SimpleNamespace(quant_dtype="torch.float8_e4m3fn", block_shape=block,
+                           per_act_token_quant=False, per_out_ch_quant=False,
+                           w1_scale=q.w13_scale.copy(), w2_scale=q.w2_scale.copy())
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-tensor"])
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_fp8_like_vllm(rng, scheme, ep_size):
+    """Each rank: process_weights_after_loading on its slice of the weights, then apply() on
+    the e4m3 rows and a1q_scale of its prepare step; bitwise modmoe.experts on the checkpoint
+    weights, and the single rank within docs/fp8.md's bound of float64."""
+    p = Problem(rng, m=20, hidden=256, inter=128, num_experts=8, top_k=3)
+    q = Fp8Problem(p, scheme)
+    e_local = p.num_experts // ep_size
+    for r, (x, ids, weights, tokens, expert_map) in enumerate(
+            expert_parallel_rows(p, ep_size, p.m)):
+        local = slice(r * e_local, (r + 1) * e_local)
+        rank_q = SimpleNamespace(scheme=scheme, w13_scale=q.w13_scale[local],
+                                 w2_scale=q.w2_scale[local])
+        experts = mv.ModmoeExperts(quant_config=quant_config(rank_q))
+        assert not experts.expects_unquantized_inputs
+        layer = SimpleNamespace(w13_weight=q.w13[local].copy(), w2_weight=q.w2[local])
+        experts.process_weights_after_loading(layer)
+        assert experts.interleave_rows == 8
+        x_q, x_scale = modmoe.quantize_activations(x, scheme)
+        out = run_rank(experts, p, layer.w13_weight, layer.w2_weight, x_q, ids, weights,
+                       expert_map, a1q_scale=x_scale)
+        want = modmoe.experts((ids, weights), x_q, q.w13[local], q.w2[local], p.num_experts,
+                              p.k, local_expert_offset=r * e_local, local_num_experts=e_local,
+                              hidden_states_scale=x_scale, gemm1_weights_scale=q.w13_scale[local],
+                              gemm2_weights_scale=q.w2_scale[local])
+        assert first_mismatch(out, want) is None
+        assert np.all(f64(out[tokens.size:]) == 0), "padding rows must be zero"
+    if ep_size == 1:
+        assert rel_l2(out, reference(q.dq)) < 0.04
+
+
+def test_fp8_activation_scale_forms(rng):
+    """fp8-tensor: vLLM's static scale may be 0-d, a per-token one [M, 1]: read as [1], [M]."""
+    p = Problem(rng, hidden=128, inter=128, num_experts=4, top_k=1)
+    q = Fp8Problem(p, "fp8-tensor")
+    experts = mv.ModmoeExperts(quant_config=quant_config(q))
+    want = run_rank(experts, p, q.w13, q.w2, q.x, p.ids, p.weights, None, a1q_scale=q.x_scale)
+    scalar = np.asarray(q.x_scale[0])
+    assert scalar.ndim == 0
+    got = run_rank(experts, p, q.w13, q.w2, q.x, p.ids, p.weights, None, a1q_scale=scalar)
+    assert first_mismatch(want, got) is None
+    column = np.full((p.m, 1), q.x_scale[0], np.float32)
+    got = run_rank(experts, p, q.w13, q.w2, q.x, p.ids, p.weights, None, a1q_scale=column)
+    assert first_mismatch(want, got) is None
+    with pytest.raises(modmoe.Error, match=r"'a1q_scale' is None with FP8 experts "
+                                           r"\(Fp8PerTensor\)"):
+        run_rank(experts, p, q.w13, q.w2, q.x, p.ids, p.weights, None)
+
+
+@pytest.mark.parametrize("config,match", [
+    (dict(quant_dtype="torch.float8_e4m3fn", block_shape=[64, 64]), "block_shape \\[64, 64\\]"),
+    (dict(quant_dtype="torch.float8_e4m3fn", per_act_token_quant=True), "per_act_token_quant"),
+    (dict(quant_dtype="torch.float8_e5m2"), "quant_dtype torch.float8_e5m2"),
+    (dict(quant_dtype="mxfp4"), "quant_dtype mxfp4"),
+])
+def test_fp8_configs_modmoe_does_not_run(config, match):
+    with pytest.raises(modmoe.Error, match=match):
+        mv.ModmoeExperts(quant_config=SimpleNamespace(**config))
+
