@@ -53,6 +53,9 @@ ExpertsDesc experts_desc(const Preset& preset, const Layer& l, const ExpertMap& 
 
 std::string experts_not_supported_on_gpu(QuantScheme dtype, int device) {
   if (dtype == QuantScheme::None) return "";
+  // Each rank's process probes its own GPU (it may run before the rank's communicator sets
+  // the device): the cudaMemset below works on the current device.
+  MODMOE_CUDA_CHECK(cudaSetDevice(device));
   const Device dev = Device::cuda(device);
   const int64_t b = kFp8BlockSize;
   const bool block = dtype == QuantScheme::Fp8Block128;
