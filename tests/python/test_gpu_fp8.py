@@ -160,16 +160,15 @@ def test_cuda_graph_capture_without_allocation(scheme):
     workspace = torch.empty(modmoe.experts_workspace_size(m, h, 512, 4, 16, quant_scheme=scheme),
                             dtype=torch.uint8, device=DEV)
     f.run(output=output, workspace=workspace)  # warm-up
-    # torch's own first capture in a process allocates its generator's graph state (two
-    # 512-byte blocks): a throwaway capture first, so the count below is the call's alone.
-    with torch.cuda.graph(torch.cuda.CUDAGraph()):
-        f.run(output=output, workspace=workspace)
     torch.cuda.synchronize()
-    allocated = torch.cuda.memory_allocated()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        # Counted inside the capture: torch's capture_begin may allocate its generator's graph
+        # state (two 512-byte blocks, seen on an H100 with torch 2.11), which is not the call's.
+        allocated = torch.cuda.memory_allocated()
         f.run(output=output, workspace=workspace)
-    assert torch.cuda.memory_allocated() == allocated
+        after = torch.cuda.memory_allocated()
+    assert after == allocated
     x, x_scale = modmoe.quantize_activations(torch.randn_like(f.p["x"]), scheme)
     f.x.copy_(x)
     f.x_scale.copy_(x_scale)

@@ -338,10 +338,13 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const __grid_cons
 
   // 4. Count records (last CTA: its s_base now counts all T tokens) and signals.
   // NOTE: the CTA's peer stores precede the barrier that ended the last chunk; the signalling
-  // thread's fence.sc.sys after it orders them before the flag (PTX causality order is
-  // cumulative through bar.sync: the pattern of cooperative groups' grid sync, at system
-  // scope). A fence in every thread first cost 2 us more per dispatch at 1-16 tokens on
-  // 4x H200 and changed nothing else; MODMOE_A2A_THREAD_FENCES=1 brings it back.
+  // thread's red.release.sys after it orders them before the flag (PTX causality order is
+  // cumulative through bar.sync, and a release at system scope is fence.acq_rel.sys + the
+  // add: the pattern of cooperative groups' grid sync, at system scope). A fence.sc.sys in
+  // front of the release was dropped after a same-machine A/B on 2x H200 (docs/all_to_all.md,
+  // "Switches"): 0.4-1.0 us less per dispatch and combine at 1-2048 tokens, the multigpu tests
+  // passing without it. A fence in every thread first cost 2 us more per dispatch at 1-16
+  // tokens on 4x H200 and changed nothing else; MODMOE_A2A_THREAD_FENCES=1 brings it back.
   if (g.mode == DispatchMode::NvLinkPush && g.thread_fences) {
     __threadfence_system();
     __syncthreads();
@@ -354,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const __grid_cons
       st_volatile_v4(g.record_out[r], rec);
     }
     if (g.mode == DispatchMode::NvLinkPush) {
-      __threadfence_system();  // every CTA thread's stores (ordered by the barrier above)
+      // every CTA thread's stores (ordered by the barrier above), and the record
       red_release_sys_add(&g.dest_ctrl[r]->dispatch_flag[g.rank], 1);
     }
   }
@@ -427,15 +430,13 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(const __grid_const
       }
       first += nseg;
     }
-    __syncthreads();  // the CTA's peer stores, then the signalling threads' fences (see dispatch)
+    __syncthreads();  // the CTA's peer stores, then the signalling threads' releases (see dispatch)
     if (threadIdx.x < ep && threadIdx.x != me) {
-      __threadfence_system();
       red_release_sys_add(&g.dest_ctrl[threadIdx.x]->combine_flag[me], 1);
     }
   } else if (g.mode == CombineMode::NvLinkPull && blockIdx.x == 0) {
     // "My combine buffer holds this call's rows": written by earlier kernels of this stream.
     if (threadIdx.x < ep && threadIdx.x != me) {
-      __threadfence_system();
       red_release_sys_add(&g.dest_ctrl[threadIdx.x]->combine_flag[me],
                           static_cast<uint64_t>(g.num_blocks));
     }

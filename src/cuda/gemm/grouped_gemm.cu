@@ -209,7 +209,7 @@ namespace {
 
 // The sm90 choice (Hopper, a problem the kernel supports). Rows per touched group under
 // uniform routing decide the tile; split-K fills the SMs when decode leaves too few tiles.
-GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& props) {
+GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& /*props*/) {
   const int64_t rows = desc.expected_rows > 0 ? std::min(desc.expected_rows, desc.max_rows)
                                               : desc.max_rows;
   const double touched = std::min<double>(expected_touched(rows, desc.num_experts),
@@ -226,35 +226,16 @@ GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& props) {
   // 256 rows per group (qwen3 T=1024, 64 rows: narrow today) was not swept.
   // FP8 (its own pair, docs/fp8.md): the narrow tile and the 128-token one, same rule.
   GemmConfig c = rows_per_group <= 64.0 ? narrow_of(desc) : wide_of(desc);
-  // Rule 2: split-K when the tiles would leave SMs idle in the last wave. Efficiency of S
-  // slices = waves / ceil(waves) with waves = tiles * S / #SMs; the smallest S reaching 0.9,
-  // else the best one. Decode tiles have one row tile per touched expert. (v2 bench, H100:
-  // mixtral T=1 with 2 slices at 1.15x of the floor, of which ~25 us are the other kernels.)
-  // bf16: off. Measured on an H100 SXM (2026-11-27, `--ab MODMOE_GEMM_SPLIT_K=1`, experts.json
-  // of bench/results/nvidia-h100-80gb-hbm3): without split-K every T=1 cell was faster (qwen3
-  // 58.8 -> 47.1 us, gpt-oss 106.0 -> 90.0, deepseek 290.8 -> 260.5, mixtral 268.1 -> 255.3)
-  // and T >= 16 the same: the scratch round trip and the last CTA's reduction cost more than
-  // the idle SMs of the last wave. FP8 keeps the rule until the same A/B has run on it.
-  // MODMOE_GEMM_SPLIT_K still forces it (the workspace keeps the scratch for that hook).
-  const SplitKCapacity cap = split_k_capacity(desc);
-  if (desc.fp8 && c == narrow_of(desc) && cap.max_split > 1 && props.sm_count > 0) {
-    const double tiles = std::round(touched) * static_cast<double>(ceil_div(desc.b_rows(), c.block_n));
-    double best_eff = 0.0;
-    int best = 1;
-    for (int s = 1; s <= cap.max_split; ++s) {
-      const double waves = tiles * s / props.sm_count;
-      const double eff = waves / std::ceil(waves);
-      if (eff >= 0.9) {
-        best = s;
-        break;
-      }
-      if (eff > best_eff + 1e-9) {
-        best_eff = eff;
-        best = s;
-      }
-    }
-    c.split_k = best;
-  }
+  // Rule 2 (none): no split-K by default. Split-K (the last CTA of a tile sums the fp32 slices
+  // in slice order) was chosen when decode tiles left SMs idle in the last wave; same-run A/Bs
+  // on an H100 SXM (2026-11-27, `--ab MODMOE_GEMM_SPLIT_K=1`, bench/results/
+  // nvidia-h100-80gb-hbm3) made every T=1 cell faster without it and changed nothing at T >= 16:
+  //   bf16 (experts.json, build 79f8562): qwen3 58.8 -> 47.1 us, gpt-oss 106.0 -> 90.0,
+  //        deepseek 290.8 -> 260.5, mixtral 268.1 -> 255.3;
+  //   fp8-block (experts_fp8_splitk_ab.json, build 4c8acf2): qwen3 49.6 -> 36.4, deepseek
+  //        179.6 -> 152.8, mixtral 162.1 -> 154.4.
+  // The scratch round trip and the last CTA's reduction cost more than the idle SMs. The
+  // MODMOE_GEMM_SPLIT_K hook still forces it (the workspace keeps the scratch for it).
   // Rule 3: tail rows when the tiles are not split and a group has at most ~2048 rows. Under
   // uniform routing an expert's count spreads around its mean (std ~ sqrt(mean)): at 256 rows
   // per expert about half the experts would get a second, nearly empty wide tile that streams
