@@ -53,6 +53,7 @@
 #include <cstdint>
 
 #include "core/activation_math.h"
+#include "core/nvfp4.h"
 #include "cuda/gemm/grouped_gemm.h"
 #include "cuda/gemm/sm80_mma_grouped_gemm.cuh"
 
@@ -86,20 +87,11 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   return d;
 }
 
-// Two e2m1 nibbles of t (at bits 3:0 and 19:16 with mul = 0x1040, or at 7:4 and 23:20 with
-// mul = 0x104; every other bit of t zero) -> bf16x2 of e2m1 * 2^-126 (see the header).
-__device__ __forceinline__ uint32_t e2m1_pair_bits(uint32_t t, uint32_t mul) {
-  return (t * mul) & 0x81C081C0u;
-}
-
 // One 32-bit word of packed weights (8 values), times K (bf16x2, both lanes equal) ->
-// p[j] = (value j, value j + 4) * scale * 2^-7 as bf16x2, j = 0..3.
+// p[j] = (value j, value j + 4) * scale * 2^-7 as bf16x2, j = 0..3 (nvfp4::e2m1_pair_bf16_bits).
 __device__ __forceinline__ void decode_word(uint32_t x, uint32_t k2, uint32_t (&p)[4]) {
-  const uint32_t y = x >> 8;
-  p[0] = bf16x2_mul(e2m1_pair_bits(x & 0x000F000Fu, 0x1040u), k2);
-  p[1] = bf16x2_mul(e2m1_pair_bits(x & 0x00F000F0u, 0x0104u), k2);
-  p[2] = bf16x2_mul(e2m1_pair_bits(y & 0x000F000Fu, 0x1040u), k2);
-  p[3] = bf16x2_mul(e2m1_pair_bits(y & 0x00F000F0u, 0x0104u), k2);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) p[j] = bf16x2_mul(nvfp4::e2m1_pair_bf16_bits(x, j), k2);
 }
 
 // Two e4m3 block scales -> K = bf16(float(s) * 2^119) of each, broadcast to both lanes:
@@ -110,7 +102,8 @@ __device__ __forceinline__ void scale_factors(uint8_t s_lo, uint8_t s_hi, uint32
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
       static_cast<__nv_fp8x2_storage_t>(s_lo | (s_hi << 8)), __NV_E4M3);
   const float2 f = __half22float2(__half2(h));
-  const __nv_bfloat162 k = __floats2bfloat162_rn(__fmul_rn(f.x, 0x1p119f), __fmul_rn(f.y, 0x1p119f));
+  const __nv_bfloat162 k = __floats2bfloat162_rn(__fmul_rn(f.x, nvfp4::kDecodeScaleBias),
+                                                     __fmul_rn(f.y, nvfp4::kDecodeScaleBias));
   const uint32_t kb = *reinterpret_cast<const uint32_t*>(&k);
   k_lo = __byte_perm(kb, 0, 0x1010);
   k_hi = __byte_perm(kb, 0, 0x3232);
@@ -358,7 +351,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const int out_cols = gated ? BN / 2 : BN;
   const int64_t col0 = static_cast<int64_t>(n_tile) * out_cols;
   // NOTE: 128 * global is exact (a power of two); acc * it is the oracle's dot * global.
-  const float gscale = __fmul_rn(g.b_global_scale[expert], 128.0f);
+  const float gscale = __fmul_rn(g.b_global_scale[expert], nvfp4::kDecodeUnscale);
   const float* bias = g.bias ? g.bias + static_cast<int64_t>(expert) * g.bias_expert_stride
                              : nullptr;
   const Activation kind = static_cast<Activation>(g.activation.kind);
