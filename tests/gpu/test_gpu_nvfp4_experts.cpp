@@ -338,6 +338,24 @@ std::vector<double> first_rows(const HostTensor& t, int64_t rows) {
   return v;
 }
 
+// Largest distance in bf16 ulps between two tensors of bf16 values held as doubles (1000 for a
+// sign difference).
+int64_t max_bf16_ulps(const std::vector<double>& a, const std::vector<double>& b) {
+  int64_t worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == b[i]) continue;
+    uint32_t ua, ub;
+    const float fa = static_cast<float>(a[i]), fb = static_cast<float>(b[i]);
+    std::memcpy(&ua, &fa, 4);
+    std::memcpy(&ub, &fb, 4);
+    const bool same_sign = (ua >> 31) == (ub >> 31);
+    const int64_t d = same_sign ? std::abs(int64_t((ua >> 16) & 0x7FFF) - int64_t((ub >> 16) & 0x7FFF))
+                                : 1000;
+    worst = std::max(worst, d);
+  }
+  return worst;
+}
+
 double bitwise_fraction(const std::vector<double>& a, const std::vector<double>& b) {
   if (a.empty()) return 1.0;
   int64_t same = 0;
@@ -420,9 +438,13 @@ TEST_P(GpuNvfp4Experts, MatchesTheOracle) {
     std::printf("%s: GEMM1 output rel L2 %.3g, %.4f bitwise, %lld rows\n", c.name.c_str(), e,
                 bitwise_fraction(a, b), static_cast<long long>(valid));
     if (c.small_int && c.act != Activation::Geglu) {
-      EXPECT_EQ(bitwise_fraction(a, b), 1.0)
-          << "GEMM1 with exact partial sums must be bitwise; first mismatch: "
-          << test::bitwise_equal(gpu.act, ref.act).message();
+      // Exact partial sums: the pre-activation values are the oracle's to the bit; the
+      // activation's expf may differ from the host's by an ulp, which moves a bf16 output by
+      // one ulp now and then (an H100 run: 1-2 of ~80k outputs differed; Sm90Gated in
+      // test_gpu_experts allows the same for the bf16 kernels).
+      EXPECT_LE(max_bf16_ulps(a, b), 1) << "first mismatch: "
+                                         << test::bitwise_equal(gpu.act, ref.act).message();
+      EXPECT_GE(bitwise_fraction(a, b), 0.999);
     } else if (c.small_int) {
       EXPECT_LE(e, 1e-6);  // GeGLU: erff is not correctly rounded on either side
     } else {
