@@ -2,7 +2,8 @@
 // quantized dtype (--dtype). Every cell is validated against a float64 reference before it is
 // timed; times are medians of CUDA-graph replays over rotated inputs; floors come from
 // ceilings measured in the same run. A quantized dtype also times each cell in bf16, on the
-// same inputs and the same master weights. --cpu validates every cell on the CPU reference
+// same inputs and the same master weights; nvfp4 also times fp8-block where H and I are
+// multiples of 128. --cpu validates every cell on the CPU reference
 // backend instead (each model scaled down), untimed.
 #include <nlohmann/json.hpp>
 
@@ -104,9 +105,12 @@ Options parse_options(const std::vector<std::string>& argv) {
 }
 
 // The grid's cells, model by model: each model's weights are made once, in the run's dtype
-// and, for a quantized dtype, in bf16 too (same master weights). `bf16` is null for bf16 runs.
+// and, for a quantized dtype, in bf16 too (same master weights). `bf16` is null for bf16 runs;
+// `fp8` (fp8-block from the same masters) is set for nvfp4 runs of models whose H and I are
+// multiples of 128.
 using CellFn = std::function<void(const Model&, const Layer&, const BenchWeights& weights,
-                                  const BenchWeights* bf16, int64_t tokens, bool zipf)>;
+                                  const BenchWeights* bf16, const BenchWeights* fp8,
+                                  int64_t tokens, bool zipf)>;
 
 // FP8 needs H and I multiples of 128 (the scale block and the GEMM K block): a model without
 // them (gpt-oss, H = I = 2880) is skipped with a note, returned.
@@ -126,7 +130,14 @@ std::vector<std::string> for_each_cell(const Options& o, Device device, const Ce
     const BenchWeights weights = make_bench_weights(layer, o.dtype);
     std::optional<BenchWeights> bf16;
     if (o.dtype != BenchDtype::Bf16) bf16 = make_bench_weights(layer, BenchDtype::Bf16);
-    for (auto [t, zipf] : o.runs) fn(m, layer, weights, bf16 ? &*bf16 : nullptr, t, zipf);
+    std::optional<BenchWeights> fp8;
+    if (o.dtype == BenchDtype::Nvfp4 && p.hidden % kFp8BlockSize == 0 &&
+        p.intermediate % kFp8BlockSize == 0) {
+      fp8 = make_bench_weights(layer, BenchDtype::Fp8Block);
+    }
+    for (auto [t, zipf] : o.runs) {
+      fn(m, layer, weights, bf16 ? &*bf16 : nullptr, fp8 ? &*fp8 : nullptr, t, zipf);
+    }
   }
   return skipped;
 }
@@ -141,17 +152,22 @@ int run_cpu_check(const Options& o) {
               "backend (models scaled down), untimed\n", bench_dtype_name(o.dtype));
   int cells = 0, failed = 0;
   for_each_cell(o, Device::cpu(), [&](const Model& m, const Layer& layer, const BenchWeights& w,
-                                      const BenchWeights* bf16, int64_t t, bool zipf) {
-    const CellInputs in = make_cell_inputs(layer, t, zipf, o.seed, o.dtype);
+                                      const BenchWeights* bf16, const BenchWeights* fp8,
+                                      int64_t t, bool zipf) {
+    // With an fp8-block comparison the inputs carry the fp8-block activations too.
+    const CellInputs in =
+        make_cell_inputs(layer, t, zipf, o.seed, fp8 ? BenchDtype::Fp8Block : o.dtype);
     const DtypeRun run = run_dtype(layer, w, in, kSamples, false, {});
     const bool bf16_ok = !bf16 || run_dtype(layer, *bf16, in, kBf16Samples, false, {}).correct;
+    const bool fp8_ok = !fp8 || run_dtype(layer, *fp8, in, kBf16Samples, false, {}).correct;
     ++cells;
-    failed += !(run.correct && bf16_ok);
+    failed += !(run.correct && bf16_ok && fp8_ok);
     std::printf("%-13s %-7s T=%-6lld %s rel L2 %.2e", m.name.c_str(), zipf ? "zipf" : "uniform",
                 static_cast<long long>(t), bench_dtype_name(o.dtype), run.check.rel_l2);
     if (run.check.rel_l2_emulated >= 0) std::printf(" (emulated %.2e)", run.check.rel_l2_emulated);
-    std::printf("%s: %s\n", bf16 ? (bf16_ok ? ", bf16 ok" : ", bf16 WRONG") : "",
-                run.correct && bf16_ok ? "ok" : "FAILED");
+    std::printf("%s%s: %s\n", bf16 ? (bf16_ok ? ", bf16 ok" : ", bf16 WRONG") : "",
+                fp8 ? (fp8_ok ? ", fp8-block ok" : ", fp8-block WRONG") : "",
+                run.correct && bf16_ok && fp8_ok ? "ok" : "FAILED");
   });
   std::printf("%d cells, %d failed\n", cells, failed);
   return failed ? 1 : 0;
@@ -163,8 +179,10 @@ int run_gpu(const Options& o) {
   Report report(o.dtype, ceil, o.ab, o.torch_base);
   report.print_header(gpu_name());
   const std::vector<std::string> skipped = for_each_cell(o, Device::cuda(0), [&](const Model& m, const Layer& layer, const BenchWeights& w,
-                                        const BenchWeights* bf16, int64_t t, bool zipf) {
-    const CellInputs in = make_cell_inputs(layer, t, zipf, o.seed, o.dtype);
+                                        const BenchWeights* bf16, const BenchWeights* fp8,
+                                        int64_t t, bool zipf) {
+    const CellInputs in =
+        make_cell_inputs(layer, t, zipf, o.seed, fp8 ? BenchDtype::Fp8Block : o.dtype);
     CellResult c;
     c.model = m.name;
     c.zipf = zipf;
@@ -172,6 +190,7 @@ int run_gpu(const Options& o) {
                static_cast<double>(in.experts_touched)};
     c.run = run_dtype(layer, w, in, kSamples, true, o.ab);
     if (bf16) c.bf16 = run_dtype(layer, *bf16, in, kBf16Samples, true, {});
+    if (fp8) c.fp8 = run_dtype(layer, *fp8, in, kBf16Samples, true, {});
     report.add(c);
   });
   nlohmann::json out = report.finish(bench_header("experts", ceil));

@@ -80,6 +80,7 @@ void Report::print_header(const std::string& gpu) const {
               "floor us", "t/floor", "TFLOP/s", "GB/s");
   if (quantized) {
     std::printf(" %7s %10s %8s %8s %s", "%copy w", "bf16 us", "vs bf16", "vs torch", "ok");
+    if (dtype_ == BenchDtype::Nvfp4) std::printf(" %7s %10s %8s", "%copy p", "fp8b us", "vs fp8b");
   } else {
     std::printf(" %8s %8s %s", "vs trit", "vs t_gm", "ok");
   }
@@ -107,7 +108,10 @@ void Report::add(const CellResult& c) {
                       {"rel_l2_sampled", c.run.check.rel_l2}};
   const double weight_GBps = cell_bytes(dtype_, c.shape).weight_total() / (us * 1e3);
   const double speedup = quantized ? c.bf16.us / us : 0.0;
-  const bool correct = c.run.correct && (!quantized || c.bf16.correct);
+  const bool correct =
+      c.run.correct && (!quantized || c.bf16.correct) && (!c.fp8 || c.fp8->correct);
+  // NVFP4: the share of the copy ceiling on the packed e2m1 bytes alone (no scales).
+  const double packed_pct = 100.0 * cell_bytes(dtype_, c.shape).weights / (us * 1e3) / ceil_.copy_GBps;
   if (quantized) {
     j["dtype"] = bench_dtype_name(dtype_);
     j["weight_GBps"] = weight_GBps;
@@ -117,6 +121,13 @@ void Report::add(const CellResult& c) {
     j["speedup_vs_bf16"] = speedup;
     j["bf16_correct"] = c.bf16.correct;
     j["bf16_rel_l2_sampled"] = c.bf16.check.rel_l2;
+    if (dtype_ == BenchDtype::Nvfp4) j["pct_copy_ceiling_packed_bytes"] = packed_pct;
+    if (c.fp8) {
+      j["fp8_block_us"] = c.fp8->us;
+      j["speedup_vs_fp8_block"] = c.fp8->us / us;
+      j["fp8_block_correct"] = c.fp8->correct;
+      j["fp8_block_rel_l2_sampled"] = c.fp8->check.rel_l2;
+    }
     if (torch_us > 0) {
       j["torch_scaled_grouped_mm_us"] = torch_us;
       j["speedup_vs_torch_scaled_grouped_mm"] = torch_us / us;
@@ -148,7 +159,12 @@ void Report::add(const CellResult& c) {
   if (quantized) {
     std::printf(" %6.0f%% %10.1f %8s %8s %s", 100.0 * weight_GBps / ceil_.copy_GBps, c.bf16.us,
                 format_ratio(speedup).c_str(), torch_us > 0 ? format_ratio(torch_us / us).c_str() : "-",
-                correct ? "yes" : (c.run.correct ? "NO (bf16)" : "NO"));
+                correct ? "yes" : (c.run.correct ? "NO (bf16/fp8)" : "NO"));
+    if (dtype_ == BenchDtype::Nvfp4) {
+      std::printf(" %6.0f%% %10s %8s", packed_pct,
+                  c.fp8 ? std::to_string(c.fp8->us).substr(0, 8).c_str() : "-",
+                  c.fp8 ? format_ratio(c.fp8->us / us).c_str() : "-");
+    }
   } else {
     std::printf(" %8s %8s %s", a ? format_ratio(a->triton_us / us).c_str() : "-",
                 torch_us > 0 ? format_ratio(torch_us / us).c_str() : "-", c.run.correct ? "yes" : "NO");

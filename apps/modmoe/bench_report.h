@@ -7,6 +7,7 @@
 #ifdef MODMOE_WITH_CUDA
 #include <nlohmann/json.hpp>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,8 @@ struct CellResult {
   CellShape shape;
   DtypeRun run;   // the run's dtype
   DtypeRun bf16;  // quantized dtypes: the same cell in bf16
+  // nvfp4 runs, models with H and I multiples of 128: the same cell in fp8-block
+  std::optional<DtypeRun> fp8;
 };
 
 class Report {

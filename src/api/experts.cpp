@@ -83,8 +83,8 @@ void ExpertsDesc::validate() const {
   if (scheme == QuantScheme::Mxfp8) {
     MODMOE_NOT_SUPPORTED("quant scheme ", quant_scheme_name(scheme),
                          " in the experts stage: implemented are 'none' (bf16), 'fp8-tensor', "
-                         "'fp8-block' and 'nvfp4' (W4A16) (FP8 and NVFP4 on the CPU reference "
-                         "only)");
+                         "'fp8-block' (CPU, and CUDA on sm_90) and 'nvfp4' (W4A16, CPU and "
+                         "CUDA)");
   }
   MODMOE_CHECK(scheme == QuantScheme::None || fp8 || nvfp4, "argument 'scheme' = ",
                static_cast<int>(scheme), ": expected None, Fp8PerTensor, Fp8Block128 or Nvfp4");
@@ -344,7 +344,7 @@ ExpertsDesc make_experts_desc(const ExpertsInputs& in, const ExpertWeights& weig
                          dev.to_string(),
                          " in the experts stage: implemented are 'none' (bf16 activations and "
                          "weights), 'fp8-tensor', 'fp8-block' (CPU, and CUDA on sm_90) and "
-                         "'nvfp4' (W4A16, on the CPU reference only)");
+                         "'nvfp4' (W4A16, CPU and CUDA)");
   }
   const int act = static_cast<int>(options.activation.kind);
   MODMOE_CHECK(act >= 0 && act <= static_cast<int>(Activation::Relu2),
@@ -376,9 +376,6 @@ ExpertsDesc make_experts_desc(const ExpertsInputs& in, const ExpertWeights& weig
 size_t experts_workspace_size(const ExpertsDesc& desc) {
   desc.validate();
   size_t bytes = reference::experts_workspace_size(desc);
-  // NOTE: NVFP4 runs on the CPU oracle only, which needs no workspace (it holds its scratch
-  // itself, as the bf16 reference does). FP8 has the CUDA carve too (cuda::experts).
-  if (desc.scheme == QuantScheme::Nvfp4) return bytes;
 #ifdef MODMOE_WITH_CUDA
   bytes = std::max(bytes, cuda::experts_workspace_size(desc));
 #endif
@@ -399,8 +396,10 @@ void experts(const ExpertsInputs& in, const ExpertWeights& weights, const Expert
   }
   if (desc.scheme == QuantScheme::Nvfp4) {
     api::check_nvfp4_experts_device(dev, "experts");
-    reference::experts_nvfp4(in, weights, map, options, out);
-    return;
+    if (!dev.is_cuda()) {
+      reference::experts_nvfp4(in, weights, map, options, out);
+      return;
+    }
   }
   if (!dev.is_cuda()) {
     if (desc.format == InputFormat::Batched) {

@@ -1,14 +1,19 @@
 // NVFP4 entry points (include/modmoe/quant.h): quantize_nvfp4, dequantize_nvfp4, the Nvfp4
 // branch of prepare_weights and the validation of a W4A16 experts call. Each checks every
-// argument, then runs the CPU reference; CUDA tensors are "not supported yet". Formulas:
-// docs/nvfp4.md and src/core/nvfp4.h.
+// argument, then runs the backend of the tensors' device (the CPU reference, or the CUDA
+// kernels of src/cuda/quant/nvfp4.cu, bit for bit the same). Formulas: docs/nvfp4.md and
+// src/core/nvfp4.h.
 #include <cmath>
 #include <optional>
 #include <string>
 
+#include "api/api_util.h"
 #include "api/nvfp4_check.h"
 #include "core/check.h"
 #include "reference/nvfp4.h"
+#ifdef MODMOE_WITH_CUDA
+#include "cuda/quant/quant.h"
+#endif
 
 namespace modmoe {
 namespace {
@@ -155,16 +160,11 @@ void check_activation_scales(const TensorView& scale, const TensorView& global,
   check_exact(global, "global_scale", DType::F32, dev, {1}, "[1]");
 }
 
-[[noreturn]] void cuda_not_supported(const char* function, const Device& dev) {
-  MODMOE_NOT_SUPPORTED(function, " on ", dev.to_string(),
-                       ": NVFP4 runs on the CPU reference for now; expected CPU tensors");
-}
-
 }  // namespace
 
 void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& scale,
                     const TensorView& global_scale, const Nvfp4QuantizeOptions& options,
-                    Stream /*stream*/) {
+                    Stream stream) {
   check::defined(x, "x");
   const Device dev = x.device;
   check_rows(x, "x", {DType::BF16}, dev);
@@ -179,7 +179,16 @@ void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& 
   check::disjoint(global_scale, "global_scale", x, "x");
   check::disjoint(global_scale, "global_scale", q, "q");
   check::disjoint(global_scale, "global_scale", scale, "scale");
-  if (dev.is_cuda()) cuda_not_supported("quantize_nvfp4", dev);
+  if (dev.is_cuda()) {
+    // NOTE: a static global scale on the device is not read here (no host synchronisation).
+#ifdef MODMOE_WITH_CUDA
+    cuda::quantize_nvfp4(x, q, scale, global_scale, options, stream);
+    return;
+#else
+    (void)stream;
+    api::no_cuda_backend("quantize_nvfp4", dev);
+#endif
+  }
   if (options.static_global_scale) {
     const float g = global_scale.ptr<const float>()[0];
     MODMOE_CHECK(std::isfinite(g) && g > 0.0f, "argument 'global_scale'[0] = ", g,
@@ -191,7 +200,7 @@ void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& 
 
 void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
                       const TensorView& global_scale, const TensorView& out,
-                      Stream /*stream*/) {
+                      Stream stream) {
   check::defined(q, "q");
   const Device dev = q.device;
   check_rows(q, "q", {DType::E2M1x2}, dev);
@@ -203,14 +212,22 @@ void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
   check::disjoint(out, "out", q, "q");
   check::disjoint(out, "out", scale, "scale");
   check::disjoint(out, "out", global_scale, "global_scale");
-  if (dev.is_cuda()) cuda_not_supported("dequantize_nvfp4", dev);
+  if (dev.is_cuda()) {
+#ifdef MODMOE_WITH_CUDA
+    cuda::dequantize_nvfp4(q, scale, global_scale, out, stream);
+    return;
+#else
+    (void)stream;
+    api::no_cuda_backend("dequantize_nvfp4", dev);
+#endif
+  }
   reference::dequantize_nvfp4(q, scale, global_scale, out);
 }
 
 namespace api {
 
 void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
-                           const PrepareWeightsOptions& options, Stream /*stream*/) {
+                           const PrepareWeightsOptions& options, Stream stream) {
   check::defined(src.w2, "src.w2");
   const Device dev = src.w2.device;
   MODMOE_CHECK(src.layout == WeightLayout::Canonical, "argument 'src.layout' = ",
@@ -247,11 +264,9 @@ void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
   if (src.w2_bias.defined()) {
     check::same_as(dst.w2_bias, src.w2_bias, "dst.w2_bias", "src.w2_bias", dev);
   }
-  if (dev.is_cuda()) {
-    MODMOE_NOT_SUPPORTED("prepare_weights with quant scheme nvfp4 on ", dev.to_string(),
-                         ": the NVFP4 preparation runs on the CPU for now; expected CPU tensors "
-                         "(prepare on the host, then copy the prepared tensors to the device)");
-  }
+#ifndef MODMOE_WITH_CUDA
+  if (dev.is_cuda()) api::no_cuda_backend("prepare_weights", dev);
+#endif
 
   // dst's descriptor: the views stay the caller's, the rest follows the preparation.
   dst.scheme = QuantScheme::Nvfp4;
@@ -260,7 +275,15 @@ void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
   dst.interleave_rows = interleave ? options.interleave_rows : 0;
   if (!src.w13_bias.defined()) dst.w13_bias = {};
   if (!src.w2_bias.defined()) dst.w2_bias = {};
-  reference::prepare_weights_nvfp4(src, dst, options);
+  if (!dev.is_cuda()) {
+    reference::prepare_weights_nvfp4(src, dst, options);
+    return;
+  }
+#ifdef MODMOE_WITH_CUDA
+  cuda::prepare_weights_nvfp4(src, dst, options, stream);
+#else
+  (void)stream;
+#endif
 }
 
 // NOTE: the checks that W4A16 shares with bf16 (routing tensors, outputs, LoRA, activation
@@ -302,11 +325,14 @@ ExpertsDesc check_nvfp4_experts(const ExpertsInputs& in, const ExpertWeights& we
 
 void check_nvfp4_experts_device(const Device& dev, const char* function) {
   if (!dev.is_cuda()) return;
-  MODMOE_NOT_SUPPORTED("NVFP4 experts on the GPU: ", function,
-                       " with quant scheme nvfp4 (W4A16) and tensors on ", dev.to_string(),
-                       ": the NVFP4 grouped GEMM (Hopper decode, Blackwell block-scaled) is not "
-                       "written yet; expected CPU tensors (the reference backend), or bf16 "
-                       "weights (quant scheme none) on the GPU");
+#ifdef MODMOE_WITH_CUDA
+  // The W4A16 kernel reads every weight layout (Canonical, GateUpInterleaved with any G) and
+  // runs on sm_80+ devices the build has an image for; cuda::experts checks the device, the
+  // alignment and the workspace before anything is launched.
+  (void)function;
+#else
+  api::no_cuda_backend(function, dev);
+#endif
 }
 
 }  // namespace api

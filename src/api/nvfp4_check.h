@@ -20,8 +20,9 @@ ExpertsDesc check_nvfp4_experts(const ExpertsInputs& in, const ExpertWeights& we
                                 const ExpertMap& map, const ExpertsOptions& options,
                                 const ExpertsOutputs& out);
 
-// NVFP4 experts run on the CPU reference only: throws "not supported yet: NVFP4 experts on the
-// GPU: ..." (naming `function`) for tensors on a CUDA device, in every build.
+// What NVFP4 experts on a CUDA device need before the backend runs: a build with the CUDA
+// backend (else the "no CUDA backend" error naming `function`). The W4A16 kernel reads every
+// weight layout; the device, alignment and workspace are checked by cuda::experts / the API.
 void check_nvfp4_experts_device(const Device& dev, const char* function);
 
 }  // namespace modmoe::api

@@ -127,4 +127,25 @@ MODMOE_HD constexpr float dequantize(uint8_t code, uint8_t scale_code, float glo
   return block_value(code, scale_code) * global;
 }
 
+// ---- the W4A16 kernel's decode (src/cuda/gemm/sm80_w4a16_grouped_gemm.cuh) ----
+
+// Values j and j + 4 (j = 0..3) of a 32-bit word of packed pairs (nibble i = value i, value 2i
+// in the low nibble of byte i) as two bf16 bit patterns, value j in the low half, each equal to
+// e2m1 * 2^-126 exactly: the nibble's magnitude (e1 e0 m) at bf16 bits 8:6 (exponent field e,
+// top mantissa bit m; e = 0 gives the bf16 subnormal m * 2^-127, e2m1's own 0.5 scaled) and
+// its sign at bit 15. The two nibbles sit 16 bits apart, so one multiply by (1 << 6) + (1 << 12)
+// (or by (1 << 2) + (1 << 8) for the odd nibbles) places magnitude and sign of both without
+// carries, and one mask keeps them: 3 integer operations per pair.
+MODMOE_HD constexpr uint32_t e2m1_pair_bf16_bits(uint32_t word, int j) {
+  const uint32_t y = j >= 2 ? word >> 8 : word;
+  return (j % 2 == 0 ? (y & 0x000F000Fu) * 0x1040u : (y & 0x00F000F0u) * 0x0104u) & 0x81C081C0u;
+}
+
+// The kernel multiplies e2m1_pair_bf16_bits by bf16(float(scale) * 2^119) in bf16: the
+// product is block_value(code, scale) * 2^-7, exact (w' has at most 6 significant bits in
+// [2^-10, 2688]; 448 * 2^119 < the bf16 maximum). The epilogue multiplies the accumulator by
+// kDecodeUnscale * global (exact: a power of two), which gives dot(x, w') * global bitwise.
+inline constexpr float kDecodeScaleBias = 0x1p119f;
+inline constexpr float kDecodeUnscale = 128.0f;
+
 }  // namespace modmoe::nvfp4

@@ -9,6 +9,9 @@
 //             the FP8 GEMMs, and between them the bf16 intermediate re-quantized with 1x128
 //             groups (quantize_rows_block128); apply_router_weight_on_input scales the input
 //             scales instead of the input.
+//   NVFP4 (W4A16; docs/nvfp4.md): the bf16 pipeline with the weight operand swapped: both
+//             GEMMs on the W4A16 kernels (packed e2m1 weights, e4m3 block scales and the
+//             per-expert global scale decoded in the GEMM), everything else as bf16.
 //
 // Asynchronous on `stream`: no allocation, no host synchronisation, capturable in a CUDA
 // graph. Every size the launches depend on comes from the desc; every count that depends on
@@ -69,6 +72,7 @@ GemmDescs make_gemm_descs(const ExpertsDesc& d) {
   // depend on the tensors.
   d1.gate_up_group = d1.gated ? 8 : 0;
   d1.fp8 = is_fp8(d.scheme);
+  d1.nvfp4 = d.scheme == QuantScheme::Nvfp4;
   gemm::GemmDesc& d2 = g.d2;
   d2 = d1;
   d2.stage = gemm::GemmStage::Gemm2;
@@ -525,8 +529,10 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   using gemm::GemmDesc;
   using gemm::GemmStage;
   const bool fp8 = is_fp8(desc.scheme);
-  MODMOE_CHECK(desc.scheme == QuantScheme::None || fp8, "not supported yet: cuda::experts with ",
-               quant_scheme_name(desc.scheme), " (none, fp8-tensor and fp8-block)");
+  const bool nvfp4 = desc.scheme == QuantScheme::Nvfp4;
+  MODMOE_CHECK(desc.scheme == QuantScheme::None || fp8 || nvfp4,
+               "not supported yet: cuda::experts with ", quant_scheme_name(desc.scheme),
+               " (none, fp8-tensor, fp8-block and nvfp4)");
   const cudaStream_t stream = stream_handle;
   const DeviceGuard guard(in.hidden.device.index);
   const Device dev = in.hidden.device;
@@ -587,6 +593,22 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   d1.aligned16 = gemm1_aligned && (ws.scaled == nullptr || aligned16(ws.scaled)) &&
                  aligned16(act);
   d2.aligned16 = gemm2_aligned && aligned16(act) && aligned16(g2);
+  if (nvfp4) {
+    // The W4A16 kernel copies 16-byte chunks of tokens and packed weights and 4-byte groups of
+    // block scales (strides of E2M1x2 / E4M3 tensors count bytes); it has no unaligned path.
+    const auto aligned4 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 4 == 0; };
+    const bool ok = aligned16(in.hidden.data) && aligned16(weights.w13.data) &&
+                    aligned16(weights.w2.data) && weights.w13.stride(0) % 16 == 0 &&
+                    weights.w13.stride(1) % 16 == 0 && weights.w2.stride(0) % 16 == 0 &&
+                    weights.w2.stride(1) % 16 == 0 && aligned4(weights.w13_scale.data) &&
+                    aligned4(weights.w2_scale.data) && weights.w13_scale.stride(0) % 4 == 0 &&
+                    weights.w13_scale.stride(1) % 4 == 0 && weights.w2_scale.stride(0) % 4 == 0 &&
+                    weights.w2_scale.stride(1) % 4 == 0 && d1.aligned16 && d2.aligned16;
+    MODMOE_CHECK(ok, "NVFP4 experts on the GPU: 'hidden', 'weights.w13' and 'weights.w2' must "
+                 "start on 16 bytes and the block scales on 4 bytes (got hidden ", in.hidden.data,
+                 ", w13 ", weights.w13.data, ", w2 ", weights.w2.data, ", w13_scale ",
+                 weights.w13_scale.data, ", w2_scale ", weights.w2_scale.data, ")");
+  }
   const char* force = std::getenv("MODMOE_GEMM_CONFIG");
   const bool sm80_only = force != nullptr && std::strcmp(force, "sm80") == 0;
   d1.allow_sm90 = !sm80_only;
@@ -690,7 +712,13 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   g1.lda = H;
   g1.a_gather = standard ? ws.p2e : nullptr;
   g1.gather_div = k;
-  g1.b = static_cast<const __nv_bfloat16*>(weights.w13.data);
+  g1.b = static_cast<const __nv_bfloat16*>(weights.w13.data);  // nvfp4: E2M1x2 bytes
+  if (nvfp4) {
+    g1.b_block_scale = weights.w13_scale.ptr<const uint8_t>();
+    g1.b_block_scale_expert = weights.w13_scale.stride(0);
+    g1.b_block_scale_ld = weights.w13_scale.stride(1);
+    g1.b_global_scale = weights.w13_global_scale.ptr<const float>();
+  }
   if (fp8) {
     g1.a = static_cast<const __nv_bfloat16*>(in.hidden.data);  // e4m3 bytes
     if (options.apply_router_weight_on_input) {
@@ -741,7 +769,13 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   g2a.row_count = ws.row_count;
   g2a.a = act;
   g2a.lda = I;
-  g2a.b = static_cast<const __nv_bfloat16*>(weights.w2.data);
+  g2a.b = static_cast<const __nv_bfloat16*>(weights.w2.data);  // nvfp4: E2M1x2 bytes
+  if (nvfp4) {
+    g2a.b_block_scale = weights.w2_scale.ptr<const uint8_t>();
+    g2a.b_block_scale_expert = weights.w2_scale.stride(0);
+    g2a.b_block_scale_ld = weights.w2_scale.stride(1);
+    g2a.b_global_scale = weights.w2_global_scale.ptr<const float>();
+  }
   if (fp8) {
     g2a.a = reinterpret_cast<const __nv_bfloat16*>(ws.act_q);  // e4m3 bytes
     g2a.a_scale = ws.act_scale;

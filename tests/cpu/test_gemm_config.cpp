@@ -188,6 +188,67 @@ TEST(GemmConfig, Fp8ProblemsGetTheFp8Tiles) {
   EXPECT_MODMOE_ERROR(d.validate(), "FP8 with k = 2000", "multiples of 128");
 }
 
+// NVFP4 problems (desc.nvfp4, W4A16) get the two W4A16 tiles on every sm_80+ device, the
+// 16-token one at decode sizes; no other problem gets them, and no other tile runs NVFP4.
+TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
+  int checked = 0, decode = 0, prefill = 0;
+  for (const DeviceProps& props : {hopper(), ampere()}) {
+    for (int stage = 0; stage < 2; ++stage) {
+      for (int64_t rows : {1, 7, 16, 64, 100, 1000, 8192, 65536}) {
+        for (int E : {1, 8, 32, 128, 256}) {
+          for (int64_t n : {192, 768, 2048, 2880, 7168}) {
+            GemmDesc d;
+            d.stage = stage == 0 ? GemmStage::Gemm1 : GemmStage::Gemm2;
+            d.num_experts = E;
+            d.max_rows = rows;
+            d.max_rows_per_expert = rows;
+            d.n = n;
+            d.k = 2048;
+            d.gated = stage == 0;
+            d.gate_up_group = d.gated ? 8 : 0;
+            d.nvfp4 = true;
+            d.validate();
+            EXPECT_FALSE(d.sm90_supported());
+            EXPECT_EQ(cuda::gemm::split_k_capacity(d).max_split, 1);
+            const GemmConfig c = cuda::gemm::select_config(d, props);
+            ASSERT_TRUE(cuda::gemm::is_compiled(c)) << c.to_string();
+            EXPECT_TRUE(cuda::gemm::config_runs(d, c)) << c.to_string();
+            EXPECT_TRUE(c.nvfp4) << c.to_string();
+            EXPECT_EQ(c.split_k, 1);
+            EXPECT_EQ(c.tail_m, 0);
+            EXPECT_EQ(c, cuda::gemm::select_config(d, props)) << "not a pure function";
+            (c.block_m == 16 ? decode : prefill) += 1;
+            if (E >= rows) EXPECT_EQ(c.block_m, 16) << "one row per expert is decode";
+            GemmDesc b = d;
+            b.nvfp4 = false;
+            const GemmConfig cb = cuda::gemm::select_config(b, props);
+            EXPECT_FALSE(cb.nvfp4) << cb.to_string();
+            EXPECT_FALSE(cuda::gemm::config_runs(d, cb)) << cb.to_string();
+            EXPECT_FALSE(cuda::gemm::config_runs(b, c)) << c.to_string();
+            ++checked;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(decode, 0);
+  EXPECT_GT(prefill, 0);
+  std::printf("checked %d NVFP4 descs (%d decode tile, %d prefill tile)\n", checked, decode,
+              prefill);
+  DeviceProps old = ampere();
+  old.cc_major = 7;
+  GemmDesc d;
+  d.num_experts = 8;
+  d.max_rows = d.max_rows_per_expert = 64;
+  d.n = 2048;
+  d.k = 2048;
+  d.nvfp4 = true;
+  EXPECT_MODMOE_ERROR(cuda::gemm::select_config(d, old), "not supported yet",
+                      "NVFP4 (W4A16) grouped GEMM on sm_70", "sm_80 or newer");
+  d.k = 2080;
+  EXPECT_MODMOE_ERROR(d.validate(), "NVFP4 with k = 2080", "multiple of 64");
+}
+
 TEST(GemmConfig, UncompiledConfigsAreRecognised) {
   GemmConfig bad{96, 96, 32, 3, 2, 2};
   EXPECT_FALSE(cuda::gemm::is_compiled(bad));

@@ -214,6 +214,44 @@ TEST(Nvfp4Scale, BlockValueIsExactInBf16) {
   EXPECT_TRUE(std::isnan(nvfp4::block_value(0x0, 0xff)));
 }
 
+// The W4A16 kernel's decode (nvfp4::e2m1_pair_bf16_bits, then a bf16 multiply by
+// bf16(scale * 2^119)): for every word position j, every pair of nibbles and every non-NaN
+// scale, the bits are e2m1 * 2^-126 as a bf16, and the product is block_value * 2^-7 exactly
+// (so the bf16 multiply's rounding never acts), whatever the word's other nibbles hold.
+TEST(Nvfp4Scale, KernelDecodeIsExact) {
+  std::mt19937_64 rng(test::seed(214));
+  auto bf16_value = [](uint32_t half) { return double(bf16_bits_to_float(uint16_t(half))); };
+  for (int j = 0; j < 4; ++j) {
+    for (int lo = 0; lo < 16; ++lo) {
+      for (int hi = 0; hi < 16; ++hi) {
+        // Nibble j = lo, nibble j + 4 = hi, the other six random.
+        uint32_t word = static_cast<uint32_t>(rng());
+        word &= ~((0xfu << (4 * j)) | (0xfu << (4 * (j + 4))));
+        word |= (uint32_t(lo) << (4 * j)) | (uint32_t(hi) << (4 * (j + 4)));
+        const uint32_t b = nvfp4::e2m1_pair_bf16_bits(word, j);
+        const double v_lo = bf16_value(b & 0xffffu), v_hi = bf16_value(b >> 16);
+        ASSERT_EQ(v_lo, std::ldexp(double(kE2m1[lo]), -126)) << "j " << j << " code " << lo;
+        ASSERT_EQ(v_hi, std::ldexp(double(kE2m1[hi]), -126)) << "j " << j << " code " << hi;
+        // Signs of zero: 0x8 is -0, as a bf16 too.
+        ASSERT_EQ((b >> 15) & 1u, uint32_t(lo >> 3));
+        ASSERT_EQ(b >> 31, uint32_t(hi >> 3));
+        for (int s = 0; s < 256; ++s) {
+          if ((s & 0x7f) == 0x7f) continue;
+          const float k = fp8::e4m3_to_float(uint8_t(s)) * nvfp4::kDecodeScaleBias;
+          ASSERT_EQ(bits(round_to_bf16(k)), bits(k)) << "scale 0x" << std::hex << s;
+          for (const auto& [v, c] : {std::pair{v_lo, lo}, std::pair{v_hi, hi}}) {
+            const double prod = v * double(k);  // exact in double
+            const double want =
+                double(nvfp4::block_value(uint8_t(c), uint8_t(s))) / nvfp4::kDecodeUnscale;
+            ASSERT_EQ(prod, want) << "code " << c << " scale 0x" << std::hex << s;
+            ASSERT_EQ(double(round_to_bf16(float(prod))), prod) << "not exact in bf16";
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(Nvfp4Scale, GlobalScaleFormula) {
   // amax / (6 * 448), one IEEE division; 1e-10 floor; NaN stays NaN.
   EXPECT_EQ(nvfp4::global_scale_from_amax(2688.0f), 1.0f);
@@ -710,18 +748,24 @@ TEST_F(Nvfp4Bad, QuantizeOverlap) {
                       "'global_scale' overlaps 'scale'");
 }
 
-TEST_F(Nvfp4Bad, CudaTensorsAreNotSupportedYet) {
+// CUDA tensors: the GPU twins (src/cuda/quant/nvfp4.cu) are tested bit for bit against these
+// functions in tests/gpu/test_gpu_nvfp4_experts.cpp; a CPU-only build says it has no CUDA
+// backend, after the argument checks and before anything dereferences the views.
+TEST_F(Nvfp4Bad, CudaTensorsNeedTheCudaBackend) {
+#ifdef MODMOE_WITH_CUDA
+  GTEST_SKIP() << "CUDA build: the GPU path runs (tests/gpu/test_gpu_nvfp4_experts.cpp)";
+#endif
   const Device dev = Device::cuda(0);
   const TensorView cx = make_view(x.view().data, DType::BF16, {24, 64}, dev);
   const TensorView cq = make_view(q.view().data, DType::E2M1x2, {24, 32}, dev);
   const TensorView cs = make_view(s.view().data, DType::E4M3, {24, 4}, dev);
   const TensorView cg = make_view(g.view().data, DType::F32, {1}, dev);
-  EXPECT_MODMOE_ERROR(quantize_nvfp4(cx, cq, cs, cg), "not supported yet",
-                      "quantize_nvfp4 on cuda:0");
+  EXPECT_MODMOE_ERROR(quantize_nvfp4(cx, cq, cs, cg), "quantize_nvfp4: the tensors are on cuda:0",
+                      "no CUDA backend");
   extra.reset(DType::F32, {24, 64});
   EXPECT_MODMOE_ERROR(
       dequantize_nvfp4(cq, cs, cg, make_view(extra.view().data, DType::F32, {24, 64}, dev)),
-      "not supported yet", "dequantize_nvfp4 on cuda:0");
+      "dequantize_nvfp4: the tensors are on cuda:0", "no CUDA backend");
 }
 
 TEST_F(Nvfp4Bad, DequantizeOutShape) {
@@ -784,7 +828,10 @@ TEST_F(Nvfp4Bad, PrepareInterleaveAndDestination) {
   EXPECT_MODMOE_ERROR(prepare(src.view(false)), "'dst.w2_global_scale' overlaps");
 }
 
-TEST_F(Nvfp4Bad, PrepareOnCudaIsNotSupportedYet) {
+TEST_F(Nvfp4Bad, PrepareOnCudaNeedsTheCudaBackend) {
+#ifdef MODMOE_WITH_CUDA
+  GTEST_SKIP() << "CUDA build: the GPU path runs (tests/gpu/test_gpu_nvfp4_experts.cpp)";
+#endif
   const Device dev = Device::cuda(0);
   ExpertWeights w = src.view(false), d = dw;
   for (TensorView* t : {&w.w13, &w.w2, &w.w13_scale, &w.w2_scale, &w.w13_global_scale,
@@ -792,8 +839,8 @@ TEST_F(Nvfp4Bad, PrepareOnCudaIsNotSupportedYet) {
                         &d.w13_global_scale, &d.w2_global_scale}) {
     t->device = dev;
   }
-  EXPECT_MODMOE_ERROR(prepare_weights(w, d, popt), "not supported yet",
-                      "prepare_weights with quant scheme nvfp4 on cuda:0");
+  EXPECT_MODMOE_ERROR(prepare_weights(w, d, popt), "prepare_weights: the tensors are on cuda:0",
+                      "no CUDA backend");
 }
 
 }  // namespace

@@ -11,7 +11,9 @@
 //   - expert parallelism: a rank's gemm2 rows are the single run's rows of its experts, bit for
 //     bit; per-rank slices summed == single within the bf16 rounding of the partial sums; non-
 //     local ids contribute exactly nothing;
-//   - CUDA tensors: "not supported yet: NVFP4 experts on the GPU", before anything runs;
+//   - CUDA tensors: refused before anything runs (CPU-only build: no CUDA backend; CUDA build:
+//     the GPU path's checks, here the missing workspace; tests/gpu/test_gpu_nvfp4_experts.cpp
+//     runs it);
 //   - bad arguments, each with the words of its message.
 #include <gtest/gtest.h>
 
@@ -715,8 +717,9 @@ TEST_F(Nvfp4ApiBad, ValidCallsPass) {
   EXPECT_NO_THROW(fused());
 }
 
-TEST_F(Nvfp4ApiBad, CudaTensorsNotSupportedYet) {
-  // Views that claim CUDA memory; the refusal comes before anything dereferences them.
+TEST_F(Nvfp4ApiBad, CudaTensorsCheckedBeforeAnythingRuns) {
+  // Views that claim CUDA memory; the refusal comes before anything dereferences them: a
+  // CPU-only build has no CUDA backend, a CUDA build's GPU path wants its workspace first.
   const auto cuda = [](TensorView v) {
     v.device = Device::cuda(0);
     return v;
@@ -726,12 +729,18 @@ TEST_F(Nvfp4ApiBad, CudaTensorsNotSupportedYet) {
                         &w.w2_bias, &out.out}) {
     *t = cuda(*t);
   }
-  EXPECT_MODMOE_ERROR(run(), "not supported yet: NVFP4 experts on the GPU: experts",
-                      "quant scheme nvfp4", "cuda:0", "expected CPU tensors");
   const TensorView logits = cuda(L.logits);
+#ifdef MODMOE_WITH_CUDA
+  EXPECT_MODMOE_ERROR(run(), "experts: argument 'workspace' has 0 bytes", "expected at least");
   EXPECT_MODMOE_ERROR(fused_moe(logits, {}, cuda(L.hidden), w, routing_of(L), map,
                                 options_of(L), cuda(out_buf)),
-                      "not supported yet: NVFP4 experts on the GPU: fused_moe", "cuda:0");
+                      "fused_moe: argument 'workspace' has 0 bytes");
+#else
+  EXPECT_MODMOE_ERROR(run(), "experts: the tensors are on cuda:0", "no CUDA backend");
+  EXPECT_MODMOE_ERROR(fused_moe(logits, {}, cuda(L.hidden), w, routing_of(L), map,
+                                options_of(L), cuda(out_buf)),
+                      "fused_moe: the tensors are on cuda:0", "no CUDA backend");
+#endif
 }
 
 TEST_F(Nvfp4ApiBad, HiddenNotBf16) {

@@ -3,7 +3,8 @@
 // sm90_grouped_gemm.cu).
 //
 // Instantiations (the build's size, kept small for 2-core CI): sm80 2 tiles x 2 stages
-// (GEMM1, GEMM2) = 4 kernels, sm90 2 tiles x 2 stages = 4 kernels. Activation, gating, bias,
+// (GEMM1, GEMM2) = 4 kernels, sm90 2 tiles x 2 stages = 4 kernels (w4a16_grouped_gemm.cu:
+// 2 W4A16 tiles, the stage at run time = 2 kernels). Activation, gating, bias,
 // LoRA, gather, the gate/up row map and split-K are run-time arguments, not template axes.
 #include "cuda/gemm/grouped_gemm.h"
 
@@ -25,6 +26,8 @@ GemmConfig sm90_narrow_config();  // sm90_grouped_gemm.cu
 GemmConfig sm90_wide_config();
 GemmConfig sm90_fp8_narrow_config();
 GemmConfig sm90_fp8_mid_config();
+GemmConfig w4a16_decode_config();  // w4a16_grouped_gemm.cu
+GemmConfig w4a16_prefill_config();
 
 namespace {
 
@@ -35,19 +38,22 @@ using TileLarge = Sm80Tile<128, 128, 4, 2, 4, 2>;
 // (decode, many experts), half the padded rows of the large tile and twice the CTAs.
 using TileSmall = Sm80Tile<64, 128, 4, 2, 2, 3>;
 
-constexpr int kNumConfigs = 6;
+constexpr int kNumConfigs = 8;
 constexpr int kMaxSplitK = 8;
 // NOTE: the order is the switch order of launch_grouped_gemm (sm80) and of select_config.
 const std::array<GemmConfig, kNumConfigs>& configs() {
   static const std::array<GemmConfig, kNumConfigs> c = {
       TileLarge::config(),  TileSmall::config(),         sm90_narrow_config(),
-      sm90_wide_config(),   sm90_fp8_narrow_config(),    sm90_fp8_mid_config()};
+      sm90_wide_config(),   sm90_fp8_narrow_config(),    sm90_fp8_mid_config(),
+      w4a16_decode_config(), w4a16_prefill_config()};
   return c;
 }
 const GemmConfig& sm90_narrow() { return configs()[2]; }
 const GemmConfig& sm90_wide() { return configs()[3]; }
 const GemmConfig& sm90_fp8_narrow() { return configs()[4]; }
 const GemmConfig& sm90_fp8_mid() { return configs()[5]; }
+const GemmConfig& w4a16_decode() { return configs()[6]; }
+const GemmConfig& w4a16_prefill() { return configs()[7]; }
 // The narrow (decode) and the wide sm90 tile of a problem's element type.
 const GemmConfig& narrow_of(const GemmDesc& d) { return d.fp8 ? sm90_fp8_narrow() : sm90_narrow(); }
 const GemmConfig& wide_of(const GemmDesc& d) { return d.fp8 ? sm90_fp8_mid() : sm90_wide(); }
@@ -145,10 +151,12 @@ void GemmDesc::validate() const {
                ": expected >= 0");
   MODMOE_CHECK(!fp8 || (k % 128 == 0 && b_rows() % 128 == 0), "grouped GEMM: FP8 with k = ", k,
                " and ", b_rows(), " weight rows: expected multiples of 128 (the scale blocks)");
+  MODMOE_CHECK(!nvfp4 || (!fp8 && k % 64 == 0), "grouped GEMM: NVFP4 with k = ", k,
+               ": expected a multiple of 64 (a W4A16 stage holds 4 scale blocks of 16)");
 }
 
 bool GemmDesc::sm90_supported() const {
-  if (!aligned16 || n < 8 || k < 8) return false;
+  if (!aligned16 || n < 8 || k < 8 || nvfp4) return false;
   if (fp8 && (k % 128 != 0 || b_rows() % 128 != 0)) return false;
   // Gated GEMM1 needs gate and up rows interleaved in groups of 8 (see the kernel's header).
   return !gated || gate_up_group == 8;
@@ -156,6 +164,10 @@ bool GemmDesc::sm90_supported() const {
 
 std::string GemmConfig::to_string() const {
   std::ostringstream os;
+  if (nvfp4) {
+    os << "w4a16_" << block_m << "x" << block_n << "x" << block_k << "_s" << stages;
+    return os.str();
+  }
   if (arch == 90) {
     os << "sm90_" << block_m << "x" << block_n << "x" << block_k << "_s" << stages;
     if (split_k > 1) os << "_k" << split_k;
@@ -254,6 +266,24 @@ GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& /*props*/) {
 }  // namespace
 
 GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
+  if (desc.nvfp4) {
+    // W4A16 (docs/nvfp4.md): mma.sync + cp.async, any sm_80+ device (the build's images decide
+    // where it launches: sm_90a, and sm_100a with MODMOE_SM100).
+    if (props.cc_major < 8) {
+      MODMOE_NOT_SUPPORTED("the NVFP4 (W4A16) grouped GEMM on sm_", props.cc_major,
+                           props.cc_minor, ": it needs sm_80 or newer (bf16 mma.sync)");
+    }
+    // Rule: up to 16 rows per touched group (decode) the 16-token tile: no padded MMA rows,
+    // and every weight is read and decoded once. Past that the 64-token tile, which decodes
+    // each weight tile once per 64 tokens instead of once per 16.
+    // TODO(measure): the crossover was set on paper (no GPU run of this kernel yet).
+    const int64_t rows = desc.expected_rows > 0 ? std::min(desc.expected_rows, desc.max_rows)
+                                                : desc.max_rows;
+    const double touched = std::min<double>(expected_touched(rows, desc.num_experts),
+                                            std::max<int64_t>(rows, 1));
+    const double rows_per_group = static_cast<double>(rows) / touched;
+    return rows_per_group <= 16.0 ? w4a16_decode() : w4a16_prefill();
+  }
   if (props.cc_major == 9 && props.cc_minor == 0 && desc.allow_sm90 && desc.sm90_supported()) {
     return select_sm90(desc, props);
   }
@@ -330,6 +360,7 @@ bool is_fp8_config(const GemmConfig& c) { return c.arch == 90 && c.block_k == 12
 
 bool config_runs(const GemmDesc& desc, const GemmConfig& config) {
   if (!is_compiled(config)) return false;
+  if (desc.nvfp4 || config.nvfp4) return desc.nvfp4 && config.nvfp4;
   if (config.arch != 90) return !desc.fp8;
   return desc.allow_sm90 && desc.sm90_supported() && is_fp8_config(config) == desc.fp8;
 }
@@ -338,12 +369,15 @@ void launch_grouped_gemm(const GemmDesc& desc, const GemmConfig& config, const G
                          cudaStream_t stream) {
   desc.validate();
   MODMOE_CHECK(!is_compiled(config) || config_runs(desc, config), "grouped GEMM: config ",
-               config.to_string(),
-               " cannot run this problem (", desc.fp8 ? "FP8" : "bf16", ", sm90 ",
+               config.to_string(), " cannot run this problem (",
+               desc.fp8 ? "FP8" : (desc.nvfp4 ? "NVFP4" : "bf16"), ", sm90 ",
                desc.sm90_supported() ? "supported" : "not supported", ")");
   if (config.arch == 90 && is_compiled(config)) {
     return launch_sm90_grouped_gemm(desc, config, args, stream);
   }
+  if (config.nvfp4) return launch_w4a16_grouped_gemm(desc, config, args, stream);
+  MODMOE_CHECK(!desc.nvfp4, "grouped GEMM: an NVFP4 problem needs a w4a16 config, got ",
+               config.to_string());
   const auto& c = configs();
   const int index = static_cast<int>(std::find(c.begin(), c.end(), config) - c.begin());
   // The run-time -> compile-time switch of the sm80 kernels; its cases follow the order of

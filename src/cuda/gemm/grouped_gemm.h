@@ -1,8 +1,10 @@
 // The grouped BF16 GEMMs of the experts stage, behind a Desc / Config / Args interface with
-// two kernel families behind it:
+// three kernel families behind it:
 //   sm80  mma.sync + cp.async (sm80_mma_grouped_gemm.cuh): any layout, any sm_80+ GPU;
 //   sm90  TMA + wgmma, warp-specialized and persistent (sm90_wgmma_grouped_gemm.cuh): Hopper,
 //         weights as the wgmma A operand ("swap AB"), split-K for decode.
+//   w4a16 mma.sync + cp.async (sm80_w4a16_grouped_gemm.cuh): NVFP4 weights decoded to bf16 in
+//         registers, bf16 activations (docs/nvfp4.md); any sm_80+ GPU the build targets.
 //
 //   GemmDesc    the problem (sizes, which GEMM, activation), with validate()
 //   GemmConfig  one compiled tile shape (sizes, stages, warps), with to_string()
@@ -73,6 +75,10 @@ struct GemmDesc {
   // (GemmArgs::a_scale, b_scale); the sm90 FP8 kernels only. Needs k % 128 == 0 and
   // b_rows() % 128 == 0.
   bool fp8 = false;
+  // NVFP4 weights, bf16 activations (W4A16, docs/nvfp4.md): B is packed e2m1 pairs with e4m3
+  // scales per 16 of K and an fp32 global scale per expert (GemmArgs::b_block_scale,
+  // b_global_scale); the w4a16 kernels only. Needs k % 64 == 0 (one stage = 4 scale blocks).
+  bool nvfp4 = false;
   // Rows of B (per expert) that the GEMM reads: 2n gated, else n.
   int64_t b_rows() const { return gated ? 2 * n : n; }
   // Upper bound of the number of (expert, m-tile) pairs, from sizes alone:
@@ -99,9 +105,13 @@ struct GemmConfig {
   // an expert of block_m + a few rows runs one tile, not a full one plus a nearly empty one
   // that reads the whole weight tile again. The work list counts tiles with row_tiles().
   int tail_m = 0;
+  // The W4A16 kernel (sm80_w4a16_grouped_gemm.cuh): block_m tokens x block_n weight rows,
+  // block_k = 64, warps_n warps over the weight rows; arch 80.
+  bool nvfp4 = false;
 
   int threads() const { return arch == 90 ? 128 * (warps_m + warps_n) : 32 * warps_m * warps_n; }
-  // "128x128x32_s4_w2x4", "sm90_64x128x64_s8", "..._k4" (split-K), "..._t32" (tail rows)
+  // "128x128x32_s4_w2x4", "sm90_64x128x64_s8", "..._k4" (split-K), "..._t32" (tail rows),
+  // "w4a16_16x128x64_s6" (NVFP4)
   std::string to_string() const;
   bool operator==(const GemmConfig&) const = default;
 };
@@ -122,7 +132,8 @@ constexpr int32_t row_tiles(int32_t count, int32_t block_m, int32_t tail_m) {
 std::span<const GemmConfig> compiled_configs();
 bool is_compiled(const GemmConfig& config);
 // Whether a compiled config can run the problem: the element type (FP8 configs have
-// block_k = 128 and are sm90), the sm90 conditions (sm90_supported, allow_sm90).
+// block_k = 128 and are sm90; NVFP4 problems run on the nvfp4 configs only), the sm90
+// conditions (sm90_supported, allow_sm90).
 bool config_runs(const GemmDesc& desc, const GemmConfig& config);
 // The FP8 tiles: sm90 with 128-element (128-byte e4m3) k-blocks.
 bool is_fp8_config(const GemmConfig& config);
@@ -213,6 +224,16 @@ struct GemmArgs {
   int b_scale_kb = 0;
   int b_scale_gate_up = 0;
 
+  // NVFP4 weights (desc.nvfp4): `b` points at E2M1x2 bytes, element 2i in the low nibble of
+  // byte i (ldb and b_expert_stride count bytes). Weight row f of expert e, K value kk:
+  //   block scale  b_block_scale[e * b_block_scale_expert + f * b_block_scale_ld + kk / 16]  e4m3
+  //   global scale b_global_scale[e]  fp32, multiplies the accumulator (docs/nvfp4.md)
+  // Linear scales [E_local, rows, K/16]: 4-byte aligned (K % 64 == 0).
+  const uint8_t* b_block_scale = nullptr;
+  int64_t b_block_scale_expert = 0;
+  int64_t b_block_scale_ld = 0;
+  const float* b_global_scale = nullptr;
+
   // C: row r of the row space at c + r * ldc, n columns bf16.
   __nv_bfloat16* c = nullptr;
   int64_t ldc = 0;
@@ -238,5 +259,8 @@ bool use_stage_pdl();
 // sm90 launcher (sm90_grouped_gemm.cu); launch_grouped_gemm calls it for arch 90 configs.
 void launch_sm90_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
                               const GemmArgs& args, cudaStream_t stream);
+// W4A16 launcher (w4a16_grouped_gemm.cu); launch_grouped_gemm calls it for nvfp4 configs.
+void launch_w4a16_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
+                               const GemmArgs& args, cudaStream_t stream);
 
 }  // namespace modmoe::cuda::gemm

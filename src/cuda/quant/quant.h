@@ -28,4 +28,14 @@ void quantize_weights(const TensorView& w, QuantScheme scheme, const TensorView&
 void prepare_weights_fp8(const ExpertWeights& src, ExpertWeights& dst,
                          const PrepareWeightsOptions& options, Stream stream);
 
+// NVFP4 (docs/nvfp4.md; src/cuda/quant/nvfp4.cu): the twins of src/reference/nvfp4.h, bit for
+// bit, asynchronous on `stream`, graph-capturable. Arguments validated by src/api/nvfp4.cpp.
+void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& scale,
+                    const TensorView& global_scale, const Nvfp4QuantizeOptions& options,
+                    Stream stream);
+void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
+                      const TensorView& global_scale, const TensorView& out, Stream stream);
+void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
+                           const PrepareWeightsOptions& options, Stream stream);
+
 }  // namespace modmoe::cuda

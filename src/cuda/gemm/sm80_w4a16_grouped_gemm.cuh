@@ -1,0 +1,436 @@
+// Grouped W4A16 GEMM: NVFP4 weights (e2m1 pairs, e4m3 scale per 16 of K, fp32 global per
+// expert; docs/nvfp4.md) times bf16 activations, on the sm_80 tensor-core path (mma.sync
+// m16n8k16 bf16, cp.async multi-stage pipeline), fp32 accumulate. Runs on sm_90a (and sm_100a).
+// The weights are decoded to bf16 in registers inside the mainloop; no bf16 copy of them is
+// ever written.
+//
+// Roles ("swap AB"): the weights are the MMA's A operand (M = 16 weight rows), the tokens its B
+// operand (N = 8 tokens), so a decode tile of 16 tokens wastes no MMA rows and every weight
+// value is decoded exactly once per tile. One CTA (4 warps) computes one (expert, token tile,
+// weight-row tile):
+//   blockIdx.x  token tile in the device-side work list (binary search over tile_offsets)
+//   blockIdx.y  weight-row tile (gated GEMM1: BN / 2 output columns, else BN)
+// Warp w owns the tile's weight rows [w * BN/4, (w + 1) * BN/4) and every token of the tile.
+//
+// Shared memory per pipeline stage (BK = 64 values of K):
+//   W  [BN][32] bytes  packed e2m1 pairs, row r at r * 32 (no swizzle: a warp's 8-byte reads
+//                      of 4 rows x 4 threads cover 128 consecutive bytes per phase)
+//   S  [BN][4] e4m3    the row's 4 block scales of the stage, row r at r * 4
+//   X  [BM][64] bf16   token row t, 16-byte chunk c at t * 128 + ((c ^ (t & 7)) * 16); the XOR
+//                      spreads the 8 lanes of a 16-byte read phase (two token rows, chunks
+//                      2q or 2q + 1) over all 32 banks
+// Epilogue staging reuses the pipeline memory: C [BM][BN + 8] bf16.
+//
+// The decode (per thread, per stage, per m16 fragment): lane (g = lane / 4, q = lane % 4)
+// holds weight rows g and g + 8 of the fragment and K values [16q, 16q + 16) of the stage,
+// which are exactly one scale block. Its 8 bytes (two 32-bit words, nibble i of a word = K
+// value i of the word, element 2i in the low nibble of byte i) decode into 8 bf16 pairs:
+//   word x, nibbles n0..n7:  P_j = (n_j, n_{j+4}),  j = 0..3
+//   bits of P_j: t = the two nibbles at bits 3:0 / 19:16 (or 7:4 / 23:20), one multiply
+//   places each nibble's magnitude (e1 e0 m) at bf16 bits 8:6 and its sign at bit 15 (t *
+//   0x1040 = t << 6 | t << 12, no carries), a mask keeps those: the bf16 whose exponent field
+//   is e and top mantissa bit m, i.e. e2m1 * 2^-126 exactly (e = 0 lands on the subnormals,
+//   which is e2m1's own subnormal 0.5).
+//   one bf16x2 multiply by K = bf16(float(scale) * 2^119) gives w' * 2^-7, exact (w' = e2m1 *
+//   scale has at most 6 significant bits in [2^-10, 2688]; K <= 448 * 2^119 < bf16 max).
+// The 2^-7 goes back in the epilogue with the global scale: acc * (128 * global), one fp32
+// multiply, bitwise the oracle's dot(x, w') * global (a power of two commutes with rounding).
+// MMA step s (0..3) of the stage pairs mma-k {2q, 2q+1, 2q+8, 2q+9} with K values
+// {16q + s, 16q + s + 4, 16q + 8 + s, 16q + 12 + s}: a permutation of K inside the stage, the
+// same for both operands, so the dot product is unchanged. The B (token) fragment follows it
+// with byte permutes of the token's 32 bytes [16q, 16q + 16).
+//
+// GEMM1, gated: tile row 16f + g (g < 8) is the gate row of output column 8f + g and tile row
+// 16f + 8 + g its up row (GateUpMap decides where they live in w13; the prepared G = 8 layout
+// makes the tile's rows contiguous), so a thread's accumulators (c0, c2) and (c1, c3) are the
+// (gate, up) pairs of two tokens and the activation needs no data exchange.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "core/activation_math.h"
+#include "core/nvfp4.h"
+#include "cuda/gemm/grouped_gemm.h"
+#include "cuda/gemm/sm80_mma_grouped_gemm.cuh"
+
+namespace modmoe::cuda::gemm {
+
+// 4-byte async copy global -> shared (the block scales); src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ uint2 lds_64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint4 lds_128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+
+// a * b on two bf16 lanes, one rounding (fma with -0: a * b + -0 = a * b, signed zeros kept).
+// Subnormal inputs are honoured (PTX: no .ftz for bf16).
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+
+// One 32-bit word of packed weights (8 values), times K (bf16x2, both lanes equal) ->
+// p[j] = (value j, value j + 4) * scale * 2^-7 as bf16x2, j = 0..3 (nvfp4::e2m1_pair_bf16_bits).
+__device__ __forceinline__ void decode_word(uint32_t x, uint32_t k2, uint32_t (&p)[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) p[j] = bf16x2_mul(nvfp4::e2m1_pair_bf16_bits(x, j), k2);
+}
+
+// Two e4m3 block scales -> K = bf16(float(s) * 2^119) of each, broadcast to both lanes:
+// k_lo = (K(s_lo), K(s_lo)), k_hi = (K(s_hi), K(s_hi)). Exact: e4m3 has 4 significant bits
+// and 448 * 2^119 < 2^128; NaN (0x7f) stays NaN, so its block decodes to NaN as in the oracle.
+__device__ __forceinline__ void scale_factors(uint8_t s_lo, uint8_t s_hi, uint32_t& k_lo,
+                                              uint32_t& k_hi) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+      static_cast<__nv_fp8x2_storage_t>(s_lo | (s_hi << 8)), __NV_E4M3);
+  const float2 f = __half22float2(__half2(h));
+  const __nv_bfloat162 k = __floats2bfloat162_rn(__fmul_rn(f.x, nvfp4::kDecodeScaleBias),
+                                                     __fmul_rn(f.y, nvfp4::kDecodeScaleBias));
+  const uint32_t kb = *reinterpret_cast<const uint32_t*>(&k);
+  k_lo = __byte_perm(kb, 0, 0x1010);
+  k_hi = __byte_perm(kb, 0, 0x3232);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tile configuration (compile time), mirrored at run time by GemmConfig (nvfp4 = true)
+// ---------------------------------------------------------------------------------------
+
+template <int BM, int BN, int Stages, int MinBlocks>
+struct W4a16Tile {
+  static constexpr int kBlockM = BM;  // tokens
+  static constexpr int kBlockN = BN;  // weight rows
+  static constexpr int kBlockK = 64;  // K values per stage: 4 scale blocks, 32 packed bytes
+  static constexpr int kStages = Stages;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kMinBlocks = MinBlocks;
+  static constexpr int kWarpRows = BN / kWarps;   // weight rows per warp
+  static constexpr int kMmaM = kWarpRows / 16;    // m16 fragments (weight rows) per warp
+  static constexpr int kMmaN = BM / 8;            // n8 fragments (tokens)
+  static constexpr int kWBytes = BN * 32;
+  static constexpr int kSBytes = BN * 4;
+  static constexpr int kXBytes = BM * 128;
+  static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
+  static constexpr int kXIters = BM * 8 / kThreads;   // 16-byte token chunks per thread
+  static constexpr int kWIters = BN * 2 / kThreads;   // 16-byte weight chunks per thread
+  static constexpr int kSIters = BN / kThreads;       // 4-byte scale rows per thread
+  static constexpr int kCPitch = BN + 8;              // bf16 per staged output row
+  static constexpr int kSmemBytes =
+      kStages * kStageBytes > BM * kCPitch * 2 ? kStages * kStageBytes : BM * kCPitch * 2;
+
+  static_assert(BM % 16 == 0 && BM * 8 % kThreads == 0, "token chunks spread evenly");
+  static_assert(BN % (16 * kWarps) == 0 && BN % kThreads == 0, "weight rows spread evenly");
+  static_assert(BM <= kThreads, "row info is loaded one row per thread");
+  static_assert(kStageBytes % 128 == 0, "stages stay 128-byte aligned");
+
+  static GemmConfig config() {
+    GemmConfig c{BM, BN, kBlockK, Stages, 1, kWarps};
+    c.nvfp4 = true;
+    return c;
+  }
+};
+
+template <class Tile>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
+    sm80_w4a16_grouped_gemm_kernel(const __grid_constant__ Sm80Params p) {
+  constexpr int BM = Tile::kBlockM;
+  constexpr int BN = Tile::kBlockN;
+  constexpr int kThreads = Tile::kThreads;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int32_t s_a_row[BM];     // A row of each token of the tile; -1 past the expert's rows
+  __shared__ int32_t s_lora_row[BM];  // GEMM1 standard: expanded index (LoRA delta row)
+
+  const GemmArgs& g = p.args;
+  const int tid = threadIdx.x;
+  const bool gemm1 = p.stage1 != 0;
+
+  // ---- which tile: the work list lives on the device, the grid is an upper bound ----
+  const int tile = static_cast<int>(blockIdx.x);
+  if (tile >= g.tile_offsets[p.num_experts]) return;
+  int lo = 0, hi = p.num_experts;  // tile_offsets[lo] <= tile < tile_offsets[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (g.tile_offsets[mid] <= tile) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int expert = lo;
+  const int m_tile = tile - g.tile_offsets[expert];
+  const int row0 = g.row_begin[expert] + m_tile * BM;           // first row of the row space
+  const int rows = min(BM, g.row_count[expert] - m_tile * BM);  // valid tokens in this tile
+  const int n_tile = static_cast<int>(blockIdx.y);
+  const bool gated = gemm1 && p.gated;
+
+  if (tid < BM) {
+    int32_t a_row = -1;
+    int32_t lora_row = -1;
+    if (tid < rows) {
+      if (g.a_gather != nullptr) {
+        const int32_t expanded = g.a_gather[row0 + tid];
+        if (expanded >= 0) {
+          a_row = expanded / g.gather_div;
+          lora_row = expanded;
+        }
+      } else {
+        a_row = row0 + tid;
+      }
+    }
+    s_a_row[tid] = a_row;
+    s_lora_row[tid] = lora_row;
+  }
+  __syncthreads();
+
+  // ---- per-thread copy plan, fixed across the k-tiles ----
+  // Tokens: chunk tid % 8 (8 values) of token rows tid / 8 + 16 i.
+  const int x_chunk = tid % 8;
+  const __nv_bfloat16* x_src[Tile::kXIters];  // token row start, or null for a zero row
+  uint32_t x_dst[Tile::kXIters];
+#pragma unroll
+  for (int i = 0; i < Tile::kXIters; ++i) {
+    const int r = tid / 8 + i * (kThreads / 8);
+    const int32_t ar = s_a_row[r];
+    x_src[i] = ar >= 0 ? g.a + static_cast<int64_t>(ar) * g.lda : nullptr;
+    x_dst[i] = Tile::kWBytes + Tile::kSBytes + r * 128 + ((x_chunk ^ (r & 7)) << 4);
+  }
+  // Weight row of tile row r (gated: gate / up rows of 8 columns in turn), or -1 past n.
+  auto weight_row = [&](int r) -> int64_t {
+    if (gated) {
+      const int64_t col = static_cast<int64_t>(n_tile) * (BN / 2) + (r / 16) * 8 + r % 8;
+      return col < p.n ? gate_up_row(g.gate_up, col, (r % 16) >= 8) : -1;
+    }
+    const int64_t col = static_cast<int64_t>(n_tile) * BN + r;
+    return col < p.n ? col : -1;
+  };
+  const uint8_t* w_expert =
+      reinterpret_cast<const uint8_t*>(g.b) + static_cast<int64_t>(expert) * g.b_expert_stride;
+  const uint8_t* s_expert = g.b_block_scale + static_cast<int64_t>(expert) * g.b_block_scale_expert;
+  // Packed weights: 16-byte chunk tid % 2 of tile rows tid / 2 + 64 i.
+  const int w_chunk = tid % 2;
+  const uint8_t* w_src[Tile::kWIters];
+  uint32_t w_dst[Tile::kWIters];
+#pragma unroll
+  for (int i = 0; i < Tile::kWIters; ++i) {
+    const int r = tid / 2 + i * (kThreads / 2);
+    const int64_t wr = weight_row(r);
+    w_src[i] = wr >= 0 ? w_expert + wr * g.ldb + w_chunk * 16 : nullptr;
+    w_dst[i] = r * 32 + w_chunk * 16;
+  }
+  // Block scales: the 4 scales (4 bytes) of tile rows tid + 128 i.
+  const uint8_t* s_src[Tile::kSIters];
+  uint32_t s_dst[Tile::kSIters];
+#pragma unroll
+  for (int i = 0; i < Tile::kSIters; ++i) {
+    const int r = tid + i * kThreads;
+    const int64_t wr = weight_row(r);
+    s_src[i] = wr >= 0 ? s_expert + wr * g.b_block_scale_ld : nullptr;
+    s_dst[i] = Tile::kWBytes + r * 4;
+  }
+
+  const uint32_t smem_base = smem_u32(smem);
+  const int num_k_tiles = p.k / Tile::kBlockK;  // k % 64 == 0 (GemmDesc::validate)
+  auto load_stage = [&](int slot, int k_tile) {
+    const uint32_t stage = smem_base + slot * Tile::kStageBytes;
+#pragma unroll
+    for (int i = 0; i < Tile::kXIters; ++i) {
+      const bool ok = x_src[i] != nullptr;
+      cp_async_16(stage + x_dst[i], ok ? x_src[i] + k_tile * 64 + x_chunk * 8 : g.a, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < Tile::kWIters; ++i) {
+      const bool ok = w_src[i] != nullptr;
+      cp_async_16(stage + w_dst[i], ok ? w_src[i] + k_tile * 32 : w_expert, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < Tile::kSIters; ++i) {
+      const bool ok = s_src[i] != nullptr;
+      cp_async_4(stage + s_dst[i], ok ? s_src[i] + k_tile * 4 : g.b_block_scale, ok ? 4 : 0);
+    }
+  };
+
+  float acc[Tile::kMmaM][Tile::kMmaN][4];
+#pragma unroll
+  for (int mi = 0; mi < Tile::kMmaM; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Tile::kMmaN; ++ni)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[mi][ni][v] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < Tile::kStages - 1; ++s) {
+    if (s < num_k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int gid = lane / 4;  // weight row (and +8) of a fragment; token of an n8 fragment
+  const int qid = lane % 4;  // scale block of the stage; token pair of the accumulators
+
+  for (int kt = 0; kt < num_k_tiles; ++kt) {
+    cp_async_wait<Tile::kStages - 2>();
+    __syncthreads();  // k-tile kt visible to all; slot (kt - 1) % Stages free to refill
+    const int next = kt + Tile::kStages - 1;
+    if (next < num_k_tiles) load_stage(next % Tile::kStages, next);
+    cp_async_commit();
+
+    const uint32_t sw = smem_base + (kt % Tile::kStages) * Tile::kStageBytes;
+    const uint32_t sx = sw + Tile::kWBytes + Tile::kSBytes;
+    const unsigned char* ss_ptr = smem + (kt % Tile::kStages) * Tile::kStageBytes + Tile::kWBytes;
+
+    // Decode: af[mi][s] is the A fragment of MMA step s (a0..a3 as mma.sync numbers them).
+    uint32_t af[Tile::kMmaM][4][4];
+#pragma unroll
+    for (int mi = 0; mi < Tile::kMmaM; ++mi) {
+      const int r_lo = warp * Tile::kWarpRows + mi * 16 + gid;
+      const int r_hi = r_lo + 8;
+      const uint2 w_lo = lds_64(sw + r_lo * 32 + qid * 8);
+      const uint2 w_hi = lds_64(sw + r_hi * 32 + qid * 8);
+      uint32_t k_lo, k_hi;
+      scale_factors(ss_ptr[r_lo * 4 + qid], ss_ptr[r_hi * 4 + qid], k_lo, k_hi);
+      uint32_t p_lo[4], q_lo[4], p_hi[4], q_hi[4];
+      decode_word(w_lo.x, k_lo, p_lo);  // K values 16q + {j, j + 4}
+      decode_word(w_lo.y, k_lo, q_lo);  // K values 16q + 8 + {j, j + 4}
+      decode_word(w_hi.x, k_hi, p_hi);
+      decode_word(w_hi.y, k_hi, q_hi);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        af[mi][s][0] = p_lo[s];
+        af[mi][s][1] = p_hi[s];
+        af[mi][s][2] = q_lo[s];
+        af[mi][s][3] = q_hi[s];
+      }
+    }
+    // Tokens: for each n8 fragment, token gid's K values [16q, 16q + 16) as v0..v7 (bf16
+    // pairs), permuted into the B fragments of the 4 steps, then the MMAs.
+#pragma unroll
+    for (int ni = 0; ni < Tile::kMmaN; ++ni) {
+      const int t = ni * 8 + gid;
+      const uint4 v03 = lds_128(sx + t * 128 + (((2 * qid) ^ (t & 7)) << 4));
+      const uint4 v47 = lds_128(sx + t * 128 + (((2 * qid + 1) ^ (t & 7)) << 4));
+      uint32_t bf[4][2];
+      bf[0][0] = __byte_perm(v03.x, v03.z, 0x5410);  // x[0], x[4]
+      bf[1][0] = __byte_perm(v03.x, v03.z, 0x7632);  // x[1], x[5]
+      bf[2][0] = __byte_perm(v03.y, v03.w, 0x5410);  // x[2], x[6]
+      bf[3][0] = __byte_perm(v03.y, v03.w, 0x7632);  // x[3], x[7]
+      bf[0][1] = __byte_perm(v47.x, v47.z, 0x5410);  // x[8], x[12]
+      bf[1][1] = __byte_perm(v47.x, v47.z, 0x7632);
+      bf[2][1] = __byte_perm(v47.y, v47.w, 0x5410);
+      bf[3][1] = __byte_perm(v47.y, v47.w, 0x7632);
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int mi = 0; mi < Tile::kMmaM; ++mi) mma_bf16_16816(acc[mi][ni], af[mi][s], bf[s]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline memory becomes the output staging tile
+
+  // ---- epilogue in fp32: * (128 * global), bias, LoRA, activation; staged as bf16 ----
+  __nv_bfloat16* sc = reinterpret_cast<__nv_bfloat16*>(smem);  // [BM][kCPitch]
+  const int out_cols = gated ? BN / 2 : BN;
+  const int64_t col0 = static_cast<int64_t>(n_tile) * out_cols;
+  // NOTE: 128 * global is exact (a power of two); acc * it is the oracle's dot * global.
+  const float gscale = __fmul_rn(g.b_global_scale[expert], nvfp4::kDecodeUnscale);
+  const float* bias = g.bias ? g.bias + static_cast<int64_t>(expert) * g.bias_expert_stride
+                             : nullptr;
+  const Activation kind = static_cast<Activation>(g.activation.kind);
+  const EpilogueActivation& ea = g.activation;
+  const float alpha = gemm1 && ea.alpha_per_expert ? ea.alpha_per_expert[expert] : ea.alpha;
+  const float beta = gemm1 && ea.beta_per_expert ? ea.beta_per_expert[expert] : ea.beta;
+  const float limit = gemm1 && ea.limit_per_expert ? ea.limit_per_expert[expert] : ea.limit;
+
+#pragma unroll
+  for (int mi = 0; mi < Tile::kMmaM; ++mi) {
+    if (gated) {
+      const int j = (warp * Tile::kMmaM + mi) * 8 + gid;  // local output column
+      const int64_t col = col0 + j;
+      const bool col_ok = col < p.n;
+      float bias_gate = 0.0f, bias_up = 0.0f;
+      if (bias != nullptr && col_ok) {
+        bias_gate = bias[gate_up_row(g.gate_up, col, false)];
+        bias_up = bias[gate_up_row(g.gate_up, col, true)];
+      }
+#pragma unroll
+      for (int ni = 0; ni < Tile::kMmaN; ++ni)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int t = ni * 8 + 2 * qid + c;  // token of the tile
+          float gate = __fmul_rn(acc[mi][ni][c], gscale);
+          float up = __fmul_rn(acc[mi][ni][2 + c], gscale);
+          if (bias != nullptr) {
+            gate = __fadd_rn(gate, bias_gate);
+            up = __fadd_rn(up, bias_up);
+          }
+          const int32_t lora_row = s_lora_row[t];
+          if (g.lora != nullptr && col_ok && lora_row >= 0) {
+            const __nv_bfloat16* l = g.lora + static_cast<int64_t>(lora_row) * g.ld_lora;
+            gate = __fadd_rn(gate, __bfloat162float(l[g.gate_up.lora_gate_col + col]));
+            up = __fadd_rn(up, __bfloat162float(l[g.gate_up.lora_up_col + col]));
+          }
+          sc[t * Tile::kCPitch + j] =
+              __float2bfloat16_rn(act::apply_activation(kind, gate, up, alpha, beta, limit));
+        }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = warp * Tile::kWarpRows + mi * 16 + gid + 8 * h;  // local output column
+        const int64_t col = col0 + j;
+        const bool col_ok = col < p.n;
+        const float b = (bias != nullptr && col_ok) ? bias[col] : 0.0f;
+#pragma unroll
+        for (int ni = 0; ni < Tile::kMmaN; ++ni)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int t = ni * 8 + 2 * qid + c;
+            float x = __fmul_rn(acc[mi][ni][2 * h + c], gscale);
+            if (bias != nullptr) x = __fadd_rn(x, b);
+            if (gemm1) {
+              const int32_t lora_row = s_lora_row[t];
+              if (g.lora != nullptr && col_ok && lora_row >= 0) {
+                x = __fadd_rn(x, __bfloat162float(
+                                     g.lora[static_cast<int64_t>(lora_row) * g.ld_lora + col]));
+              }
+              x = act::apply_activation(kind, x, 0.0f, alpha, beta, limit);
+            }
+            sc[t * Tile::kCPitch + j] = __float2bfloat16_rn(x);
+          }
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---- coalesced 16-byte stores of the valid rows and columns ----
+  const int chunks_per_row = out_cols / 8;
+  for (int idx = tid; idx < BM * chunks_per_row; idx += kThreads) {
+    const int r = idx / chunks_per_row;
+    const int c = idx % chunks_per_row;
+    const int64_t col = col0 + c * 8;
+    if (r < rows && col < p.n) {
+      *reinterpret_cast<uint4*>(g.c + static_cast<int64_t>(row0 + r) * g.ldc + col) =
+          *reinterpret_cast<const uint4*>(sc + r * Tile::kCPitch + c * 8);
+    }
+  }
+}
+
+}  // namespace modmoe::cuda::gemm
