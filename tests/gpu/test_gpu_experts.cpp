@@ -969,6 +969,10 @@ TEST_F(GpuExperts, GemmThroughput) {
   const Shape shapes[] = {{"mixtral T=4096 (E=8, 1024 rows/expert)", 8, 1024, 4096, 14336},
                           {"mixtral T=16384 (E=8, 4096 rows/expert)", 8, 4096, 4096, 14336},
                           {"qwen3 T=4096 (E=128, 256 rows/expert)", 128, 256, 2048, 768}};
+  // MODMOE_GEMM_PROFILE=1: no timing, one launch of the selected config per GEMM (6 launches:
+  // what bench/gpu_profile_experts.sh hands to ncu).
+  const char* profile_env = std::getenv("MODMOE_GEMM_PROFILE");
+  const bool profile = profile_env != nullptr && std::strcmp(profile_env, "1") == 0;
   cudaDeviceProp prop{};
   MODMOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("GPU: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
@@ -986,8 +990,22 @@ TEST_F(GpuExperts, GemmThroughput) {
       const double flops = 2.0 * double(g.rows) * double(gemm1 ? 2 * s.I : s.H) *
                            double(gemm1 ? s.H : s.I);
       for (size_t c = 0; c < configs.size(); ++c) {
+        if (!cuda::gemm::config_runs(d, configs[c])) continue;  // FP8 / W4A16 tiles, off-Hopper
         if (configs[c].arch == 90 && !(props.cc_major == 9 && props.cc_minor == 0)) continue;
         const auto a = g.args(gemm1, c);
+        if (profile) {
+          // One launch of the selected tile, for a profiler (no tail rows: the work list here
+          // is built without them, and these uniform counts are multiples of the tile).
+          cuda::gemm::GemmConfig base = chosen;
+          base.split_k = 1;
+          base.tail_m = 0;
+          if (!(base == configs[c])) continue;
+          cuda::gemm::launch_grouped_gemm(d, base, a, nullptr);
+          MODMOE_CUDA_CHECK(cudaDeviceSynchronize());
+          std::printf("[ profile  ] %s %s %s\n", s.name, gemm1 ? "GEMM1" : "GEMM2",
+                      base.to_string().c_str());
+          continue;
+        }
         for (int w = 0; w < 3; ++w) cuda::gemm::launch_grouped_gemm(d, configs[c], a, nullptr);
         std::vector<float> ms;
         for (int rep = 0; rep < 5; ++rep) {
