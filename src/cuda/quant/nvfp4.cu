@@ -17,6 +17,7 @@
 
 #include "core/nvfp4.h"
 #include "cuda/device/cuda_check.h"
+#include "cuda/quant/gate_up_rows.h"
 #include "cuda/quant/quant.h"
 
 namespace modmoe::cuda {
@@ -112,64 +113,6 @@ __global__ void dequantize_kernel(const uint8_t* q, const uint8_t* scale, const 
   }
 }
 
-// prepare_weights: dst row r of expert e <- the canonical row of the GateUpInterleaved map
-// with groups of G rows (reference::detail::gather_interleaved's map), row_bytes per row.
-struct GatherArgs {
-  const uint8_t* src;  // [E_local, 2 * half, row_bytes], canonical order
-  uint8_t* dst;        // [E_local, 2 * half, row_bytes], interleaved
-  int64_t num_units;   // E_local * 2 * half * row_units
-  int64_t row_units;   // units of `unit` bytes per row
-  int64_t half;        // I
-  int64_t group_rows;  // G
-  bool up_first;       // canonical order is UpGate
-};
-
-template <class Unit>
-__global__ void gather_kernel(const GatherArgs a) {
-  const int64_t rows = 2 * a.half;
-  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < a.num_units;
-       u += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t col = u % a.row_units, row = u / a.row_units;
-    const int64_t expert = row / rows, r = row % rows;
-    const int64_t within = r % (2 * a.group_rows);
-    const bool is_gate = within < a.group_rows;
-    const int64_t i =
-        r / (2 * a.group_rows) * a.group_rows + (is_gate ? within : within - a.group_rows);
-    const int64_t src_row = expert * rows + (is_gate != a.up_first ? i : a.half + i);
-    reinterpret_cast<Unit*>(a.dst)[u] =
-        reinterpret_cast<const Unit*>(a.src)[src_row * a.row_units + col];
-  }
-}
-
-// Rows of row_bytes, copied in the widest unit the row size and both pointers allow.
-void gather(const void* src, void* dst, int64_t num_experts, int64_t half, int64_t group_rows,
-            bool up_first, int64_t row_bytes, cudaStream_t stream) {
-  const auto aligned = [&](int b) {
-    return row_bytes % b == 0 && reinterpret_cast<uintptr_t>(src) % b == 0 &&
-           reinterpret_cast<uintptr_t>(dst) % b == 0;
-  };
-  const int unit = aligned(16) ? 16 : aligned(8) ? 8 : aligned(4) ? 4 : aligned(2) ? 2 : 1;
-  GatherArgs a{static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), 0, row_bytes / unit,
-               half, group_rows, up_first};
-  a.num_units = num_experts * 2 * half * a.row_units;
-  if (a.num_units == 0) return;
-  const unsigned blocks = blocks_for(a.num_units);
-  switch (unit) {
-    case 16: gather_kernel<uint4><<<blocks, kThreads, 0, stream>>>(a); break;
-    case 8: gather_kernel<uint2><<<blocks, kThreads, 0, stream>>>(a); break;
-    case 4: gather_kernel<uint32_t><<<blocks, kThreads, 0, stream>>>(a); break;
-    case 2: gather_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(a); break;
-    default: gather_kernel<uint8_t><<<blocks, kThreads, 0, stream>>>(a); break;
-  }
-  MODMOE_LAUNCH_CHECK(stream);
-}
-
-void copy(const TensorView& dst, const TensorView& src, cudaStream_t stream) {
-  if (!src.defined() || src.nbytes() == 0) return;
-  MODMOE_CUDA_CHECK(
-      cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, stream));
-}
-
 }  // namespace
 
 void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& scale,
@@ -228,24 +171,27 @@ void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
   const int64_t E = src.w13.size(0), rows = src.w13.size(1);
   const int64_t I = src.intermediate();
   const bool interleave = options.layout == WeightLayout::GateUpInterleaved && rows == 2 * I;
-  copy(dst.w2, src.w2, stream);
-  copy(dst.w2_scale, src.w2_scale, stream);
-  copy(dst.w2_bias, src.w2_bias, stream);
-  copy(dst.w13_global_scale, src.w13_global_scale, stream);
-  copy(dst.w2_global_scale, src.w2_global_scale, stream);
+  copy_device(dst.w2, src.w2, stream);
+  copy_device(dst.w2_scale, src.w2_scale, stream);
+  copy_device(dst.w2_bias, src.w2_bias, stream);
+  copy_device(dst.w13_global_scale, src.w13_global_scale, stream);
+  copy_device(dst.w2_global_scale, src.w2_global_scale, stream);
   if (!interleave) {
-    copy(dst.w13, src.w13, stream);
-    copy(dst.w13_scale, src.w13_scale, stream);
-    copy(dst.w13_bias, src.w13_bias, stream);
+    copy_device(dst.w13, src.w13, stream);
+    copy_device(dst.w13_scale, src.w13_scale, stream);
+    copy_device(dst.w13_bias, src.w13_bias, stream);
     return;
   }
   // One permutation of w13 rows, applied to the three tensors indexed by w13 row.
   const int64_t G = options.interleave_rows;
   const bool up_first = src.order == GateUpOrder::UpGate;
-  gather(src.w13.data, dst.w13.data, E, I, G, up_first, src.w13.size(2), stream);
-  gather(src.w13_scale.data, dst.w13_scale.data, E, I, G, up_first, src.w13_scale.size(2), stream);
+  // Packed rows and their scale rows through the same row map (gate_up_rows.h).
+  interleave_gate_up_rows(src.w13.data, dst.w13.data, E, I, G, up_first, src.w13.size(2),
+                          stream);
+  interleave_gate_up_rows(src.w13_scale.data, dst.w13_scale.data, E, I, G, up_first,
+                          src.w13_scale.size(2), stream);
   if (src.w13_bias.defined()) {
-    gather(src.w13_bias.data, dst.w13_bias.data, E, I, G, up_first, 4, stream);
+    interleave_gate_up_rows(src.w13_bias.data, dst.w13_bias.data, E, I, G, up_first, 4, stream);
   }
 }
 
