@@ -37,6 +37,7 @@
 #include "core/fp8.h"
 #include "core/nvfp4.h"
 #include "gpu_test_util.h"
+#include "quant_experts_run.h"
 #include "quant_inputs.h"
 #include "modmoe/modmoe.h"
 
@@ -240,9 +241,9 @@ Problem make_problem(const Case& c, uint64_t salt) {
   return p;
 }
 
-struct Outputs {
-  HostTensor out, g2, act, ew, e2p, offsets;
-};
+using Outputs = test::ExpertsHostOutputs;
+using test::bitwise_fraction;
+using test::first_rows;
 
 ExpertsOptions options_of(const Case& c) {
   ExpertsOptions o;
@@ -257,33 +258,10 @@ Outputs run_experts(const Problem& p, bool gpu, int repeats = 1) {
   gpu = gpu && !dry_run();
   const Case& c = p.c;
   const ExpertsOptions o = options_of(c);
-  const int64_t rows = p.rows();
-  std::vector<std::unique_ptr<DeviceTensor>> keep;
-  auto dev = [&](const HostTensor& h) -> TensorView {
-    if (!gpu || h.numel() == 0) return h.view();
-    keep.push_back(std::make_unique<DeviceTensor>(DeviceTensor::from_host(h)));
-    return keep.back()->view();
-  };
+  test::Views dev(gpu);
   Outputs host;
-  ExpertsOutputs out;
-  auto make_out = [&](HostTensor& h, DType dt, std::vector<int64_t> shape) -> TensorView {
-    h.reset(dt, shape);
-    test::poison(h);
-    return dev(h);
-  };
-  if (c.batched) {
-    out.gemm2_out = make_out(host.g2, DType::BF16, {p.E_local, c.M, c.H});
-  } else {
-    if (o.do_finalize) {
-      out.out = make_out(host.out, DType::BF16, {c.M, c.H});
-    } else {
-      out.gemm2_out = make_out(host.g2, DType::BF16, {rows, c.H});
-      out.expert_weights = make_out(host.ew, DType::F32, {c.M, c.k});
-      out.expanded_idx_to_permuted_idx = make_out(host.e2p, DType::I32, {c.M, c.k});
-    }
-    out.expert_first_token_offset = make_out(host.offsets, DType::I64, {p.E_local + 1});
-    out.gemm1_activation_output = make_out(host.act, DType::BF16, {rows, c.I});
-  }
+  const ExpertsOutputs out = test::poisoned_outputs(
+      {c.batched, o.do_finalize, c.M, c.H, c.I, c.k, p.E_local, p.rows()}, host, dev);
   ExpertsInputs in;
   in.hidden = dev(p.x);
   if (c.batched) {
@@ -304,38 +282,8 @@ Outputs run_experts(const Problem& p, bool gpu, int repeats = 1) {
     w.w13_bias = dev(p.pb13);
     w.w2_bias = dev(p.pb2);
   }
-  const ExpertsDesc desc = make_experts_desc(in, w, p.map, o, out);
-  const size_t ws_bytes = experts_workspace_size(desc);
-  std::unique_ptr<DeviceTensor> ws;
-  Workspace workspace;
-  if (gpu && ws_bytes > 0) {
-    ws = std::make_unique<DeviceTensor>(DType::U8,
-                                        std::vector<int64_t>{static_cast<int64_t>(ws_bytes)});
-    ws->fill_bytes(0xFF);
-    workspace = {ws->view().data, ws_bytes};
-  }
-  for (int r = 0; r < repeats; ++r) experts(in, w, p.map, o, out, workspace);
-  if (gpu) {
-    test::sync();
-    auto back = [&](HostTensor& h, const TensorView& v) {
-      if (h.numel() == 0) return;
-      MODMOE_CUDA_CHECK(cudaMemcpy(h.view().data, v.data, h.nbytes(), cudaMemcpyDeviceToHost));
-    };
-    back(host.out, out.out);
-    back(host.g2, out.gemm2_out);
-    back(host.act, out.gemm1_activation_output);
-    back(host.ew, out.expert_weights);
-    back(host.e2p, out.expanded_idx_to_permuted_idx);
-    back(host.offsets, out.expert_first_token_offset);
-  }
+  test::run_and_fetch(in, w, p.map, o, out, gpu, repeats, host);
   return host;
-}
-
-std::vector<double> first_rows(const HostTensor& t, int64_t rows) {
-  std::vector<double> v = test::to_double(t);
-  const int64_t cols = t.view().shape[t.view().ndim - 1];
-  v.resize(static_cast<size_t>(rows * cols));
-  return v;
 }
 
 // Largest distance in bf16 ulps between two tensors of bf16 values held as doubles (1000 for a
@@ -354,13 +302,6 @@ int64_t max_bf16_ulps(const std::vector<double>& a, const std::vector<double>& b
     worst = std::max(worst, d);
   }
   return worst;
-}
-
-double bitwise_fraction(const std::vector<double>& a, const std::vector<double>& b) {
-  if (a.empty()) return 1.0;
-  int64_t same = 0;
-  for (size_t i = 0; i < a.size(); ++i) same += a[i] == b[i];
-  return static_cast<double>(same) / static_cast<double>(a.size());
 }
 
 // Decoded weight (block value * global) of row r, column col of expert e, in float64.
@@ -850,27 +791,7 @@ TEST_F(GpuNvfp4Stage, RepeatedAndGraphReplayBitwise) {
     in.hidden = x;
     in.topk_ids = ids;
     in.topk_weights = wts;
-    ExpertsOutputs eo;
-    eo.out = out;
-    const size_t ws_bytes = experts_workspace_size(make_experts_desc(in, w, p.map, o, eo));
-    DeviceTensor ws(DType::U8, {static_cast<int64_t>(ws_bytes)});
-    cudaStream_t stream;
-    MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    cudaGraph_t graph;
-    MODMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    experts(in, w, p.map, o, eo, {ws.view().data, ws_bytes}, stream);
-    MODMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-    cudaGraphExec_t exec;
-    MODMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    for (int r = 0; r < 2; ++r) {
-      test::poison(out);
-      MODMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-      MODMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-      EXPECT_TRUE(test::bitwise_equal(out.to_host(), once.out)) << "graph replay " << r;
-    }
-    MODMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-    MODMOE_CUDA_CHECK(cudaGraphDestroy(graph));
-    MODMOE_CUDA_CHECK(cudaStreamDestroy(stream));
+    test::expect_graph_replays(in, w, p.map, o, out, once.out);
   }
 }
 
