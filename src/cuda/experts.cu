@@ -477,6 +477,16 @@ void set_weight_scales(gemm::GemmArgs& g, const TensorView& scale, bool gate_up_
   g.b_scale_gate_up = gate_up_interleaved && scale.ndim == 3 ? 1 : 0;
 }
 
+// NVFP4 weights of one GEMM: the e4m3 block scales [E_local, rows, K/16] (bytes) and the
+// per-expert fp32 global scales [E_local].
+void set_nvfp4_scales(gemm::GemmArgs& g, const TensorView& block_scale,
+                      const TensorView& global_scale) {
+  g.b_block_scale = block_scale.ptr<const uint8_t>();
+  g.b_block_scale_expert = block_scale.stride(0);
+  g.b_block_scale_ld = block_scale.stride(1);
+  g.b_global_scale = global_scale.ptr<const float>();
+}
+
 // Test and benchmark hooks, read at every call:
 //   MODMOE_GEMM_CONFIG=<name>  use this compiled config (GemmConfig::to_string() without the
 //                              split suffix) for both GEMMs where it can run; "sm80" keeps the
@@ -713,12 +723,7 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   g1.a_gather = standard ? ws.p2e : nullptr;
   g1.gather_div = k;
   g1.b = static_cast<const __nv_bfloat16*>(weights.w13.data);  // nvfp4: E2M1x2 bytes
-  if (nvfp4) {
-    g1.b_block_scale = weights.w13_scale.ptr<const uint8_t>();
-    g1.b_block_scale_expert = weights.w13_scale.stride(0);
-    g1.b_block_scale_ld = weights.w13_scale.stride(1);
-    g1.b_global_scale = weights.w13_global_scale.ptr<const float>();
-  }
+  if (nvfp4) set_nvfp4_scales(g1, weights.w13_scale, weights.w13_global_scale);
   if (fp8) {
     g1.a = static_cast<const __nv_bfloat16*>(in.hidden.data);  // e4m3 bytes
     if (options.apply_router_weight_on_input) {
@@ -770,12 +775,7 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   g2a.a = act;
   g2a.lda = I;
   g2a.b = static_cast<const __nv_bfloat16*>(weights.w2.data);  // nvfp4: E2M1x2 bytes
-  if (nvfp4) {
-    g2a.b_block_scale = weights.w2_scale.ptr<const uint8_t>();
-    g2a.b_block_scale_expert = weights.w2_scale.stride(0);
-    g2a.b_block_scale_ld = weights.w2_scale.stride(1);
-    g2a.b_global_scale = weights.w2_global_scale.ptr<const float>();
-  }
+  if (nvfp4) set_nvfp4_scales(g2a, weights.w2_scale, weights.w2_global_scale);
   if (fp8) {
     g2a.a = reinterpret_cast<const __nv_bfloat16*>(ws.act_q);  // e4m3 bytes
     g2a.a_scale = ws.act_scale;
