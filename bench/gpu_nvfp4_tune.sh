@@ -6,7 +6,8 @@
 #   default                      the deep tile, split-K by select_config's rule (mixtral T=1 GEMM2)
 #   MODMOE_GEMM_CONFIG=w4a16_16x128x64_s6   the 64-K decode tile measured before (no split)
 #   MODMOE_GEMM_SPLIT_K=1        the deep tile without split-K
-#   MODMOE_GEMM_SPLIT_K=2        the deep tile with split 2 wherever the problem allows it
+#   MODMOE_GEMM_SPLIT_K=2        the deep tile with split 2 wherever the problem allows it (the
+#                                T = 1 cells: split_k_capacity sizes the scratch for decode grids)
 # Every file lands flat in $OUT (at most 5): gpu.txt, nvfp4_experts.log, bench.log,
 # experts_nvfp4_tune.json, and summary.txt (the lines printed here).
 #

@@ -324,17 +324,22 @@ GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
       return w4a16_decode();
     }
     GemmConfig c = w4a16_decode_deep();
-    // Rule 3: split-K when the expected tiles (touched experts x column tiles) fill fewer than
-    // half the SMs: mixtral T = 1 GEMM2 (2 experts x 32 tiles = 64 CTAs for 132 SMs) and
-    // deepseek-ep8 T = 1 (1 local expert: 32 and 56 tiles). A 64-tile GEMM on 132 SMs asks
-    // each busy SM for 2.06x its share of the copy rate (~47 GB/s); split 2 halves that. The
-    // cost: each slice writes its 16 x 128 fp32 fragment (8 KB, to L2) and the last CTA reads
-    // the others back; a mixtral GEMM2 tile streams 128 rows x 7 KB = 896 KB of packed
-    // weights, so 2 x 8 KB more is 1.8 %. split = SMs / tiles, within split_k_capacity
-    // (>= 2 k-tiles per slice, 8 MiB of scratch).
-    // NOTE: bf16 / FP8 split-K on sm90 measured slower at T = 1 (select_sm90, rule 2), where
-    // the tiles were not that few; hence only below SMs / 2, and MODMOE_GEMM_SPLIT_K=1 turns
-    // it off for an A/B. TODO(measure).
+    // Rule 3: split-K when the expected tiles (touched experts x column tiles) fill at most
+    // half the SMs: on the anchor grid mixtral T = 1 GEMM2 (2 experts x 32 tiles = 64 CTAs
+    // for 132 SMs); an EP rank with one local expert touched (DeepSeek-V3 EP 8, T = 1: 32
+    // and 56 tiles). What it buys here is decode work, not bytes in flight: a busy SM decodes
+    // at most ~33-38 GB/s of weights and scales at one instruction per cycle per scheduler
+    // (~105-120 warp instructions per 256 K x 16 rows, docs/nvfp4.md), so 64 busy SMs top
+    // out at 2.1-2.4 TB/s before any stall, below the 3.0 TB/s copy rate; split 2 puts 128
+    // SMs on it. The cost: each slice writes its 16 x 128 fp32 fragment (8 KB, to L2) and
+    // the last CTA reads the others back; a mixtral GEMM2 tile streams 128 rows x 7 KB =
+    // 896 KB of packed weights, so 2 x 8 KB more is 1.8 %. split = SMs / tiles, within
+    // split_k_capacity (>= 2 k-tiles per slice, 8 MiB of scratch).
+    // NOTE: bf16 / FP8 split-K on sm90 measured slower at T = 1 (select_sm90, rule 2), mixtral
+    // included (bf16 268.1 vs 255.3 us, FP8 162.1 vs 154.4): there the SMs only move bytes
+    // (TMA + wgmma, no per-value work), which 64 SMs with 128 KB in flight each can do. Hence
+    // only below SMs / 2, and MODMOE_GEMM_SPLIT_K=1 turns it off for the A/B.
+    // TODO(measure): bench/gpu_nvfp4_tune.sh.
     const int out_cols = desc.gated ? c.block_n / 2 : c.block_n;
     const int64_t tiles = static_cast<int64_t>(std::ceil(touched)) * ceil_div(desc.n, out_cols);
     const SplitKCapacity cap = split_k_capacity(desc);
