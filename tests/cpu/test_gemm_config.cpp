@@ -278,6 +278,38 @@ TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
   EXPECT_MODMOE_ERROR(d.validate(), "NVFP4 with k = 2080", "multiple of 64");
 }
 
+// The split-K that tests/gpu/test_gpu_nvfp4_experts.cpp forces (MODMOE_GEMM_SPLIT_K, clamped to
+// the capacity) really splits there: the capacity of each of its problems, GEMM1 and GEMM2.
+TEST(GemmConfig, Nvfp4SplitCapacityOfTheGpuTestCases) {
+  struct Case {
+    int e, k;
+    int64_t m, h, i;
+    bool gated;
+    int split1, split2;  // the capacity expected (1: none)
+  };
+  const Case cases[] = {
+      {4, 2, 3, 1344, 1088, true, 3, 2},   // int_split3_k_tails_t3 (and _t16, split2_canonical)
+      {4, 2, 16, 1344, 1088, true, 3, 2},
+      {8, 2, 2, 2048, 512, false, 4, 1},   // int_split8_clamped_relu2
+      {32, 8, 1, 2048, 1024, true, 4, 2},  // rand_decode_t1_split4
+      {8, 8, 16, 2048, 1024, true, 4, 2},  // rand_decode_t16_split2
+      {16, 4, 9, 1024, 512, true, 2, 1},   // RepeatedAndGraphReplayBitwise
+      {8, 2, 16, 1344, 1088, true, 3, 2},  // DeepTileEqualsThe64KTileBitwise
+      {8, 2, 1, 1344, 1088, true, 3, 2},
+  };
+  for (const Case& c : cases) {
+    GemmDesc d1 = gemm_desc(true, c.e, c.e, c.k, c.m, c.h, c.i, c.gated ? 8 : 0);
+    GemmDesc d2 = gemm_desc(false, c.e, c.e, c.k, c.m, c.h, c.i, 0);
+    d1.nvfp4 = d2.nvfp4 = true;
+    d1.validate();
+    d2.validate();
+    EXPECT_EQ(cuda::gemm::split_k_capacity(d1).max_split, c.split1)
+        << "E " << c.e << " k " << c.k << " M " << c.m << " H " << c.h;
+    EXPECT_EQ(cuda::gemm::split_k_capacity(d2).max_split, c.split2)
+        << "E " << c.e << " k " << c.k << " M " << c.m << " I " << c.i;
+  }
+}
+
 TEST(GemmConfig, UncompiledConfigsAreRecognised) {
   GemmConfig bad{96, 96, 32, 3, 2, 2};
   EXPECT_FALSE(cuda::gemm::is_compiled(bad));
