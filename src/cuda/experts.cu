@@ -129,7 +129,8 @@ class Carver {
 //     act_scale      fp32  [R, I/128]      its 1x128 scales              4 R I/128
 //   standard, do_finalize only
 //     g2             bf16  [N, H]          gemm2_out, permuted           2 N H
-//   sm90 split-K scratch (decode sizes only; gemm::split_k_capacity of each GEMM)
+//   split-K scratch (sm90 and the W4A16 deep tile, decode sizes only; gemm::split_k_capacity
+//   of each GEMM)
 //     split1         fp32  [cap1.partial_floats]                         4 cap1.partial_floats
 //     split2         fp32  [cap2.partial_floats]                         4 cap2.partial_floats
 //     counters       int32 [cap1.max_tiles + cap2.max_tiles]  zeroed by the work-list kernel
@@ -490,8 +491,11 @@ void set_nvfp4_scales(gemm::GemmArgs& g, const TensorView& block_scale,
 // Test and benchmark hooks, read at every call:
 //   MODMOE_GEMM_CONFIG=<name>  use this compiled config (GemmConfig::to_string() without the
 //                              split suffix) for both GEMMs where it can run; "sm80" keeps the
-//                              mma.sync kernels only;
-//   MODMOE_GEMM_SPLIT_K=<n>    sm90 split-K slices (clamped to what the problem allows);
+//                              mma.sync kernels only. NVFP4 problems take the w4a16_* names
+//                              (e.g. the 64-K decode tile w4a16_16x128x64_s6 against the deep
+//                              one); naming the tile select_config chose keeps its split-K;
+//   MODMOE_GEMM_SPLIT_K=<n>    split-K slices of the sm90 narrow tile and of the W4A16 deep
+//                              decode tile (clamped to what the problem allows; 1: off);
 //   MODMOE_GEMM_TAIL=0|1       tail rows (GemmConfig::tail_m) on the sm90 kernels off / on
 //                              (unset: select_config's rule 3);
 //   MODMOE_FUSED_PERMUTE=0|1   the one-block permute_prepare_kernel off / on wherever it fits
@@ -503,15 +507,20 @@ gemm::GemmConfig apply_overrides(const gemm::GemmDesc& d, gemm::GemmConfig c) {
   if (name != nullptr && name[0] != '\0') {
     for (const gemm::GemmConfig& k : gemm::compiled_configs()) {
       if (k.to_string() == name && gemm::config_runs(d, k)) {
+        gemm::GemmConfig base = c;
+        base.split_k = 1;
+        const int selected_split = c.split_k;
         c = k;
+        if (k.nvfp4 && base == k) c.split_k = selected_split;
       }
     }
   }
   const char* split = std::getenv("MODMOE_GEMM_SPLIT_K");
-  if (split != nullptr && split[0] != '\0' && c.arch == 90) {
+  const bool w4a16_deep = c.nvfp4 && c.block_k == 256;
+  if (split != nullptr && split[0] != '\0' && (c.arch == 90 || w4a16_deep)) {
     const gemm::SplitKCapacity cap = gemm::split_k_capacity(d);
     const int want = std::atoi(split);
-    c.split_k = c.block_m == 64 ? std::max(1, std::min(want, cap.max_split)) : 1;
+    c.split_k = c.block_m == 64 || w4a16_deep ? std::max(1, std::min(want, cap.max_split)) : 1;
   }
   // Tail rows: select_config's rule 3 (kept for a forced config too), or the variable's choice.
   const char* tail = std::getenv("MODMOE_GEMM_TAIL");

@@ -188,36 +188,62 @@ TEST(GemmConfig, Fp8ProblemsGetTheFp8Tiles) {
   EXPECT_MODMOE_ERROR(d.validate(), "FP8 with k = 2000", "multiples of 128");
 }
 
-// NVFP4 problems (desc.nvfp4, W4A16) get the two W4A16 tiles on every sm_80+ device, the
-// 16-token one at decode sizes; no other problem gets them, and no other tile runs NVFP4.
+// NVFP4 problems (desc.nvfp4, W4A16) get the W4A16 tiles on every sm_80+ device: at decode
+// sizes a 16-token one (the deep 256-K tile where its shared memory fits, else the 64-K tile),
+// split-K only on the deep tile, within the capacity, and only when the expected tiles fill
+// fewer than half the SMs; no other problem gets them, and no other tile runs NVFP4.
 TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
-  int checked = 0, decode = 0, prefill = 0;
+  int checked = 0, decode = 0, deep = 0, split = 0, prefill = 0;
   for (const DeviceProps& props : {hopper(), ampere()}) {
     for (int stage = 0; stage < 2; ++stage) {
-      for (int64_t rows : {1, 7, 16, 64, 100, 1000, 8192, 65536}) {
-        for (int E : {1, 8, 32, 128, 256}) {
+      for (int64_t rows : {1, 2, 7, 16, 64, 100, 1000, 8192, 65536}) {
+        for (int E : {1, 2, 8, 32, 128, 256}) {
           for (int64_t n : {192, 768, 2048, 2880, 7168}) {
-            GemmDesc d;
-            d.stage = stage == 0 ? GemmStage::Gemm1 : GemmStage::Gemm2;
-            d.num_experts = E;
-            d.max_rows = rows;
-            d.max_rows_per_expert = rows;
-            d.n = n;
-            d.k = 2048;
-            d.gated = stage == 0;
-            d.gate_up_group = d.gated ? 8 : 0;
-            d.nvfp4 = true;
-            d.validate();
-            EXPECT_FALSE(d.sm90_supported());
-            EXPECT_EQ(cuda::gemm::split_k_capacity(d).max_split, 1);
+            for (int64_t k : {192, 1344, 2048, 14336}) {
+              GemmDesc d;
+              d.stage = stage == 0 ? GemmStage::Gemm1 : GemmStage::Gemm2;
+              d.num_experts = E;
+              d.max_rows = rows;
+              d.max_rows_per_expert = rows;
+              d.n = n;
+              d.k = k;
+              d.gated = stage == 0;
+              d.gate_up_group = d.gated ? 8 : 0;
+              d.nvfp4 = true;
+              d.validate();
+              EXPECT_FALSE(d.sm90_supported());
+              const auto cap = cuda::gemm::split_k_capacity(d);
+              EXPECT_LE(cap.partial_floats * 4, int64_t{8} << 20);
+              EXPECT_LE(cap.max_split, cuda::gemm::max_split_k());
+              if (cap.max_split > 1) {
+                EXPECT_GE((k + 255) / 256, 2 * cap.max_split) << "a slice keeps >= 2 k-tiles";
+            }
             const GemmConfig c = cuda::gemm::select_config(d, props);
             ASSERT_TRUE(cuda::gemm::is_compiled(c)) << c.to_string();
             EXPECT_TRUE(cuda::gemm::config_runs(d, c)) << c.to_string();
             EXPECT_TRUE(c.nvfp4) << c.to_string();
-            EXPECT_EQ(c.split_k, 1);
             EXPECT_EQ(c.tail_m, 0);
             EXPECT_EQ(c, cuda::gemm::select_config(d, props)) << "not a pure function";
+            const bool is_deep = c.block_k == 256;
             (c.block_m == 16 ? decode : prefill) += 1;
+            deep += is_deep;
+            if (is_deep) {
+              EXPECT_EQ(c.block_m, 16);
+              EXPECT_EQ(props.max_smem_per_block, hopper().max_smem_per_block)
+                  << "the deep tile's 208 KB fit a Hopper, not an A100";
+            } else if (c.block_m == 16) {
+              EXPECT_EQ(c.to_string(), "w4a16_16x128x64_s6");
+              EXPECT_EQ(props.max_smem_per_block, ampere().max_smem_per_block);
+            }
+            if (c.split_k > 1) {
+              ++split;
+              EXPECT_TRUE(is_deep) << c.to_string();
+              EXPECT_LE(c.split_k, cap.max_split) << c.to_string();
+              // Fewer expected tiles than SMs / 2: at most min(E, rows) experts x column tiles.
+              const int64_t n_tiles = (n + (d.gated ? 63 : 127)) / (d.gated ? 64 : 128);
+              EXPECT_LE(2 * n_tiles, props.sm_count) << c.to_string();
+              EXPECT_LE(c.split_k * n_tiles, 2 * props.sm_count) << c.to_string();
+            }
             if (E >= rows) EXPECT_EQ(c.block_m, 16) << "one row per expert is decode";
             GemmDesc b = d;
             b.nvfp4 = false;
@@ -226,15 +252,18 @@ TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
             EXPECT_FALSE(cuda::gemm::config_runs(d, cb)) << cb.to_string();
             EXPECT_FALSE(cuda::gemm::config_runs(b, c)) << c.to_string();
             ++checked;
+            }
           }
         }
       }
     }
   }
+  EXPECT_GT(deep, 0);
+  EXPECT_GT(split, 0);
+  std::printf("checked %d NVFP4 descs (%d decode tile, %d of them deep, %d split, %d prefill)\n",
+              checked, decode, deep, split, prefill);
   EXPECT_GT(decode, 0);
   EXPECT_GT(prefill, 0);
-  std::printf("checked %d NVFP4 descs (%d decode tile, %d prefill tile)\n", checked, decode,
-              prefill);
   DeviceProps old = ampere();
   old.cc_major = 7;
   GemmDesc d;
@@ -249,6 +278,38 @@ TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
   EXPECT_MODMOE_ERROR(d.validate(), "NVFP4 with k = 2080", "multiple of 64");
 }
 
+// The split-K that tests/gpu/test_gpu_nvfp4_experts.cpp forces (MODMOE_GEMM_SPLIT_K, clamped to
+// the capacity) really splits there: the capacity of each of its problems, GEMM1 and GEMM2.
+TEST(GemmConfig, Nvfp4SplitCapacityOfTheGpuTestCases) {
+  struct Case {
+    int e, k;
+    int64_t m, h, i;
+    bool gated;
+    int split1, split2;  // the capacity expected (1: none)
+  };
+  const Case cases[] = {
+      {4, 2, 3, 1344, 1088, true, 3, 2},   // int_split3_k_tails_t3 (and _t16, split2_canonical)
+      {4, 2, 16, 1344, 1088, true, 3, 2},
+      {8, 2, 2, 2048, 512, false, 4, 1},   // int_split8_clamped_relu2
+      {32, 8, 1, 2048, 1024, true, 4, 2},  // rand_decode_t1_split4
+      {8, 8, 16, 2048, 1024, true, 4, 2},  // rand_decode_t16_split2
+      {16, 4, 9, 1024, 512, true, 2, 1},   // RepeatedAndGraphReplayBitwise
+      {8, 2, 16, 1344, 1088, true, 3, 2},  // DeepTileEqualsThe64KTileBitwise
+      {8, 2, 1, 1344, 1088, true, 3, 2},
+  };
+  for (const Case& c : cases) {
+    GemmDesc d1 = gemm_desc(true, c.e, c.e, c.k, c.m, c.h, c.i, c.gated ? 8 : 0);
+    GemmDesc d2 = gemm_desc(false, c.e, c.e, c.k, c.m, c.h, c.i, 0);
+    d1.nvfp4 = d2.nvfp4 = true;
+    d1.validate();
+    d2.validate();
+    EXPECT_EQ(cuda::gemm::split_k_capacity(d1).max_split, c.split1)
+        << "E " << c.e << " k " << c.k << " M " << c.m << " H " << c.h;
+    EXPECT_EQ(cuda::gemm::split_k_capacity(d2).max_split, c.split2)
+        << "E " << c.e << " k " << c.k << " M " << c.m << " I " << c.i;
+  }
+}
+
 TEST(GemmConfig, UncompiledConfigsAreRecognised) {
   GemmConfig bad{96, 96, 32, 3, 2, 2};
   EXPECT_FALSE(cuda::gemm::is_compiled(bad));
@@ -256,7 +317,8 @@ TEST(GemmConfig, UncompiledConfigsAreRecognised) {
     EXPECT_TRUE(cuda::gemm::is_compiled(c)) << c.to_string();
     GemmConfig s = c;
     s.split_k = 2;
-    EXPECT_EQ(cuda::gemm::is_compiled(s), c.arch == 90) << s.to_string();
+    const bool splits = c.arch == 90 || (c.nvfp4 && c.block_k == 256);  // the W4A16 deep tile
+    EXPECT_EQ(cuda::gemm::is_compiled(s), splits) << s.to_string();
     s.split_k = cuda::gemm::max_split_k() + 1;
     EXPECT_FALSE(cuda::gemm::is_compiled(s)) << s.to_string();
     // Tail rows: the tile's own count, sm90 only, never with split-K; none on the FP8 tiles.
@@ -337,6 +399,39 @@ TEST(GemmConfig, AnchorGridChoices) {
       }
     }
   }
+  // NVFP4 (W4A16) on the same grid: decode on the deep tile, split-K only where a GEMM's
+  // expected tiles fill fewer than half of the 132 SMs (mixtral T = 1 GEMM2: 2 experts x 32
+  // tiles), prefill on the 64-token tile.
+  for (const Model& m : models) {
+    for (int64_t t : {1, 16, 128, 4096}) {
+      GemmDesc d1 = gemm_desc(true, m.e, m.e, m.k, t, m.h, m.i, 8);
+      GemmDesc d2 = gemm_desc(false, m.e, m.e, m.k, t, m.h, m.i, 8);
+      d1.nvfp4 = d2.nvfp4 = true;
+      const GemmConfig c1 = cuda::gemm::select_config(d1, hopper());
+      const GemmConfig c2 = cuda::gemm::select_config(d2, hopper());
+      std::printf("nvfp4 %-13s T=%-6lld GEMM1 %-22s GEMM2 %s\n", m.name,
+                  static_cast<long long>(t), c1.to_string().c_str(), c2.to_string().c_str());
+      if (t <= 16) {
+        EXPECT_EQ(c1.block_k, 256) << m.name << " T=" << t;
+        EXPECT_EQ(c2.block_k, 256) << m.name << " T=" << t;
+      }
+      const bool mixtral_t1 = std::string(m.name) == "mixtral" && t == 1;
+      EXPECT_EQ(c1.split_k, 1) << m.name << " T=" << t;
+      EXPECT_EQ(c2.split_k, mixtral_t1 ? 2 : 1) << m.name << " T=" << t;
+      if (t == 4096) {
+        EXPECT_EQ(c1.to_string(), "w4a16_64x128x64_s4");
+        EXPECT_EQ(c2.to_string(), "w4a16_64x128x64_s4");
+      }
+    }
+  }
+  // An EP slice with one expert touched at T = 1 (DeepSeek-V3 at EP 8: 32 of 256 experts, 8
+  // picks, about one local): both GEMMs split (32 and 56 column tiles).
+  GemmDesc e1 = gemm_desc(true, 32, 256, 8, 1, 7168, 2048, 8);
+  GemmDesc e2 = gemm_desc(false, 32, 256, 8, 1, 7168, 2048, 8);
+  e1.nvfp4 = e2.nvfp4 = true;
+  EXPECT_EQ(cuda::gemm::select_config(e1, hopper()).to_string(), "w4a16_16x128x256_s8_k4");
+  EXPECT_EQ(cuda::gemm::select_config(e2, hopper()).to_string(), "w4a16_16x128x256_s8_k2");
+  EXPECT_EQ(cuda::gemm::select_config(e2, ampere()).to_string(), "w4a16_16x128x64_s6");
   // A canonical (non-interleaved) gated layout stays on the mma.sync kernel for GEMM1.
   const GemmDesc canon = gemm_desc(true, 8, 8, 2, 4096, 4096, 14336, 14336);
   EXPECT_EQ(cuda::gemm::select_config(canon, hopper()).arch, 80);

@@ -9,12 +9,16 @@
 //     MMA sums in its own order);
 //   - random inputs and weights quantized from bf16 masters: relative L2 against the oracle,
 //     and against float64 over the decoded weights (the contract's bf16 bound, 6e-3);
-//   - decode (T = 1, 16) and prefill-like shapes, both tiles (forced too), the n tail of a
-//     tile, a K shorter than the pipeline, prepared (G = 8, 16) and Canonical (GateUp, UpGate)
+//   - decode (T = 1, 16) and prefill-like shapes, the three tiles (the deep 256-K decode tile,
+//     the 64-K one, the prefill one; forced too), split-K on the deep tile (forced through
+//     MODMOE_GEMM_SPLIT_K, with K tails of 64), the n tail of a tile, a K shorter than the
+//     pipeline and than one 256-K stage, prepared (G = 8, 16) and Canonical (GateUp, UpGate)
 //     weights, every activation, biases, LoRA, apply_router_weight_on_input, both formats, both
 //     do_finalize modes, an EP slice with -1 / E / other ranks' ids;
-//   - repeated runs and a CUDA graph replay bitwise; fused_moe == route -> experts bitwise; EP
-//     slices summed == the single call.
+//   - repeated runs and a CUDA graph replay bitwise (split-K too); fused_moe == route -> experts
+//     bitwise; EP slices summed == the single call;
+//   - the deep decode tile without split-K == the 64-K decode tile, bit for bit (the same MMAs
+//     in the same order per accumulator, sm80_w4a16_grouped_gemm.cuh).
 // Outputs are poisoned before every run; inputs are fresh random draws (never all zero).
 // Without a GPU the suite skips. MODMOE_GPU_TEST_DRYRUN=1 runs the MatchesTheOracle cases on
 // such a machine with the CPU oracle on both sides, to check the harness itself.
@@ -45,7 +49,8 @@ namespace modmoe {
 namespace {
 
 constexpr int64_t kB = kNvfp4BlockSize;
-constexpr const char* kDecodeTile = "w4a16_16x128x64_s6";
+constexpr const char* kDeepTile = "w4a16_16x128x256_s8";  // the decode tile on an H100
+constexpr const char* kDecode64Tile = "w4a16_16x128x64_s6";
 constexpr const char* kPrefillTile = "w4a16_64x128x64_s4";
 
 using test::ScopedEnv;
@@ -77,7 +82,8 @@ struct Case {
   // Weight layout: 0 Canonical, else GateUpInterleaved with this G.
   int interleave = 8;
   GateUpOrder order = GateUpOrder::GateUp;
-  const char* force = "";
+  const char* force = "";  // MODMOE_GEMM_CONFIG
+  const char* split = "";  // MODMOE_GEMM_SPLIT_K (clamped to each GEMM's capacity)
 };
 
 // NVFP4 weights [E, R, C] (C values per row): packed codes [E, R, C/2], block scales
@@ -366,6 +372,8 @@ TEST_P(GpuNvfp4Experts, MatchesTheOracle) {
   const Case& c = GetParam();
   std::unique_ptr<ScopedEnv> force;
   if (c.force[0] != '\0') force = std::make_unique<ScopedEnv>("MODMOE_GEMM_CONFIG", c.force);
+  std::unique_ptr<ScopedEnv> split;
+  if (c.split[0] != '\0') split = std::make_unique<ScopedEnv>("MODMOE_GEMM_SPLIT_K", c.split);
   const Problem p = make_problem(c, 9000 + std::hash<std::string>{}(c.name) % 1000);
   const Outputs ref = run_experts(p, false);
   const Outputs gpu = run_experts(p, true);
@@ -463,7 +471,60 @@ std::vector<Case> cases() {
   add(s);
   s.name = "int_decode_tile_forced_many_rows";  // 5 token tiles of the 16-token tile per expert
   s.finalize = true;
-  s.force = kDecodeTile;
+  s.force = kDeepTile;
+  add(s);
+  s.name = "int_decode64_tile_forced_many_rows";
+  s.force = kDecode64Tile;
+  add(s);
+  s = Case{};
+  s.small_int = true;
+  s.name = "int_decode64_tile_t16";  // the 64-K decode tile (A/B and devices < 208 KB)
+  s.M = 16;
+  s.E = 16;
+  s.k = 4;
+  s.H = 512;
+  s.force = kDecode64Tile;
+  add(s);
+  // Split-K on the deep tile. GEMM1 K = 1344 (5 stages of 256 and a tail of 64: 6 k-tiles,
+  // split 3), GEMM2 K = 1088 (4 + 64: 5 k-tiles, split 2), GEMM2 n = 1344 (10.5 tiles).
+  s = Case{};
+  s.small_int = true;
+  s.name = "int_split3_k_tails_t3";
+  s.M = 3;
+  s.E = 4;
+  s.H = 1344;
+  s.I = 1088;
+  s.split = "3";
+  add(s);
+  s.name = "int_split3_k_tails_t16_unfinalized";
+  s.M = 16;
+  s.finalize = false;
+  add(s);
+  s.name = "int_split2_canonical_upgate_lora";
+  s.M = 6;
+  s.finalize = true;
+  s.interleave = 0;
+  s.order = GateUpOrder::UpGate;
+  s.lora = true;
+  s.split = "2";
+  add(s);
+  s = Case{};
+  s.small_int = true;
+  s.name = "int_split2_batched";
+  s.batched = true;
+  s.M = 5;
+  s.H = 1024;
+  s.I = 1024;
+  s.split = "2";
+  add(s);
+  s = Case{};
+  s.small_int = true;
+  s.name = "int_split8_clamped_relu2";  // asks 8: GEMM1 K = 2048 allows 4, GEMM2 K = 512 none
+  s.act = Activation::Relu2;
+  s.M = 2;
+  s.H = 2048;
+  s.I = 512;
+  s.split = "8";
   add(s);
   s = Case{};
   s.small_int = true;
@@ -519,6 +580,26 @@ std::vector<Case> cases() {
   r.name = "rand_decode_t16";
   r.M = 16;
   add(r);
+  r.name = "rand_decode_t16_decode64_tile";
+  r.force = kDecode64Tile;
+  add(r);
+  r.force = "";
+  r.name = "rand_decode_t1_split4";  // GEMM1 K = 2048: split 4; GEMM2 K = 1024: split 2
+  r.M = 1;
+  r.H = 2048;
+  r.I = 1024;
+  r.split = "4";
+  add(r);
+  // T = 16 with 8 experts: 16 x 16 tiles per GEMM, within the 8 MiB scratch (with 32 experts
+  // the grid's upper bound, 40 x 16 tiles, leaves no room for a split).
+  r.name = "rand_decode_t16_split2";
+  r.M = 16;
+  r.E = 8;
+  r.split = "2";
+  add(r);
+  r.split = "";
+  r.H = 1024;
+  r.I = 512;
   r.name = "rand_decode_t16_ep4_rank2";  // an EP slice: local_expert_offset = 16
   r.ep_size = 4;
   r.ep_rank = 2;
@@ -767,9 +848,19 @@ struct DeviceWeights {
   DeviceTensor w13, w2, s13, s2, g13, g2, b13, b2;
 };
 
-// The same call three times, and captured in a CUDA graph and replayed: the same bits.
+// The same call three times, and captured in a CUDA graph and replayed: the same bits. The
+// deep decode tile with and without split-K (GEMM1 K = 1024: 4 k-tiles, split 2; the
+// arrival counters are zeroed by the work-list kernel inside the graph), then the prefill tile.
 TEST_F(GpuNvfp4Stage, RepeatedAndGraphReplayBitwise) {
-  for (int64_t M : {int64_t{9}, int64_t{200}}) {  // the decode and the prefill tile
+  struct Variant {
+    int64_t M;
+    const char* split;
+  };
+  for (const Variant& v : {Variant{9, ""}, Variant{9, "2"}, Variant{200, ""}}) {
+    const int64_t M = v.M;
+    std::unique_ptr<ScopedEnv> split;
+    if (v.split[0] != '\0') split = std::make_unique<ScopedEnv>("MODMOE_GEMM_SPLIT_K", v.split);
+    SCOPED_TRACE(std::string("split ") + v.split);
     Case c;
     c.name = "determinism";
     c.M = M;
@@ -853,6 +944,60 @@ TEST_F(GpuNvfp4Stage, ModularEqualsMonolithicAndEpSlicesSum) {
     std::printf("fused M=%lld: EP=4 slices summed vs the single call, rel L2 %.3g\n",
                 static_cast<long long>(M), e);
     EXPECT_LE(e, 5e-3);
+  }
+}
+
+// The deep decode tile (256 of K per stage, 8 warps) without split-K and the 64-K decode tile
+// issue the same MMAs on the same fragments in the same order for every accumulator, so on
+// random inputs (inexact fp32 sums) every output is the same to the bit; split-K regroups the
+// sums (within the oracle bounds: MatchesTheOracle's split cases), and is checked here for
+// being deterministic only. K tails (GEMM1 K = 1344, GEMM2 K = 1088: 6 and 5 k-tiles, both
+// split 2), the n tail of GEMM2 (1344 = 10.5 tiles), T = 1, 5, 16.
+TEST_F(GpuNvfp4Stage, DeepTileEqualsThe64KTileBitwise) {
+  for (int64_t M : {int64_t{1}, int64_t{5}, int64_t{16}}) {
+    for (int interleave : {8, 0}) {
+      Case c;
+      c.name = "deep_vs_64k";
+      c.M = M;
+      c.E = 8;
+      c.k = 2;
+      c.H = 1344;
+      c.I = 1088;
+      c.interleave = interleave;
+      c.lora = interleave == 0;
+      c.finalize = false;  // gemm2_out: the GEMM2 rows themselves
+      const Problem p = make_problem(c, 9960 + M + interleave);
+      Outputs deep, narrow;
+      {
+        const ScopedEnv env("MODMOE_GEMM_CONFIG", kDeepTile);
+        const ScopedEnv off("MODMOE_GEMM_SPLIT_K", "1");
+        deep = run_experts(p, true);
+      }
+      {
+        const ScopedEnv env("MODMOE_GEMM_CONFIG", kDecode64Tile);
+        narrow = run_experts(p, true);
+      }
+      const std::string what =
+          "M " + std::to_string(M) + " interleave " + std::to_string(interleave);
+      ASSERT_TRUE(test::bitwise_equal(deep.offsets, narrow.offsets)) << what;
+      EXPECT_TRUE(test::bitwise_equal(deep.e2p, narrow.e2p)) << what;
+      // The rows the stage writes (the others stay poisoned); NaN counts as a mismatch.
+      const int64_t valid = narrow.offsets.data<int64_t>()[p.E_local];
+      auto same = [&](const HostTensor& x, const HostTensor& y) {
+        return bitwise_fraction(first_rows(x, valid), first_rows(y, valid));
+      };
+      EXPECT_EQ(same(deep.act, narrow.act), 1.0) << "GEMM1, " << what;
+      EXPECT_EQ(same(deep.g2, narrow.g2), 1.0) << "GEMM2, " << what;
+      const ScopedEnv env("MODMOE_GEMM_CONFIG", kDeepTile);
+      const ScopedEnv on("MODMOE_GEMM_SPLIT_K", "2");
+      const Outputs a = run_experts(p, true), b = run_experts(p, true, 2);
+      EXPECT_EQ(same(a.act, b.act), 1.0) << "split-K GEMM1 twice, " << what;
+      EXPECT_EQ(same(a.g2, b.g2), 1.0) << "split-K GEMM2 twice, " << what;
+      const double e = test::rel_l2(first_rows(a.g2, valid), first_rows(narrow.g2, valid));
+      std::printf("%s: split-K 2 vs no split, gemm2_out rel L2 %.3g, %lld rows\n", what.c_str(),
+                  e, static_cast<long long>(valid));
+      EXPECT_LE(e, 4e-3) << what;
+    }
   }
 }
 

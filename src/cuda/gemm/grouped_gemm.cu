@@ -4,7 +4,7 @@
 //
 // Instantiations (the build's size, kept small for 2-core CI): sm80 2 tiles x 2 stages
 // (GEMM1, GEMM2) = 4 kernels, sm90 2 tiles x 2 stages = 4 kernels (w4a16_grouped_gemm.cu:
-// 2 W4A16 tiles, the stage at run time = 2 kernels). Activation, gating, bias,
+// 3 W4A16 tiles, the stage at run time = 3 kernels). Activation, gating, bias,
 // LoRA, gather, the gate/up row map and split-K are run-time arguments, not template axes.
 #include "cuda/gemm/grouped_gemm.h"
 
@@ -27,7 +27,10 @@ GemmConfig sm90_wide_config();
 GemmConfig sm90_fp8_narrow_config();
 GemmConfig sm90_fp8_mid_config();
 GemmConfig w4a16_decode_config();  // w4a16_grouped_gemm.cu
+GemmConfig w4a16_decode_deep_config();
 GemmConfig w4a16_prefill_config();
+size_t w4a16_decode_deep_smem_bytes();
+int w4a16_split_unit_floats();
 
 namespace {
 
@@ -38,14 +41,14 @@ using TileLarge = Sm80Tile<128, 128, 4, 2, 4, 2>;
 // (decode, many experts), half the padded rows of the large tile and twice the CTAs.
 using TileSmall = Sm80Tile<64, 128, 4, 2, 2, 3>;
 
-constexpr int kNumConfigs = 8;
+constexpr int kNumConfigs = 9;
 constexpr int kMaxSplitK = 8;
 // NOTE: the order is the switch order of launch_grouped_gemm (sm80) and of select_config.
 const std::array<GemmConfig, kNumConfigs>& configs() {
   static const std::array<GemmConfig, kNumConfigs> c = {
       TileLarge::config(),  TileSmall::config(),         sm90_narrow_config(),
       sm90_wide_config(),   sm90_fp8_narrow_config(),    sm90_fp8_mid_config(),
-      w4a16_decode_config(), w4a16_prefill_config()};
+      w4a16_decode_config(), w4a16_prefill_config(), w4a16_decode_deep_config()};
   return c;
 }
 const GemmConfig& sm90_narrow() { return configs()[2]; }
@@ -54,6 +57,12 @@ const GemmConfig& sm90_fp8_narrow() { return configs()[4]; }
 const GemmConfig& sm90_fp8_mid() { return configs()[5]; }
 const GemmConfig& w4a16_decode() { return configs()[6]; }
 const GemmConfig& w4a16_prefill() { return configs()[7]; }
+const GemmConfig& w4a16_decode_deep() { return configs()[8]; }
+bool is_w4a16_deep(const GemmConfig& c) {
+  GemmConfig base = c;
+  base.split_k = 1;
+  return base == w4a16_decode_deep();
+}
 // The narrow (decode) and the wide sm90 tile of a problem's element type.
 const GemmConfig& narrow_of(const GemmDesc& d) { return d.fp8 ? sm90_fp8_narrow() : sm90_narrow(); }
 const GemmConfig& wide_of(const GemmDesc& d) { return d.fp8 ? sm90_fp8_mid() : sm90_wide(); }
@@ -166,6 +175,7 @@ std::string GemmConfig::to_string() const {
   std::ostringstream os;
   if (nvfp4) {
     os << "w4a16_" << block_m << "x" << block_n << "x" << block_k << "_s" << stages;
+    if (split_k > 1) os << "_k" << split_k;
     return os.str();
   }
   if (arch == 90) {
@@ -189,7 +199,8 @@ bool is_compiled(const GemmConfig& config) {
   base.tail_m = 0;
   if (std::find(configs().begin(), configs().end(), base) == configs().end()) return false;
   const bool split_ok = config.split_k == 1 ||
-                        (config.arch == 90 && config.split_k >= 1 && config.split_k <= kMaxSplitK);
+                        ((config.arch == 90 || is_w4a16_deep(config)) && config.split_k >= 1 &&
+                         config.split_k <= kMaxSplitK);
   const bool tail_ok = config.tail_m == 0 ||
                        (config.arch == 90 && config.split_k == 1 &&
                         config.tail_m == sm90_tail_rows(base));
@@ -198,6 +209,25 @@ bool is_compiled(const GemmConfig& config) {
 
 SplitKCapacity split_k_capacity(const GemmDesc& desc) {
   SplitKCapacity cap;
+  if (desc.nvfp4) {
+    // The W4A16 deep decode tile (16 tokens x 128 weight rows, 256 of K per k-tile). Every
+    // slice keeps at least 2 k-tiles (512 of K), and the scratch stays under 8 MiB: 1024
+    // (tile, slice) units of 16 x 128 floats, so only decode-sized grids get any.
+    const GemmConfig& deep = w4a16_decode_deep();
+    const int out_cols = desc.gated ? deep.block_n / 2 : deep.block_n;
+    const int64_t tiles = desc.max_m_tiles(deep.block_m) * ceil_div(desc.n, out_cols);
+    const int64_t k_tiles = ceil_div(desc.k, deep.block_k);
+    const int64_t unit_floats = w4a16_split_unit_floats();
+    constexpr int64_t kScratchBytes = int64_t{8} << 20;
+    if (tiles == 0) return cap;
+    const int64_t max_split = std::min({int64_t{kMaxSplitK}, k_tiles / 2,
+                                        kScratchBytes / (tiles * unit_floats * 4)});
+    if (max_split < 2) return cap;
+    cap.max_split = static_cast<int>(max_split);
+    cap.max_tiles = tiles;
+    cap.partial_floats = tiles * max_split * unit_floats;
+    return cap;
+  }
   // Only the narrow sm90 tile splits, and only when no tile can hold more than 16 rows (its
   // narrowest wgmma), so a slice's fragment is 8 floats per consumer thread.
   if (!desc.sm90_supported() || desc.max_rows <= 0 || desc.max_rows_per_expert > 16) return cap;
@@ -273,16 +303,50 @@ GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
       MODMOE_NOT_SUPPORTED("the NVFP4 (W4A16) grouped GEMM on sm_", props.cc_major,
                            props.cc_minor, ": it needs sm_80 or newer (bf16 mma.sync)");
     }
-    // Rule: up to 16 rows per touched group (decode) the 16-token tile: no padded MMA rows,
+    // Rule 1: up to 16 rows per touched group (decode) a 16-token tile: no padded MMA rows,
     // and every weight is read and decoded once. Past that the 64-token tile, which decodes
     // each weight tile once per 64 tokens instead of once per 16.
-    // TODO(measure): the crossover was set on paper (no GPU run of this kernel yet).
+    // TODO(measure): the crossover was set on paper.
     const int64_t rows = desc.expected_rows > 0 ? std::min(desc.expected_rows, desc.max_rows)
                                                 : desc.max_rows;
     const double touched = std::min<double>(expected_touched(rows, desc.num_experts),
                                             std::max<int64_t>(rows, 1));
     const double rows_per_group = static_cast<double>(rows) / touched;
-    return rows_per_group <= 16.0 ? w4a16_decode() : w4a16_prefill();
+    if (rows_per_group > 16.0) return w4a16_prefill();
+    // Rule 2: the deep decode tile (256 of K per stage, 8 stages, 8 warps: 126 KB of weights
+    // and scales in flight per CTA against ~22 KB) where its 208 KB of shared memory fit; the
+    // 64-K tile elsewhere. At decode a GEMM has at most ~SMs tiles, so one CTA per SM holds
+    // all the bytes in flight: at 3 TB/s and ~1.5-2 us of loaded HBM latency the chip needs
+    // ~4.5-6 MB in flight, 34-45 KB per SM; the 64-K tile's ~22 KB is a third to a half of
+    // that (measured 15-43 % of the copy ceiling). TODO(measure): bench/gpu_nvfp4_tune.sh.
+    if (props.max_smem_per_block != 0 &&
+        props.max_smem_per_block < w4a16_decode_deep_smem_bytes()) {
+      return w4a16_decode();
+    }
+    GemmConfig c = w4a16_decode_deep();
+    // Rule 3: split-K when the expected tiles (touched experts x column tiles) fill at most
+    // half the SMs: on the anchor grid mixtral T = 1 GEMM2 (2 experts x 32 tiles = 64 CTAs
+    // for 132 SMs); an EP rank with one local expert touched (DeepSeek-V3 EP 8, T = 1: 32
+    // and 56 tiles). What it buys here is decode work, not bytes in flight: a busy SM decodes
+    // at most ~33-38 GB/s of weights and scales at one instruction per cycle per scheduler
+    // (~105-120 warp instructions per 256 K x 16 rows, docs/nvfp4.md), so 64 busy SMs top
+    // out at 2.1-2.4 TB/s before any stall, below the 3.0 TB/s copy rate; split 2 puts 128
+    // SMs on it. The cost: each slice writes its 16 x 128 fp32 fragment (8 KB, to L2) and
+    // the last CTA reads the others back; a mixtral GEMM2 tile streams 128 rows x 7 KB =
+    // 896 KB of packed weights, so 2 x 8 KB more is 1.8 %. split = SMs / tiles, within
+    // split_k_capacity (>= 2 k-tiles per slice, 8 MiB of scratch).
+    // NOTE: bf16 / FP8 split-K on sm90 measured slower at T = 1 (select_sm90, rule 2), mixtral
+    // included (bf16 268.1 vs 255.3 us, FP8 162.1 vs 154.4): there the SMs only move bytes
+    // (TMA + wgmma, no per-value work), which 64 SMs with 128 KB in flight each can do. Hence
+    // only below SMs / 2, and MODMOE_GEMM_SPLIT_K=1 turns it off for the A/B.
+    // TODO(measure): bench/gpu_nvfp4_tune.sh.
+    const int out_cols = desc.gated ? c.block_n / 2 : c.block_n;
+    const int64_t tiles = static_cast<int64_t>(std::ceil(touched)) * ceil_div(desc.n, out_cols);
+    const SplitKCapacity cap = split_k_capacity(desc);
+    if (props.sm_count > 0 && cap.max_split > 1 && 2 * tiles <= props.sm_count) {
+      c.split_k = static_cast<int>(std::clamp<int64_t>(props.sm_count / tiles, 1, cap.max_split));
+    }
+    return c;
   }
   if (props.cc_major == 9 && props.cc_minor == 0 && desc.allow_sm90 && desc.sm90_supported()) {
     return select_sm90(desc, props);

@@ -97,21 +97,23 @@ struct GemmConfig {
   int warps_m = 0;  // sm90: consumer warpgroups
   int warps_n = 0;  // sm90: producer warpgroups
   int arch = 80;    // 80: mma.sync kernel, 90: TMA + wgmma kernel
-  // sm90 only, a run-time choice (not compiled): K is cut into split_k slices whose fp32
-  // partial tiles are summed in slice order by the last CTA to finish a tile (deterministic).
+  // sm90 and the W4A16 deep decode tile, a run-time choice (not compiled): K is cut into
+  // split_k slices whose fp32 partial tiles are summed in slice order by the last CTA to finish
+  // a tile (deterministic).
   int split_k = 1;
   // sm90 only, a run-time choice (not compiled): the last row tile of an expert may hold up to
   // block_m + tail_m rows (0, or the tile's tail: 16 narrow, 32 wide; never with split-K), so
   // an expert of block_m + a few rows runs one tile, not a full one plus a nearly empty one
   // that reads the whole weight tile again. The work list counts tiles with row_tiles().
   int tail_m = 0;
-  // The W4A16 kernel (sm80_w4a16_grouped_gemm.cuh): block_m tokens x block_n weight rows,
-  // block_k = 64, warps_n warps over the weight rows; arch 80.
+  // The W4A16 kernels (sm80_w4a16_grouped_gemm.cuh): block_m tokens x block_n weight rows,
+  // block_k = 64 (W4a16Tile) or 256 (the deep decode tile, W4a16DeepTile), warps_n warps over
+  // the weight rows; arch 80.
   bool nvfp4 = false;
 
   int threads() const { return arch == 90 ? 128 * (warps_m + warps_n) : 32 * warps_m * warps_n; }
   // "128x128x32_s4_w2x4", "sm90_64x128x64_s8", "..._k4" (split-K), "..._t32" (tail rows),
-  // "w4a16_16x128x64_s6" (NVFP4)
+  // "w4a16_16x128x64_s6", "w4a16_16x128x256_s8_k2" (NVFP4, split-K)
   std::string to_string() const;
   bool operator==(const GemmConfig&) const = default;
 };
@@ -142,8 +144,9 @@ int max_split_k();
 int sm90_tail_rows(const GemmConfig& config);
 
 // Split-K capacity of a problem, a pure function of the sizes (the workspace is sized by it):
-// split-K is for decode, where every group has at most 16 rows and the tiles are too few to
-// keep every SM streaming weights. max_split = 1: no split.
+// split-K is for decode, where the tiles are too few to keep every SM streaming weights.
+// bf16 / FP8: every group has at most 16 rows (the sm90 narrow tile); NVFP4: the deep W4A16
+// decode tile's tiles (16 tokens x 128 weight rows) number at most 1024. max_split = 1: no split.
 struct SplitKCapacity {
   int max_split = 1;
   int64_t max_tiles = 0;       // upper bound of the (expert, row tile, column tile) tiles
@@ -238,7 +241,7 @@ struct GemmArgs {
   __nv_bfloat16* c = nullptr;
   int64_t ldc = 0;
 
-  // sm90 split-K scratch (config.split_k > 1), sized by split_k_capacity(desc):
+  // Split-K scratch (config.split_k > 1: sm90, W4A16 deep tile), sized by split_k_capacity(desc):
   float* split_partials = nullptr;    // [max_tiles * max_split, 2048] fp32
   int32_t* split_counters = nullptr;  // [max_tiles] int32, zero before the launch
 };

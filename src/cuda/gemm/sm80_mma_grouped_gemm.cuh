@@ -108,6 +108,7 @@ struct Sm80Params {
   int k;            // reduction length
   int gated;        // GEMM1: B rows come in (gate, up) pairs
   int stage1 = 0;   // W4A16 kernel: GEMM1 (activation, LoRA) rather than GEMM2, at run time
+  int split_k = 1;  // W4A16 deep tile: K slices (grid z), summed by the last CTA of a tile
 };
 
 // Byte offset of 16-byte chunk c of row r in a swizzled [rows][32] bf16 tile.

@@ -97,16 +97,22 @@ __device__ __forceinline__ void decode_word(uint32_t x, uint32_t k2, uint32_t (&
 // Two e4m3 block scales -> K = bf16(float(s) * 2^119) of each, broadcast to both lanes:
 // k_lo = (K(s_lo), K(s_lo)), k_hi = (K(s_hi), K(s_hi)). Exact: e4m3 has 4 significant bits
 // and 448 * 2^119 < 2^128; NaN (0x7f) stays NaN, so its block decodes to NaN as in the oracle.
-__device__ __forceinline__ void scale_factors(uint8_t s_lo, uint8_t s_hi, uint32_t& k_lo,
-                                              uint32_t& k_hi) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
-      static_cast<__nv_fp8x2_storage_t>(s_lo | (s_hi << 8)), __NV_E4M3);
+// `pair` holds s_lo in bits 7:0 and s_hi in bits 15:8.
+__device__ __forceinline__ void scale_factors_pair(uint32_t pair, uint32_t& k_lo,
+                                                   uint32_t& k_hi) {
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair & 0xFFFFu), __NV_E4M3);
   const float2 f = __half22float2(__half2(h));
   const __nv_bfloat162 k = __floats2bfloat162_rn(__fmul_rn(f.x, nvfp4::kDecodeScaleBias),
                                                      __fmul_rn(f.y, nvfp4::kDecodeScaleBias));
   const uint32_t kb = *reinterpret_cast<const uint32_t*>(&k);
   k_lo = __byte_perm(kb, 0, 0x1010);
   k_hi = __byte_perm(kb, 0, 0x3232);
+}
+
+__device__ __forceinline__ void scale_factors(uint8_t s_lo, uint8_t s_hi, uint32_t& k_lo,
+                                              uint32_t& k_hi) {
+  scale_factors_pair(static_cast<uint32_t>(s_lo) | (static_cast<uint32_t>(s_hi) << 8), k_lo, k_hi);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -148,6 +154,182 @@ struct W4a16Tile {
   }
 };
 
+// ---------------------------------------------------------------------------------------
+// Tile prologue (both tiles): the (expert, token tile) of work-list tile `tile` (binary search
+// over tile_offsets) and the A row / LoRA row of each of its BM tokens in shared memory (-1
+// past the expert's rows), followed by a barrier. false (before any barrier, uniform over the
+// CTA): the tile is past the device-side tile count and the CTA exits.
+// ---------------------------------------------------------------------------------------
+struct W4a16TileRows {
+  int expert;
+  int row0;  // first row of the row space
+  int rows;  // valid tokens of the tile, 1..BM
+};
+
+template <int BM>
+__device__ __forceinline__ bool w4a16_tile_rows(const Sm80Params& p, int tile,
+                                                int32_t* s_a_row, int32_t* s_lora_row,
+                                                W4a16TileRows& out) {
+  const GemmArgs& g = p.args;
+  if (tile >= g.tile_offsets[p.num_experts]) return false;
+  int lo = 0, hi = p.num_experts;  // tile_offsets[lo] <= tile < tile_offsets[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (g.tile_offsets[mid] <= tile) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int m_tile = tile - g.tile_offsets[lo];
+  out.expert = lo;
+  out.row0 = g.row_begin[lo] + m_tile * BM;
+  out.rows = min(BM, g.row_count[lo] - m_tile * BM);
+  const int tid = threadIdx.x;
+  if (tid < BM) {
+    int32_t a_row = -1;
+    int32_t lora_row = -1;
+    if (tid < out.rows) {
+      if (g.a_gather != nullptr) {
+        const int32_t expanded = g.a_gather[out.row0 + tid];
+        if (expanded >= 0) {
+          a_row = expanded / g.gather_div;
+          lora_row = expanded;
+        }
+      } else {
+        a_row = out.row0 + tid;
+      }
+    }
+    s_a_row[tid] = a_row;
+    s_lora_row[tid] = lora_row;
+  }
+  __syncthreads();
+  return true;
+}
+
+// Weight row (of the expert's B) that tile row r of column tile n_tile reads, or -1 past n.
+// Gated GEMM1: tile rows 16f .. 16f + 7 are the gate rows and 16f + 8 .. 16f + 15 the up rows
+// of output columns n_tile * BN / 2 + 8f .. + 7 (the epilogue's pairing).
+template <int BN>
+__device__ __forceinline__ int64_t w4a16_weight_row(const Sm80Params& p, bool gated, int n_tile,
+                                                    int r) {
+  if (gated) {
+    const int64_t col = static_cast<int64_t>(n_tile) * (BN / 2) + (r / 16) * 8 + r % 8;
+    return col < p.n ? gate_up_row(p.args.gate_up, col, (r % 16) >= 8) : -1;
+  }
+  const int64_t col = static_cast<int64_t>(n_tile) * BN + r;
+  return col < p.n ? col : -1;
+}
+
+// ---------------------------------------------------------------------------------------
+// Epilogue (both tiles), in fp32: * (128 * global), bias, LoRA, activation; staged as bf16 in
+// the pipeline memory (every cp.async group waited for, then a barrier), then 16-byte stores of
+// the tile's valid rows and columns. acc is the thread's MMA fragments (warp w: weight rows
+// [w * kWarpRows, (w + 1) * kWarpRows), every token of the tile).
+// ---------------------------------------------------------------------------------------
+template <class Tile>
+__device__ __forceinline__ void w4a16_epilogue(const Sm80Params& p,
+                                               const float (&acc)[Tile::kMmaM][Tile::kMmaN][4],
+                                               unsigned char* smem, const int32_t* s_lora_row,
+                                               int expert, int n_tile, int row0, int rows) {
+  constexpr int BM = Tile::kBlockM;
+  constexpr int BN = Tile::kBlockN;
+  constexpr int kThreads = Tile::kThreads;
+  const GemmArgs& g = p.args;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int gid = lane / 4;
+  const int qid = lane % 4;
+  const bool gemm1 = p.stage1 != 0;
+  const bool gated = gemm1 && p.gated;
+
+  __nv_bfloat16* sc = reinterpret_cast<__nv_bfloat16*>(smem);  // [BM][kCPitch]
+  const int out_cols = gated ? BN / 2 : BN;
+  const int64_t col0 = static_cast<int64_t>(n_tile) * out_cols;
+  // NOTE: 128 * global is exact (a power of two); acc * it is the oracle's dot * global.
+  const float gscale = __fmul_rn(g.b_global_scale[expert], nvfp4::kDecodeUnscale);
+  const float* bias = g.bias ? g.bias + static_cast<int64_t>(expert) * g.bias_expert_stride
+                             : nullptr;
+  const Activation kind = static_cast<Activation>(g.activation.kind);
+  const EpilogueActivation& ea = g.activation;
+  const float alpha = gemm1 && ea.alpha_per_expert ? ea.alpha_per_expert[expert] : ea.alpha;
+  const float beta = gemm1 && ea.beta_per_expert ? ea.beta_per_expert[expert] : ea.beta;
+  const float limit = gemm1 && ea.limit_per_expert ? ea.limit_per_expert[expert] : ea.limit;
+
+#pragma unroll
+  for (int mi = 0; mi < Tile::kMmaM; ++mi) {
+    if (gated) {
+      const int j = (warp * Tile::kMmaM + mi) * 8 + gid;  // local output column
+      const int64_t col = col0 + j;
+      const bool col_ok = col < p.n;
+      float bias_gate = 0.0f, bias_up = 0.0f;
+      if (bias != nullptr && col_ok) {
+        bias_gate = bias[gate_up_row(g.gate_up, col, false)];
+        bias_up = bias[gate_up_row(g.gate_up, col, true)];
+      }
+#pragma unroll
+      for (int ni = 0; ni < Tile::kMmaN; ++ni)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int t = ni * 8 + 2 * qid + c;  // token of the tile
+          float gate = __fmul_rn(acc[mi][ni][c], gscale);
+          float up = __fmul_rn(acc[mi][ni][2 + c], gscale);
+          if (bias != nullptr) {
+            gate = __fadd_rn(gate, bias_gate);
+            up = __fadd_rn(up, bias_up);
+          }
+          const int32_t lora_row = s_lora_row[t];
+          if (g.lora != nullptr && col_ok && lora_row >= 0) {
+            const __nv_bfloat16* l = g.lora + static_cast<int64_t>(lora_row) * g.ld_lora;
+            gate = __fadd_rn(gate, __bfloat162float(l[g.gate_up.lora_gate_col + col]));
+            up = __fadd_rn(up, __bfloat162float(l[g.gate_up.lora_up_col + col]));
+          }
+          sc[t * Tile::kCPitch + j] =
+              __float2bfloat16_rn(act::apply_activation(kind, gate, up, alpha, beta, limit));
+        }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = warp * Tile::kWarpRows + mi * 16 + gid + 8 * h;  // local output column
+        const int64_t col = col0 + j;
+        const bool col_ok = col < p.n;
+        const float b = (bias != nullptr && col_ok) ? bias[col] : 0.0f;
+#pragma unroll
+        for (int ni = 0; ni < Tile::kMmaN; ++ni)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int t = ni * 8 + 2 * qid + c;
+            float x = __fmul_rn(acc[mi][ni][2 * h + c], gscale);
+            if (bias != nullptr) x = __fadd_rn(x, b);
+            if (gemm1) {
+              const int32_t lora_row = s_lora_row[t];
+              if (g.lora != nullptr && col_ok && lora_row >= 0) {
+                x = __fadd_rn(x, __bfloat162float(
+                                     g.lora[static_cast<int64_t>(lora_row) * g.ld_lora + col]));
+              }
+              x = act::apply_activation(kind, x, 0.0f, alpha, beta, limit);
+            }
+            sc[t * Tile::kCPitch + j] = __float2bfloat16_rn(x);
+          }
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---- coalesced 16-byte stores of the valid rows and columns ----
+  const int chunks_per_row = out_cols / 8;
+  for (int idx = tid; idx < BM * chunks_per_row; idx += kThreads) {
+    const int r = idx / chunks_per_row;
+    const int c = idx % chunks_per_row;
+    const int64_t col = col0 + c * 8;
+    if (r < rows && col < p.n) {
+      *reinterpret_cast<uint4*>(g.c + static_cast<int64_t>(row0 + r) * g.ldc + col) =
+          *reinterpret_cast<const uint4*>(sc + r * Tile::kCPitch + c * 8);
+    }
+  }
+}
+
 template <class Tile>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     sm80_w4a16_grouped_gemm_kernel(const __grid_constant__ Sm80Params p) {
@@ -164,42 +346,13 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const bool gemm1 = p.stage1 != 0;
 
   // ---- which tile: the work list lives on the device, the grid is an upper bound ----
-  const int tile = static_cast<int>(blockIdx.x);
-  if (tile >= g.tile_offsets[p.num_experts]) return;
-  int lo = 0, hi = p.num_experts;  // tile_offsets[lo] <= tile < tile_offsets[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (g.tile_offsets[mid] <= tile) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  const int expert = lo;
-  const int m_tile = tile - g.tile_offsets[expert];
-  const int row0 = g.row_begin[expert] + m_tile * BM;           // first row of the row space
-  const int rows = min(BM, g.row_count[expert] - m_tile * BM);  // valid tokens in this tile
+  W4a16TileRows t_rows;
+  if (!w4a16_tile_rows<BM>(p, static_cast<int>(blockIdx.x), s_a_row, s_lora_row, t_rows)) return;
+  const int expert = t_rows.expert;
+  const int row0 = t_rows.row0;
+  const int rows = t_rows.rows;
   const int n_tile = static_cast<int>(blockIdx.y);
   const bool gated = gemm1 && p.gated;
-
-  if (tid < BM) {
-    int32_t a_row = -1;
-    int32_t lora_row = -1;
-    if (tid < rows) {
-      if (g.a_gather != nullptr) {
-        const int32_t expanded = g.a_gather[row0 + tid];
-        if (expanded >= 0) {
-          a_row = expanded / g.gather_div;
-          lora_row = expanded;
-        }
-      } else {
-        a_row = row0 + tid;
-      }
-    }
-    s_a_row[tid] = a_row;
-    s_lora_row[tid] = lora_row;
-  }
-  __syncthreads();
 
   // ---- per-thread copy plan, fixed across the k-tiles ----
   // Tokens: chunk tid % 8 (8 values) of token rows tid / 8 + 16 i.
@@ -214,14 +367,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     x_dst[i] = Tile::kWBytes + Tile::kSBytes + r * 128 + ((x_chunk ^ (r & 7)) << 4);
   }
   // Weight row of tile row r (gated: gate / up rows of 8 columns in turn), or -1 past n.
-  auto weight_row = [&](int r) -> int64_t {
-    if (gated) {
-      const int64_t col = static_cast<int64_t>(n_tile) * (BN / 2) + (r / 16) * 8 + r % 8;
-      return col < p.n ? gate_up_row(g.gate_up, col, (r % 16) >= 8) : -1;
-    }
-    const int64_t col = static_cast<int64_t>(n_tile) * BN + r;
-    return col < p.n ? col : -1;
-  };
+  auto weight_row = [&](int r) { return w4a16_weight_row<BN>(p, gated, n_tile, r); };
   const uint8_t* w_expert =
       reinterpret_cast<const uint8_t*>(g.b) + static_cast<int64_t>(expert) * g.b_expert_stride;
   const uint8_t* s_expert = g.b_block_scale + static_cast<int64_t>(expert) * g.b_block_scale_expert;
@@ -346,91 +492,355 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   cp_async_wait<0>();
   __syncthreads();  // the pipeline memory becomes the output staging tile
 
-  // ---- epilogue in fp32: * (128 * global), bias, LoRA, activation; staged as bf16 ----
-  __nv_bfloat16* sc = reinterpret_cast<__nv_bfloat16*>(smem);  // [BM][kCPitch]
-  const int out_cols = gated ? BN / 2 : BN;
-  const int64_t col0 = static_cast<int64_t>(n_tile) * out_cols;
-  // NOTE: 128 * global is exact (a power of two); acc * it is the oracle's dot * global.
-  const float gscale = __fmul_rn(g.b_global_scale[expert], nvfp4::kDecodeUnscale);
-  const float* bias = g.bias ? g.bias + static_cast<int64_t>(expert) * g.bias_expert_stride
-                             : nullptr;
-  const Activation kind = static_cast<Activation>(g.activation.kind);
-  const EpilogueActivation& ea = g.activation;
-  const float alpha = gemm1 && ea.alpha_per_expert ? ea.alpha_per_expert[expert] : ea.alpha;
-  const float beta = gemm1 && ea.beta_per_expert ? ea.beta_per_expert[expert] : ea.beta;
-  const float limit = gemm1 && ea.limit_per_expert ? ea.limit_per_expert[expert] : ea.limit;
+  w4a16_epilogue<Tile>(p, acc, smem, s_lora_row, expert, n_tile, row0, rows);
+}
+
+
+// ---------------------------------------------------------------------------------------
+// The deep decode tile: 256 of K per stage, 8 warps, optional split-K (docs/nvfp4.md,
+// "Deep decode tile")
+// ---------------------------------------------------------------------------------------
+//
+// The decode, the MMAs and the K order inside every 64 of K are those of the kernel above; what
+// changes is how much weight data one CTA keeps in flight and how many warps decode it:
+//   - a stage holds 256 of K: 16 KB of packed weights per 128 rows, 2 KB of scales, 8 KB of
+//     tokens; Stages - 1 stages are in flight (8 stages: 7 x 18 KB of weights and scales per
+//     CTA, one CTA per SM, against 5 x 4.5 KB for the 64-K tile);
+//   - 8 warps of 16 weight rows (one m16 fragment each), two per SM sub-partition, so one
+//     warp's decode covers the other's shared-memory and MMA latencies;
+//   - split-K, a run-time choice (Sm80Params::split_k, grid z): slice z computes the k-tiles
+//     [z * kt / S, (z + 1) * kt / S) and writes its fp32 fragments to the scratch; the last CTA
+//     of a tile to arrive (an arrival counter, zeroed by the work-list kernel) sums the S
+//     fragments in slice order and runs the epilogue. The order does not depend on which CTA
+//     arrives last: deterministic.
+//
+// Shared memory per stage slot:
+//   W [BN][128] bytes   packed pairs of the stage's 256 K values; 16-byte chunk c (K values
+//                       [32c, 32c + 32)) of row r at r * 128 + ((c ^ ((r & 3) << 1)) << 4).
+//                       A half-warp's 8-byte reads (rows r = 4j + g, g = 0..3, one sub-block s,
+//                       q = 0..3) land in chunks 2 (s ^ g) + (q >> 1): 128 distinct bytes.
+//   S [BN][16] e4m3     row r's 16 block scales at r * 16
+//   X [4][BM][64] bf16  sub-block s (K values [64s, 64s + 64)) in the layout of the 64-K tile:
+//                       token t, chunk c at s * BM * 128 + t * 128 + ((c ^ (t & 7)) << 4)
+// Epilogue staging reuses the pipeline memory: C [BM][BN + 8] bf16.
+//
+// Sub-block s of a stage is a stage of the 64-K tile: the same fragments, the same K
+// permutation for weights and tokens, the same MMA order per accumulator. Without split-K each
+// accumulator therefore sees the 64-K tile's sequence of MMAs and the two tiles agree bit for
+// bit; split-K only regroups the fp32 sum (slices, then their sum in slice order).
+// K tails (K % 256 = 64, 128, 192; K % 64 == 0): the last k-tile's missing chunks are not
+// copied and its missing sub-blocks are not computed (a uniform branch).
+// Tokens: rows without a token (past the tile's rows, or a gather entry of -1) are zeroed once
+// in every slot and never copied; n8 fragments past the tile's rows are skipped (T <= 8).
+
+template <int BM, int BN, int Stages, int Warps>
+struct W4a16DeepTile {
+  static constexpr int kBlockM = BM;  // tokens
+  static constexpr int kBlockN = BN;  // weight rows
+  static constexpr int kBlockK = 256;  // K values per stage: 16 scale blocks, 128 packed bytes
+  static constexpr int kSubK = 64;     // a stage of the 64-K tile
+  static constexpr int kSubs = kBlockK / kSubK;
+  static constexpr int kStages = Stages;
+  static constexpr int kWarps = Warps;
+  static constexpr int kThreads = 32 * Warps;
+  static constexpr int kMinBlocks = 1;
+  static constexpr int kWarpRows = BN / Warps;  // weight rows per warp
+  static constexpr int kMmaM = kWarpRows / 16;  // m16 fragments per warp
+  static constexpr int kMmaN = BM / 8;          // n8 fragments (tokens)
+  static constexpr int kWBytes = BN * 128;
+  static constexpr int kSBytes = BN * 16;
+  static constexpr int kXSubBytes = BM * 128;
+  static constexpr int kXBytes = kSubs * kXSubBytes;
+  static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
+  static constexpr int kWIters = BN * 8 / kThreads;   // 16-byte weight chunks per thread
+  static constexpr int kSIters = BN * 4 / kThreads;   // 4-byte scale words per thread
+  static constexpr int kXIters = BM * 32 / kThreads;  // 16-byte token chunks per thread
+  static constexpr int kCPitch = BN + 8;
+  static constexpr int kSmemBytes =
+      kStages * kStageBytes > BM * kCPitch * 2 ? kStages * kStageBytes : BM * kCPitch * 2;
+  // Split-K: a tile's fp32 fragment, float4 j of thread t at (j * kThreads + t) * 4.
+  static constexpr int kAccFloats = kMmaM * kMmaN * 4;
+  static constexpr int kSplitUnitFloats = BM * BN;
+
+  static_assert(kWarpRows % 16 == 0 && kMmaM >= 1, "whole m16 fragments per warp");
+  static_assert(kWIters * kThreads == BN * 8 && kSIters * kThreads == BN * 4 &&
+                    kXIters * kThreads == BM * 32,
+                "copies spread evenly over the threads");
+  static_assert(kThreads % 32 == 0 && BM % 8 == 0 && BM <= kThreads, "token rows");
+  static_assert(kStageBytes % 128 == 0, "stages stay 128-byte aligned");
+  static_assert(kAccFloats * kThreads == kSplitUnitFloats, "the split unit is the tile");
+
+  static GemmConfig config() {
+    GemmConfig c{BM, BN, kBlockK, Stages, 1, Warps};
+    c.nvfp4 = true;
+    return c;
+  }
+};
+
+__device__ __forceinline__ uint32_t u4_word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <class Tile>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
+    sm80_w4a16_deep_grouped_gemm_kernel(const __grid_constant__ Sm80Params p) {
+  constexpr int BM = Tile::kBlockM;
+  constexpr int BN = Tile::kBlockN;
+  constexpr int BK = Tile::kBlockK;
+  constexpr int kThreads = Tile::kThreads;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int32_t s_a_row[BM];     // A row of each token of the tile; -1: no token
+  __shared__ int32_t s_lora_row[BM];  // GEMM1 standard: expanded index (LoRA delta row)
+  __shared__ int s_last;              // split-K: this CTA sums the slices
+
+  const GemmArgs& g = p.args;
+  const int tid = threadIdx.x;
+  const bool gated = p.stage1 != 0 && p.gated;
+
+  W4a16TileRows t_rows;
+  if (!w4a16_tile_rows<BM>(p, static_cast<int>(blockIdx.x), s_a_row, s_lora_row, t_rows)) return;
+  const int expert = t_rows.expert;
+  const int rows = t_rows.rows;
+  const int n_tile = static_cast<int>(blockIdx.y);
+  const int slice = static_cast<int>(blockIdx.z);
+  const int split = p.split_k;
+  const int num_k_tiles = (p.k + BK - 1) / BK;  // the last one holds 64..256 of K
+  const int kt_begin = slice * num_k_tiles / split;
+  const int num_local = (slice + 1) * num_k_tiles / split - kt_begin;
+
+  // ---- per-thread copy plan, fixed across the k-tiles ----
+  // Tokens: chunk tid % 32 (8 values) of token rows tid / 32 + (kThreads / 32) i.
+  const int x_chunk = tid % 32;
+  const __nv_bfloat16* x_src[Tile::kXIters];  // the chunk in k-tile 0, or null: no token
+  uint32_t x_dst[Tile::kXIters];
+#pragma unroll
+  for (int i = 0; i < Tile::kXIters; ++i) {
+    const int r = tid / 32 + i * (kThreads / 32);
+    const int32_t ar = s_a_row[r];
+    x_src[i] = ar >= 0 ? g.a + static_cast<int64_t>(ar) * g.lda + x_chunk * 8 : nullptr;
+    x_dst[i] = Tile::kWBytes + Tile::kSBytes + (x_chunk / 8) * Tile::kXSubBytes + r * 128 +
+               (((x_chunk % 8) ^ (r & 7)) << 4);
+  }
+  const uint8_t* w_expert =
+      reinterpret_cast<const uint8_t*>(g.b) + static_cast<int64_t>(expert) * g.b_expert_stride;
+  const uint8_t* s_expert = g.b_block_scale + static_cast<int64_t>(expert) * g.b_block_scale_expert;
+  // Packed weights: 16-byte chunk tid % 8 of tile rows tid / 8 + (kThreads / 8) i.
+  const int w_chunk = tid % 8;
+  const uint8_t* w_src[Tile::kWIters];  // null: a row past n (zero-filled)
+  uint32_t w_dst[Tile::kWIters];
+#pragma unroll
+  for (int i = 0; i < Tile::kWIters; ++i) {
+    const int r = tid / 8 + i * (kThreads / 8);
+    const int64_t wr = w4a16_weight_row<BN>(p, gated, n_tile, r);
+    w_src[i] = wr >= 0 ? w_expert + wr * g.ldb + w_chunk * 16 : nullptr;
+    w_dst[i] = r * 128 + ((w_chunk ^ ((r & 3) << 1)) << 4);
+  }
+  // Block scales: 4-byte word tid % 4 (the scales of 64 of K) of tile rows tid / 4 + ... i.
+  const int s_word = tid % 4;
+  const uint8_t* s_src[Tile::kSIters];
+  uint32_t s_dst[Tile::kSIters];
+#pragma unroll
+  for (int i = 0; i < Tile::kSIters; ++i) {
+    const int r = tid / 4 + i * (kThreads / 4);
+    const int64_t wr = w4a16_weight_row<BN>(p, gated, n_tile, r);
+    s_src[i] = wr >= 0 ? s_expert + wr * g.b_block_scale_ld + s_word * 4 : nullptr;
+    s_dst[i] = Tile::kWBytes + r * 16 + s_word * 4;
+  }
+
+  // Token rows without a token: zero in every slot, once (st.shared; the first barrier of the
+  // mainloop orders them before any read). cp.async never writes them.
+  for (int idx = tid; idx < Tile::kStages * Tile::kSubs * BM * 8; idx += kThreads) {
+    const int t = (idx / 8) % BM;
+    if (s_a_row[t] >= 0) continue;
+    const int slot_sub = idx / (8 * BM);  // slot * kSubs + sub
+    const int slot = slot_sub / Tile::kSubs;
+    const int sub = slot_sub % Tile::kSubs;
+    *reinterpret_cast<uint4*>(smem + slot * Tile::kStageBytes + Tile::kWBytes + Tile::kSBytes +
+                              sub * Tile::kXSubBytes + t * 128 + (idx % 8) * 16) =
+        make_uint4(0u, 0u, 0u, 0u);
+  }
+
+  const uint32_t smem_base = smem_u32(smem);
+  // A chunk is copied only where its K values exist (K % 64 == 0: a chunk is all in or all
+  // out); rows past n are zero-filled, as in the 64-K tile.
+  auto load_stage = [&](int slot, int k_tile) {
+    const uint32_t stage = smem_base + slot * Tile::kStageBytes;
+    const int k0 = k_tile * BK;
+#pragma unroll
+    for (int i = 0; i < Tile::kXIters; ++i) {
+      if (x_src[i] != nullptr && k0 + x_chunk * 8 < p.k) {
+        cp_async_16(stage + x_dst[i], x_src[i] + k0, 16);
+      }
+    }
+    if (k0 + w_chunk * 32 < p.k) {
+#pragma unroll
+      for (int i = 0; i < Tile::kWIters; ++i) {
+        const bool ok = w_src[i] != nullptr;
+        cp_async_16(stage + w_dst[i], ok ? w_src[i] + k0 / 2 : w_expert, ok ? 16 : 0);
+      }
+    }
+    if (k0 + s_word * 64 < p.k) {
+#pragma unroll
+      for (int i = 0; i < Tile::kSIters; ++i) {
+        const bool ok = s_src[i] != nullptr;
+        cp_async_4(stage + s_dst[i], ok ? s_src[i] + k0 / 16 : g.b_block_scale, ok ? 4 : 0);
+      }
+    }
+  };
+
+  float acc[Tile::kMmaM][Tile::kMmaN][4];
+#pragma unroll
+  for (int mi = 0; mi < Tile::kMmaM; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Tile::kMmaN; ++ni)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[mi][ni][v] = 0.0f;
 
 #pragma unroll
-  for (int mi = 0; mi < Tile::kMmaM; ++mi) {
-    if (gated) {
-      const int j = (warp * Tile::kMmaM + mi) * 8 + gid;  // local output column
-      const int64_t col = col0 + j;
-      const bool col_ok = col < p.n;
-      float bias_gate = 0.0f, bias_up = 0.0f;
-      if (bias != nullptr && col_ok) {
-        bias_gate = bias[gate_up_row(g.gate_up, col, false)];
-        bias_up = bias[gate_up_row(g.gate_up, col, true)];
+  for (int s = 0; s < Tile::kStages - 1; ++s) {
+    if (s < num_local) load_stage(s, kt_begin + s);
+    cp_async_commit();
+  }
+
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int gid = lane / 4;  // weight row (and +8) of a fragment; token of an n8 fragment
+  const int qid = lane % 4;  // scale block of a sub-block; token pair of the accumulators
+  // The 8 packed bytes of (row, sub-block s) that lane (gid, qid) decodes, at row * 128 + this
+  // (rows of a fragment are 4j + gid % 4: the swizzle term is the lane's).
+  auto w_offset = [&](int s) -> uint32_t {
+    return ((((2 * s) + (qid >> 1)) ^ ((gid & 3) << 1)) << 4) + (qid & 1) * 8;
+  };
+  // Byte qid of the row-lo word (bits 7:0) and of the row-hi word (bits 15:8).
+  const uint32_t scale_sel = static_cast<uint32_t>(qid | ((qid + 4) << 4));
+
+  for (int it = 0; it < num_local; ++it) {
+    cp_async_wait<Tile::kStages - 2>();
+    __syncthreads();  // k-tile it visible to all; slot (it - 1) % Stages free to refill
+    const int next = it + Tile::kStages - 1;
+    if (next < num_local) load_stage(next % Tile::kStages, kt_begin + next);
+    cp_async_commit();
+
+    const int slot = it % Tile::kStages;
+    const int k0 = (kt_begin + it) * BK;
+    const uint32_t sw = smem_base + slot * Tile::kStageBytes;
+    const uint32_t sx = sw + Tile::kWBytes + Tile::kSBytes;
+
+    // The 16 block scales of each of the thread's rows (a broadcast over the 4 lanes of a row).
+    uint4 sc_lo[Tile::kMmaM], sc_hi[Tile::kMmaM];
+#pragma unroll
+    for (int mi = 0; mi < Tile::kMmaM; ++mi) {
+      const int r_lo = warp * Tile::kWarpRows + mi * 16 + gid;
+      sc_lo[mi] = lds_128(sw + Tile::kWBytes + r_lo * 16);
+      sc_hi[mi] = lds_128(sw + Tile::kWBytes + (r_lo + 8) * 16);
+    }
+#pragma unroll
+    for (int s = 0; s < Tile::kSubs; ++s) {
+      if (k0 + s * Tile::kSubK >= p.k) break;  // K tail: uniform over the CTA
+      // Decode: af[mi][step] as in the 64-K tile.
+      uint32_t af[Tile::kMmaM][4][4];
+#pragma unroll
+      for (int mi = 0; mi < Tile::kMmaM; ++mi) {
+        const int r_lo = warp * Tile::kWarpRows + mi * 16 + gid;
+        const uint2 w_lo = lds_64(sw + r_lo * 128 + w_offset(s));
+        const uint2 w_hi = lds_64(sw + (r_lo + 8) * 128 + w_offset(s));
+        uint32_t k_lo, k_hi;
+        scale_factors_pair(__byte_perm(u4_word(sc_lo[mi], s), u4_word(sc_hi[mi], s), scale_sel),
+                           k_lo, k_hi);
+        uint32_t p_lo[4], q_lo[4], p_hi[4], q_hi[4];
+        decode_word(w_lo.x, k_lo, p_lo);  // K values 64s + 16q + {j, j + 4}
+        decode_word(w_lo.y, k_lo, q_lo);  // K values 64s + 16q + 8 + {j, j + 4}
+        decode_word(w_hi.x, k_hi, p_hi);
+        decode_word(w_hi.y, k_hi, q_hi);
+#pragma unroll
+        for (int st = 0; st < 4; ++st) {
+          af[mi][st][0] = p_lo[st];
+          af[mi][st][1] = p_hi[st];
+          af[mi][st][2] = q_lo[st];
+          af[mi][st][3] = q_hi[st];
+        }
       }
+      const uint32_t sxs = sx + s * Tile::kXSubBytes;
+#pragma unroll
+      for (int ni = 0; ni < Tile::kMmaN; ++ni) {
+        if (ni * 8 >= rows) break;  // no token in this fragment (uniform)
+        const int t = ni * 8 + gid;
+        const uint4 v03 = lds_128(sxs + t * 128 + (((2 * qid) ^ (t & 7)) << 4));
+        const uint4 v47 = lds_128(sxs + t * 128 + (((2 * qid + 1) ^ (t & 7)) << 4));
+        uint32_t bf[4][2];
+        bf[0][0] = __byte_perm(v03.x, v03.z, 0x5410);  // x[0], x[4]
+        bf[1][0] = __byte_perm(v03.x, v03.z, 0x7632);  // x[1], x[5]
+        bf[2][0] = __byte_perm(v03.y, v03.w, 0x5410);  // x[2], x[6]
+        bf[3][0] = __byte_perm(v03.y, v03.w, 0x7632);  // x[3], x[7]
+        bf[0][1] = __byte_perm(v47.x, v47.z, 0x5410);  // x[8], x[12]
+        bf[1][1] = __byte_perm(v47.x, v47.z, 0x7632);
+        bf[2][1] = __byte_perm(v47.y, v47.w, 0x5410);
+        bf[3][1] = __byte_perm(v47.y, v47.w, 0x7632);
+#pragma unroll
+        for (int st = 0; st < 4; ++st)
+#pragma unroll
+          for (int mi = 0; mi < Tile::kMmaM; ++mi) mma_bf16_16816(acc[mi][ni], af[mi][st], bf[st]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline memory becomes the output staging tile
+
+  if (split > 1) {
+    // ---- split-K: publish this slice; the last CTA of the tile sums all in slice order ----
+    // scratch [tiles * split][kSplitUnitFloats] fp32, tile id = blockIdx.x * n_tiles + n_tile
+    const int64_t tile_id = static_cast<int64_t>(blockIdx.x) * gridDim.y + n_tile;
+    float* mine = g.split_partials + (tile_id * split + slice) * Tile::kSplitUnitFloats;
+#pragma unroll
+    for (int mi = 0; mi < Tile::kMmaM; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < Tile::kMmaN; ++ni) {
+        const int j = mi * Tile::kMmaN + ni;
+        __stcg(reinterpret_cast<float4*>(mine + (j * kThreads + tid) * 4),
+               make_float4(acc[mi][ni][0], acc[mi][ni][1], acc[mi][ni][2], acc[mi][ni][3]));
+      }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      const int old = atomicAdd(g.split_counters + tile_id, 1);  // an arrival count only
+      s_last = old == split - 1;
+    }
+    __syncthreads();
+    if (s_last == 0) return;
+    __threadfence();
+    float sum[Tile::kMmaM][Tile::kMmaN][4];
+    for (int z = 0; z < split; ++z) {
+      const float* part = g.split_partials + (tile_id * split + z) * Tile::kSplitUnitFloats;
+#pragma unroll
+      for (int mi = 0; mi < Tile::kMmaM; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < Tile::kMmaN; ++ni) {
+          float v[4];
+          if (z == slice) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) v[e] = acc[mi][ni][e];
+          } else {
+            const float4 f = __ldcg(reinterpret_cast<const float4*>(
+                part + ((mi * Tile::kMmaN + ni) * kThreads + tid) * 4));
+            v[0] = f.x;
+            v[1] = f.y;
+            v[2] = f.z;
+            v[3] = f.w;
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sum[mi][ni][e] = z == 0 ? v[e] : __fadd_rn(sum[mi][ni][e], v[e]);
+        }
+    }
+#pragma unroll
+    for (int mi = 0; mi < Tile::kMmaM; ++mi)
 #pragma unroll
       for (int ni = 0; ni < Tile::kMmaN; ++ni)
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int t = ni * 8 + 2 * qid + c;  // token of the tile
-          float gate = __fmul_rn(acc[mi][ni][c], gscale);
-          float up = __fmul_rn(acc[mi][ni][2 + c], gscale);
-          if (bias != nullptr) {
-            gate = __fadd_rn(gate, bias_gate);
-            up = __fadd_rn(up, bias_up);
-          }
-          const int32_t lora_row = s_lora_row[t];
-          if (g.lora != nullptr && col_ok && lora_row >= 0) {
-            const __nv_bfloat16* l = g.lora + static_cast<int64_t>(lora_row) * g.ld_lora;
-            gate = __fadd_rn(gate, __bfloat162float(l[g.gate_up.lora_gate_col + col]));
-            up = __fadd_rn(up, __bfloat162float(l[g.gate_up.lora_up_col + col]));
-          }
-          sc[t * Tile::kCPitch + j] =
-              __float2bfloat16_rn(act::apply_activation(kind, gate, up, alpha, beta, limit));
-        }
-    } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int j = warp * Tile::kWarpRows + mi * 16 + gid + 8 * h;  // local output column
-        const int64_t col = col0 + j;
-        const bool col_ok = col < p.n;
-        const float b = (bias != nullptr && col_ok) ? bias[col] : 0.0f;
-#pragma unroll
-        for (int ni = 0; ni < Tile::kMmaN; ++ni)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int t = ni * 8 + 2 * qid + c;
-            float x = __fmul_rn(acc[mi][ni][2 * h + c], gscale);
-            if (bias != nullptr) x = __fadd_rn(x, b);
-            if (gemm1) {
-              const int32_t lora_row = s_lora_row[t];
-              if (g.lora != nullptr && col_ok && lora_row >= 0) {
-                x = __fadd_rn(x, __bfloat162float(
-                                     g.lora[static_cast<int64_t>(lora_row) * g.ld_lora + col]));
-              }
-              x = act::apply_activation(kind, x, 0.0f, alpha, beta, limit);
-            }
-            sc[t * Tile::kCPitch + j] = __float2bfloat16_rn(x);
-          }
-      }
-    }
+        for (int e = 0; e < 4; ++e) acc[mi][ni][e] = sum[mi][ni][e];
   }
-  __syncthreads();
 
-  // ---- coalesced 16-byte stores of the valid rows and columns ----
-  const int chunks_per_row = out_cols / 8;
-  for (int idx = tid; idx < BM * chunks_per_row; idx += kThreads) {
-    const int r = idx / chunks_per_row;
-    const int c = idx % chunks_per_row;
-    const int64_t col = col0 + c * 8;
-    if (r < rows && col < p.n) {
-      *reinterpret_cast<uint4*>(g.c + static_cast<int64_t>(row0 + r) * g.ldc + col) =
-          *reinterpret_cast<const uint4*>(sc + r * Tile::kCPitch + c * 8);
-    }
-  }
+  w4a16_epilogue<Tile>(p, acc, smem, s_lora_row, expert, n_tile, t_rows.row0, rows);
 }
 
 }  // namespace modmoe::cuda::gemm

@@ -1,8 +1,8 @@
 // Host side of the W4A16 grouped GEMM (NVFP4 weights, bf16 activations; docs/nvfp4.md): its
-// two tiles and the explicit instantiations of sm80_w4a16_grouped_gemm.cuh.
+// three tiles and the explicit instantiations of sm80_w4a16_grouped_gemm.cuh.
 //
-// Instantiations: 2 tiles = 2 kernels. GEMM1 / GEMM2, gating, activation, bias, LoRA and the
-// gate/up row map are run-time arguments.
+// Instantiations: 3 tiles = 3 kernels. GEMM1 / GEMM2, gating, activation, bias, LoRA, the
+// gate/up row map and split-K (deep tile) are run-time arguments.
 #include <atomic>
 
 #include "cuda/device/cuda_check.h"
@@ -15,21 +15,40 @@ namespace modmoe::cuda::gemm {
 // tokens (39 KB), 4 CTAs per SM: up to 24 weight tiles (~110 KB) in flight per SM, which the
 // copy rate of HBM3 over the load latency asks for (about 25 KB per SM at 3.35 TB/s and 1 us).
 // TODO(measure): stages and CTAs per SM were chosen on paper; no GPU run yet.
+// Kept selectable (MODMOE_GEMM_CONFIG=w4a16_16x128x64_s6) for A/B against the deep tile, and
+// the decode tile of devices whose shared memory cannot hold the deep one.
+// Measured on an H100 SXM (2026-11-27, docs/nvfp4.md "Measured"): decode at 15-43 % of the
+// copy ceiling on the packed bytes; one CTA per SM at decode grids (tiles <= SMs), so ~5 x 4.5 KB
+// in flight per SM, and one warp per SM sub-partition to decode.
 using W4a16Decode = W4a16Tile<16, 128, 6, 4>;
+// Deep decode: 16 tokens x 128 weight rows, 8 stages of 256 of K (16 KB packed + 2 KB scales +
+// 8 KB tokens = 26 KB; 208 KB, one CTA per SM), 8 warps. 7 stages in flight = 126 KB of weights
+// and scales per SM, ~5.5x the 64-K tile's; a GEMM with fewer tiles than SMs / 2 splits K
+// (select_config). TODO(measure): not run on a GPU yet (bench/gpu_nvfp4_tune.sh).
+using W4a16DecodeDeep = W4a16DeepTile<16, 128, 8, 8>;
 // Prefill: 64 tokens x 128 weight rows, 4 stages of 4.5 + 8 KB (51 KB), 2 CTAs per SM: each
 // decoded weight feeds 8 token fragments.
 using W4a16Prefill = W4a16Tile<64, 128, 4, 2>;
 
 GemmConfig w4a16_decode_config() { return W4a16Decode::config(); }
+GemmConfig w4a16_decode_deep_config() { return W4a16DecodeDeep::config(); }
 GemmConfig w4a16_prefill_config() { return W4a16Prefill::config(); }
+size_t w4a16_decode_deep_smem_bytes() { return W4a16DecodeDeep::kSmemBytes; }
+int w4a16_split_unit_floats() { return W4a16DecodeDeep::kSplitUnitFloats; }
 
 namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <class Tile>
-void launch_tile(const GemmDesc& desc, const GemmArgs& args, cudaStream_t stream) {
-  const auto kernel = sm80_w4a16_grouped_gemm_kernel<Tile>;
+// kDeep: the deep tile's kernel (split-K at run time), else the 64-K one.
+template <class Tile, bool kDeep>
+void launch_tile(const GemmDesc& desc, const GemmArgs& args, int split_k, cudaStream_t stream) {
+  void (*kernel)(Sm80Params) = nullptr;
+  if constexpr (kDeep) {
+    kernel = sm80_w4a16_deep_grouped_gemm_kernel<Tile>;
+  } else {
+    kernel = sm80_w4a16_grouped_gemm_kernel<Tile>;
+  }
   // The opt-in above 48 KB of dynamic shared memory, once per device; a device the build has
   // no image for is named here, before the launch.
   static std::atomic<uint64_t> configured_devices{0};
@@ -58,7 +77,9 @@ void launch_tile(const GemmDesc& desc, const GemmArgs& args, cudaStream_t stream
   Sm80Params params{args, desc.num_experts, static_cast<int>(desc.n), static_cast<int>(desc.k),
                     desc.gated ? 1 : 0};
   params.stage1 = desc.stage == GemmStage::Gemm1 ? 1 : 0;
-  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles));
+  params.split_k = split_k;
+  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles),
+                  static_cast<unsigned>(split_k));
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
   MODMOE_LAUNCH_CHECK(stream);
 }
@@ -71,11 +92,27 @@ void launch_w4a16_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
                " and an ", desc.nvfp4 ? "NVFP4" : "bf16", " problem");
   MODMOE_CHECK(args.b_block_scale != nullptr && args.b_global_scale != nullptr,
                "W4A16 grouped GEMM: the block and global scales are missing");
-  // The run-time -> compile-time switch; its cases are the two configs above.
-  if (config == w4a16_decode_config()) return launch_tile<W4a16Decode>(desc, args, stream);
-  if (config == w4a16_prefill_config()) return launch_tile<W4a16Prefill>(desc, args, stream);
+  GemmConfig base = config;
+  base.split_k = 1;
+  if (config.split_k > 1) {
+    const SplitKCapacity cap = split_k_capacity(desc);
+    MODMOE_CHECK(base == w4a16_decode_deep_config() && config.split_k <= cap.max_split &&
+                     args.split_partials != nullptr && args.split_counters != nullptr,
+                 "W4A16 grouped GEMM: split-K ", config.split_k, " with ", config.to_string(),
+                 ": only the deep decode tile splits, at most ", cap.max_split,
+                 " for this problem, with the scratch");
+  }
+  // The run-time -> compile-time switch; its cases are the three configs above.
+  if (base == w4a16_decode_deep_config()) {
+    return launch_tile<W4a16DecodeDeep, true>(desc, args, config.split_k, stream);
+  }
+  if (config == w4a16_decode_config()) return launch_tile<W4a16Decode, false>(desc, args, 1, stream);
+  if (config == w4a16_prefill_config()) {
+    return launch_tile<W4a16Prefill, false>(desc, args, 1, stream);
+  }
   MODMOE_FAIL("W4A16 grouped GEMM config ", config.to_string(), " is not compiled; compiled: ",
-              w4a16_decode_config().to_string(), " ", w4a16_prefill_config().to_string());
+              w4a16_decode_deep_config().to_string(), " ", w4a16_decode_config().to_string(), " ",
+              w4a16_prefill_config().to_string());
 }
 
 }  // namespace modmoe::cuda::gemm
