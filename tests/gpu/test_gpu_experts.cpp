@@ -1927,6 +1927,108 @@ std::vector<TailCase> tail_cases() {
 INSTANTIATE_TEST_SUITE_P(Cases, Sm90TailRows, ::testing::ValuesIn(tail_cases()),
                          [](const auto& info) { return info.param.name; });
 
+// The ping-pong tile (each consumer warpgroup a whole 128 x 128 tile, the two taking turns),
+// forced: every small-integer case bitwise equal to the reference, and the tail-row cases.
+constexpr const char* kPingPong = "sm90_128x128x64_s5";
+
+class Sm90PingPongBitwise : public GpuExpertsP<BitwiseCase> {};
+
+TEST_P(Sm90PingPongBitwise, EqualsReference) {
+  if (!is_sm90()) GTEST_SKIP() << "needs an sm_90 GPU";
+  ScopedEnv force("MODMOE_GEMM_CONFIG", kPingPong);
+  expect_bitwise(make_problem(GetParam().spec), GetParam().mode);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, Sm90PingPongBitwise, ::testing::ValuesIn(bitwise_cases()),
+                         [](const auto& info) { return info.param.spec.name; });
+
+class Sm90PingPongTail : public GpuExpertsP<TailCase> {};
+
+TEST_P(Sm90PingPongTail, EqualsReference) {
+  if (!is_sm90()) GTEST_SKIP() << "needs an sm_90 GPU";
+  const TailCase& c = GetParam();
+  ScopedEnv force("MODMOE_GEMM_CONFIG", kPingPong);
+  ScopedEnv tail("MODMOE_GEMM_TAIL", c.tail ? "1" : "0");
+  Spec s;
+  s.name = c.name;
+  s.small_int = true;
+  s.act = Activation::Relu2;
+  s.biases = true;
+  s.lora = !c.batched;
+  s.batched = c.batched;
+  s.tokens = c.tokens;
+  s.salt = 1600 + std::hash<std::string>{}(c.name) % 100;
+  expect_bitwise(make_problem(s), c.batched ? Mode{false, false, false, false}
+                                            : Mode{true, true, true, true});
+}
+
+// E = 8, k = 2 (2 * tokens / 8 rows per expert): counts around 128 and 160 (the ping-pong
+// tile's limits with and without its 32 tail rows), odd unit counts (one warpgroup takes one
+// unit more than the other), and a single unit per CTA.
+INSTANTIATE_TEST_SUITE_P(
+    Cases, Sm90PingPongTail,
+    ::testing::Values(TailCase{"std150_tail", true, true, false, 600},
+                      TailCase{"std150_notail", true, false, false, 600},
+                      TailCase{"std_few_tail", true, true, false, 40},
+                      TailCase{"std300_tail", true, true, false, 1200},
+                      TailCase{"batched_tail", true, true, true, 150},
+                      TailCase{"batched_notail", true, false, true, 150}),
+    [](const auto& info) { return info.param.name; });
+
+// Real-valued gated SwiGLU (GateUpInterleaved G = 8): the ping-pong tile gives the cooperative
+// wide tile's bits (same k16 order per output), and the same bits again under graph replay.
+TEST_F(GpuExperts, Sm90PingPongEqualsWideAndReplays) {
+  if (!is_sm90()) GTEST_SKIP() << "needs an sm_90 GPU";
+  Spec s = medium("sm90_pingpong_swiglu");
+  s.layout = WeightLayout::GateUpInterleaved;
+  s.interleave = 8;
+  s.biases = true;
+  s.lora = true;
+  s.hidden = 640;
+  s.inter = 448;
+  s.tokens = 900;  // ~225 rows per expert: tiles of 128 and 97 (+ tail), odd unit counts
+  s.salt = 1701;
+  const Problem p = make_problem(s);
+  const Side gpu = test_side(p, p.map);
+  const Mode mode{true, true, true, true};
+  Result pp, wide;
+  {
+    ScopedEnv force("MODMOE_GEMM_CONFIG", kPingPong);
+    Runner runner(p, gpu, mode);
+    pp = runner.run();
+    cudaStream_t stream;
+    MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    MODMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    runner.launch(stream);
+    MODMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    cudaGraphExec_t exec;
+    MODMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int rep = 0; rep < 3; ++rep) {
+      runner.poison(stream);
+      MODMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+      MODMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const Result g = runner.fetch();
+      EXPECT_TRUE(test::bitwise_equal(g.out, pp.out)) << "replay " << rep;
+      EXPECT_TRUE(test::bitwise_equal(g.act, pp.act)) << "replay " << rep;
+    }
+    MODMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    MODMOE_CUDA_CHECK(cudaGraphDestroy(graph));
+    MODMOE_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+  {
+    ScopedEnv force("MODMOE_GEMM_CONFIG", sm90_config_name(true));
+    wide = Runner(p, gpu, mode).run();
+  }
+  EXPECT_TRUE(test::bitwise_equal(pp.out, wide.out)) << "out";
+  EXPECT_TRUE(test::bitwise_equal(pp.gemm2_out, wide.gemm2_out)) << "gemm2_out";
+  EXPECT_TRUE(test::bitwise_equal(pp.act, wide.act)) << "act";
+  const Result ref = reference_full(p, p.map, gpu, mode);
+  const double err = rel_l2(pp.out, ref.out);
+  std::printf("ping-pong vs the reference: rel L2 %.3g\n", err);
+  EXPECT_LT(err, kTol);
+}
+
 // Both permute paths of the stage, whichever the default takes at a size: the one-block
 // permute_prepare_kernel (MODMOE_FUSED_PERMUTE=1) and the chunked permute kernels with the
 // separate work-list kernel (=0), bitwise equal to the reference on every small-integer case,
