@@ -458,14 +458,15 @@ std::optional<QuantScheme> scheme_arg(nb::handle h) {
               "(QuantScheme.Bf16), or None (from the tensors)");
 }
 
-// The scheme of weights: quant_scheme when given; else NVFP4 where the global scales are given
-// or the block scales are e4m3 (FP8 scales are fp32); else FP8 where float8_e4m3fn weights
-// come with scales, per tensor for [E_local] scales and 128x128 blocks for 3-D ones; else bf16.
+// The scheme of weights: quant_scheme when given; else NVFP4 where the block scales are e4m3
+// (FP8 scales are fp32), or the global scales come with weights that are not float8_e4m3fn;
+// else FP8 where float8_e4m3fn weights come with scales, per tensor for [E_local] scales and
+// 128x128 blocks for 3-D ones; else bf16.
 QuantScheme weights_scheme(nb::handle quant_scheme, const TensorView& w13,
                            const TensorView& w13_scale, bool has_global_scale) {
   if (const auto given = scheme_arg(quant_scheme)) return *given;
-  if (has_global_scale || (w13_scale.defined() && w13_scale.dtype == DType::E4M3) ||
-      w13.dtype == DType::E2M1x2) {
+  if ((has_global_scale && w13.dtype != DType::E4M3) ||
+      (w13_scale.defined() && w13_scale.dtype == DType::E4M3) || w13.dtype == DType::E2M1x2) {
     return QuantScheme::Nvfp4;
   }
   if (!w13_scale.defined()) return QuantScheme::None;
