@@ -507,8 +507,8 @@ def fused_moe(
     output2_scale_scalar=None,
 ):
     """Routing followed by the experts: FlashInfer's trtllm_bf16_moe (trtllm_fp8_*_moe with
-    FP8 weights, trtllm_fp4_block_scale_moe with NVFP4 ones), on modmoe's kernels. At one rank the output is bitwise that of route() then
-    experts().
+    FP8 weights, trtllm_fp4_block_scale_moe with NVFP4 ones), on modmoe's kernels. At one
+    rank the output is bitwise that of route() then experts().
 
     routing_logits [T, E] fp32|bf16, routing_bias [E] (DeepSeekV3) or None, hidden_states
     [T, H] bf16; weights as in experts(). apply_router_weight_on_input defaults to True for
@@ -652,6 +652,10 @@ def quantize_activations(
     if static_scale and scale is None:
         raise Error("modmoe: static_scale=True needs scale=: the calibrated fp32 [1] scale to "
                     "quantize with")
+    if _C.quant_scheme(quant_scheme) == QuantScheme.Nvfp4:
+        raise Error("modmoe: quantize_activations with quant_scheme 'nvfp4': expected an FP8 "
+                    "scheme; NVFP4 tensors come from modmoe.quantize_nvfp4 (and the NVFP4 experts "
+                    "take bf16 hidden_states as they are: W4A16)")
     block = _C.quant_scheme(quant_scheme) == QuantScheme.Fp8Block128
     if per_row_scale and block:
         raise Error("modmoe: per_row_scale=True with quant_scheme 'fp8-block': expected False "

@@ -474,7 +474,8 @@ QuantScheme weights_scheme(nb::handle quant_scheme, const TensorView& w13,
                dtype_name(w13.dtype), " with gemm1_weights_scale given and no quant_scheme: ",
                "expected float8_e4m3fn; for e4m3 bits held in uint8, pass quant_scheme=",
                "'fp8-block' or 'fp8-tensor'; for NVFP4 (packed e2m1 pairs in uint8), e4m3 block ",
-               "scales with output1_scale_scalar and output2_scale_scalar, or quant_scheme='nvfp4'");
+               "scales with output1_scale_scalar and output2_scale_scalar, or ",
+               "quant_scheme='nvfp4'");
   if (w13_scale.ndim == 1) return QuantScheme::Fp8PerTensor;
   MODMOE_CHECK(w13_scale.ndim == 3, "argument 'gemm1_weights_scale' has shape ",
                w13_scale.shape_string(), ": expected [E_local] (fp8-tensor, one scale per ",

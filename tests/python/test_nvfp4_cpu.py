@@ -462,6 +462,10 @@ def test_quantizer_errors(rng):
     with pytest.raises(modmoe.Error, match=r"'out_dtype' = 'float16'"):
         q, s, g = modmoe.quantize_nvfp4(x)
         modmoe.dequantize_nvfp4(q, s, g, out_dtype="float16")
+    with pytest.raises(modmoe.Error, match=r"quantize_activations with quant_scheme 'nvfp4': "
+                                           r"expected an FP8 scheme; NVFP4 tensors come from "
+                                           r"modmoe.quantize_nvfp4"):
+        modmoe.quantize_activations(x, "nvfp4")
     with pytest.raises(modmoe.Error, match=r"'weights' has shape \[8, 64\]: expected \[E, R, C\]"):
         modmoe.quantize_weights(x, "nvfp4")
     with pytest.raises(modmoe.Error, match=r"global_scale= is given with quant_scheme "
