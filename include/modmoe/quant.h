@@ -123,7 +123,8 @@ struct Nvfp4QuantizeOptions {
 //   scale:        x's shape with H replaced by H/16, E4M3, token-major (FlashInfer's linear
 //                 hidden_states_scale layout: the scales of a token are contiguous)
 //   global_scale: [1] fp32
-// CPU tensors only for now; CUDA tensors throw "not supported yet".
+// CPU and CUDA tensors (the CUDA twin gives the CPU's bytes; asynchronous on `stream`, the
+// dynamic global scale computed on the device without a host synchronisation).
 void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& scale,
                     const TensorView& global_scale, const Nvfp4QuantizeOptions& options = {},
                     Stream stream = nullptr);
@@ -144,6 +145,6 @@ void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
 // The prepared (GateUpInterleaved) layout interleaves the packed w13 rows, their scale rows
 // and the bias in groups of G rows exactly as for bf16 (8 | G, G | I): a scale row belongs to
 // one weight row, so any such G works. w2, w2_scale and the global scales are copied.
-// CPU tensors only for now (docs/nvfp4.md, "Weights").
+// CPU and CUDA tensors (docs/nvfp4.md, "Weights").
 
 }  // namespace modmoe

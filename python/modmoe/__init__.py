@@ -1,4 +1,4 @@
-"""modmoe: Mixture-of-Experts kernels (routing, modular BF16 and FP8 experts, fused MoE,
+"""modmoe: Mixture-of-Experts kernels (routing, modular BF16, FP8 and NVFP4 experts, fused MoE,
 all-to-all).
 
 Tensors arrive through DLPack (PyTorch, NumPy, CuPy, JAX) and each call runs on their device:
@@ -12,6 +12,12 @@ e4m3 weights with ``gemm1_weights_scale`` / ``gemm2_weights_scale`` (or a
 ``modmoe.ExpertWeights`` holding them) and e4m3 ``hidden_states`` with
 ``hidden_states_scale``; ``quantize_weights`` and ``quantize_activations`` make them from bf16.
 e4m3 tensors are float8_e4m3fn (PyTorch, ml_dtypes) or uint8 bytes under an FP8 quant_scheme.
+
+NVFP4 (``QuantScheme`` 'nvfp4', W4A16, docs/nvfp4.md "Python"): uint8 weights holding two e2m1
+values per byte with e4m3 ``gemm1_weights_scale`` / ``gemm2_weights_scale`` (one per 16 values)
+and fp32 ``output1_scale_scalar`` / ``output2_scale_scalar`` (one global per expert); the hidden
+states stay bf16. ``quantize_nvfp4`` / ``dequantize_nvfp4`` convert tensors, and
+``quantize_weights(w, 'nvfp4')`` makes checkpoint-style weights.
 """
 
 try:
@@ -39,7 +45,9 @@ from ._api import (
     fused_moe,
     fused_moe_workspace_size,
     prepare_weights,
+    dequantize_nvfp4,
     quantize_activations,
+    quantize_nvfp4,
     quantize_weights,
     route,
 )
@@ -63,12 +71,14 @@ __all__ = [
     "RoutingMethodType",
     "WeightLayout",
     "built_with_cuda",
+    "dequantize_nvfp4",
     "experts",
     "experts_workspace_size",
     "fused_moe",
     "fused_moe_workspace_size",
     "prepare_weights",
     "quantize_activations",
+    "quantize_nvfp4",
     "quantize_weights",
     "route",
 ]

@@ -11,6 +11,13 @@ FP8 (docs/fp8.md, "Python"): the same calls with e4m3 weights and their scales (
 of FlashInfer's ``trtllm_fp8_*_moe``: ``gemm1_weights_scale``, ``gemm2_weights_scale``,
 ``hidden_states_scale``), or a modmoe.ExpertWeights that holds them; ``quantize_activations``
 and ``quantize_weights`` make e4m3 tensors and scales from bf16 ones.
+
+NVFP4 (docs/nvfp4.md, "Python"), W4A16: the same calls with packed e2m1 weights (uint8, two
+values per byte), their e4m3 block scales (``gemm1_weights_scale`` / ``gemm2_weights_scale``,
+one per 16 values along K) and per-expert fp32 global scales (``output1_scale_scalar`` /
+``output2_scale_scalar``, the names of FlashInfer's ``trtllm_fp4_block_scale_*moe``); the
+hidden states stay bf16. ``quantize_nvfp4`` / ``dequantize_nvfp4`` convert a tensor, and
+``quantize_weights(w, 'nvfp4')`` makes checkpoint-style weights with one global per expert.
 """
 
 import enum
@@ -57,12 +64,13 @@ class GateUpOrder(enum.IntEnum):
 
 class QuantScheme(enum.IntEnum):
     """The precision of the experts, held by their weights. Calls take a member or its name:
-    'bf16' (or 'none'), 'fp8-tensor', 'fp8-block'. Every scale is an fp32 dequantization
-    multiplier (x ~ float(e4m3) * scale)."""
+    'bf16' (or 'none'), 'fp8-tensor', 'fp8-block', 'nvfp4'. Every scale is a dequantization
+    multiplier (x ~ float(e4m3) * scale; NVFP4: x ~ e2m1 * float(block scale) * global)."""
 
     Bf16 = _C.SCHEME_NONE  # bf16 weights and hidden states
     Fp8PerTensor = _C.SCHEME_FP8_TENSOR  # e4m3; one scale per expert / per tensor (or row)
     Fp8Block128 = _C.SCHEME_FP8_BLOCK  # e4m3; per 128x128 weight block / 1x128 hidden group
+    Nvfp4 = _C.SCHEME_NVFP4  # W4A16: e2m1 weights, e4m3 per 16 values, fp32 per expert; bf16 hidden
 
 
 class WeightLayout(enum.IntEnum):
@@ -110,24 +118,57 @@ def _activation(activation_type, per_expert):
     return kind, alpha, beta, limit
 
 
+def _on_host(x):
+    """Whether x's values can be read without a device synchronisation."""
+    device = getattr(x, "device", None)
+    return device is None or getattr(device, "type", device) == "cpu"
+
+
+def _gate_scale(output1_scale_scalar, output1_scale_gate_scalar):
+    """Checks FlashInfer's output1_scale_gate_scalar: modmoe's NVFP4 gate and up rows share
+    one global scale per expert, so it is None, output1_scale_scalar itself, or (host tensors)
+    equal to it."""
+    gate = output1_scale_gate_scalar
+    if gate is None or gate is output1_scale_scalar:
+        return
+    if output1_scale_scalar is not None and _on_host(gate) and _on_host(output1_scale_scalar):
+        import numpy as np
+
+        a, b = np.asarray(gate), np.asarray(output1_scale_scalar)
+        if a.shape == b.shape and np.array_equal(a, b):
+            return
+    raise Error("modmoe: argument 'output1_scale_gate_scalar' differs from output1_scale_scalar "
+                "(or is a device tensor other than it): expected None or the same tensor; "
+                "modmoe's NVFP4 gate and up rows share one global scale per expert (merge "
+                "separate w1 / w3 globals when loading, docs/nvfp4.md \"Weights\")")
+
+
 def _weights(gemm1_weights, gemm2_weights, gate_up_order, gemm1_weights_scale,
-             gemm2_weights_scale, quant_scheme):
-    """(ExpertWeights or None, w13, w2): the weights of a call. FP8 tensors and their scales
-    are wrapped in an ExpertWeights (which checks them); bf16 tensors pass through."""
+             gemm2_weights_scale, quant_scheme, output1_scale_scalar=None,
+             output1_scale_gate_scalar=None, output2_scale_scalar=None):
+    """(ExpertWeights or None, w13, w2): the weights of a call. FP8 and NVFP4 tensors and their
+    scales are wrapped in an ExpertWeights (which checks them); bf16 tensors pass through."""
     if type(gemm1_weights) is ExpertWeights:
         extra = {"gemm2_weights": gemm2_weights, "gemm1_weights_scale": gemm1_weights_scale,
-                 "gemm2_weights_scale": gemm2_weights_scale, "quant_scheme": quant_scheme}
+                 "gemm2_weights_scale": gemm2_weights_scale, "quant_scheme": quant_scheme,
+                 "output1_scale_scalar": output1_scale_scalar,
+                 "output1_scale_gate_scalar": output1_scale_gate_scalar,
+                 "output2_scale_scalar": output2_scale_scalar}
         for name, value in extra.items():
             if value is not None:
                 raise Error(f"modmoe: {name} is given with a modmoe.ExpertWeights as "
                             "gemm1_weights: expected None (the ExpertWeights holds both weights, "
                             "their scales and quant_scheme)")
         return gemm1_weights, None, None
-    if gemm1_weights_scale is None and gemm2_weights_scale is None and quant_scheme is None:
+    _gate_scale(output1_scale_scalar, output1_scale_gate_scalar)
+    if (gemm1_weights_scale is None and gemm2_weights_scale is None and quant_scheme is None
+            and output1_scale_scalar is None and output2_scale_scalar is None):
         return None, gemm1_weights, gemm2_weights
     weights = ExpertWeights(gemm1_weights, gemm2_weights, int(gate_up_order),
                             quant_scheme=quant_scheme, gemm1_weights_scale=gemm1_weights_scale,
-                            gemm2_weights_scale=gemm2_weights_scale)
+                            gemm2_weights_scale=gemm2_weights_scale,
+                            output1_scale_scalar=output1_scale_scalar,
+                            output2_scale_scalar=output2_scale_scalar)
     return weights, None, None
 
 
@@ -305,6 +346,9 @@ def experts(
     gemm1_weights_scale=None,
     gemm2_weights_scale=None,
     quant_scheme=None,
+    output1_scale_scalar=None,
+    output1_scale_gate_scalar=None,
+    output2_scale_scalar=None,
 ):
     """The modular experts on already-routed (and dispatched) tokens: FlashInfer's
     trtllm_bf16_routed_moe (and, with FP8 weights, its trtllm_fp8_*_routed_moe), on modmoe's
@@ -326,6 +370,17 @@ def experts(
     as quantize_activations() makes them. H and I are multiples of 128. CUDA tensors need the
     weights of prepare_weights(). The outputs stay bf16.
 
+    NVFP4 (W4A16, FlashInfer's trtllm_fp4_block_scale_routed_moe names): gemm1_weights uint8
+    [E_local, 2I, H/2] and gemm2_weights uint8 [E_local, H, I/2] (two e2m1 values per byte,
+    low nibble first; float4_e2m1fn_x2 too), gemm1_weights_scale [E_local, 2I, H/16] and
+    gemm2_weights_scale [E_local, H, I/16] e4m3 (float8_e4m3fn, or uint8 bytes), linear,
+    output1_scale_scalar / output2_scale_scalar fp32 [E_local] (the global scales: dequantization
+    multipliers of each GEMM's output, ModelOpt's weight_scale_2; gate and up share
+    output1_scale_scalar, so output1_scale_gate_scalar is None or the same), quant_scheme
+    'nvfp4' or None (taken from the e4m3 block scales); or an ExpertWeights holding them.
+    hidden_states stays bf16 [M, H], no hidden_states_scale. H and I are multiples of 64.
+    CUDA tensors take the weights as they are or prepared (sm_80+).
+
     Returns, as FlashInfer does: do_finalize -> output [M, H] bf16 (with gemm1_lora_delta:
     [output, expanded_idx_to_permuted_idx, gemm1_activation_output]); else [gemm2_output,
     expert_weights, expanded_idx_to_permuted_idx] (+ gemm1_activation_output with a delta).
@@ -343,7 +398,9 @@ def experts(
     if use_shuffled_weight or weight_layout is not None:
         _check_layout(use_shuffled_weight, weight_layout)
     prepared, w13, w2 = _weights(gemm1_weights, gemm2_weights, gate_up_order,
-                                 gemm1_weights_scale, gemm2_weights_scale, quant_scheme)
+                                 gemm1_weights_scale, gemm2_weights_scale, quant_scheme,
+                                 output1_scale_scalar, output1_scale_gate_scalar,
+                                 output2_scale_scalar)
     per_expert = gemm1_alpha is not None or gemm1_beta is not None or gemm1_clamp_limit is not None
     kind, alpha, beta, limit = _activation(activation_type, per_expert)
     flags = (
@@ -445,10 +502,13 @@ def fused_moe(
     gemm1_weights_scale=None,
     gemm2_weights_scale=None,
     quant_scheme=None,
+    output1_scale_scalar=None,
+    output1_scale_gate_scalar=None,
+    output2_scale_scalar=None,
 ):
     """Routing followed by the experts: FlashInfer's trtllm_bf16_moe (trtllm_fp8_*_moe with
-    FP8 weights), on modmoe's kernels. At one rank the output is bitwise that of route() then
-    experts().
+    FP8 weights, trtllm_fp4_block_scale_moe with NVFP4 ones), on modmoe's kernels. At one
+    rank the output is bitwise that of route() then experts().
 
     routing_logits [T, E] fp32|bf16, routing_bias [E] (DeepSeekV3) or None, hidden_states
     [T, H] bf16; weights as in experts(). apply_router_weight_on_input defaults to True for
@@ -459,6 +519,9 @@ def fused_moe(
     FP8 weights (as in experts()): bf16 hidden_states are quantized with the weights' scheme
     (dynamic scales), bitwise route() -> quantize_activations() -> experts(); e4m3
     hidden_states with their hidden_states_scale run route() then experts().
+
+    NVFP4 weights (W4A16, as in experts()): the bf16 hidden_states go to the experts as they
+    are; the output is bitwise route() -> experts().
     """
     if top_k is None:
         raise TypeError("modmoe.fused_moe(): argument 'top_k' is required")
@@ -468,7 +531,9 @@ def fused_moe(
     if apply_router_weight_on_input is None:
         apply_router_weight_on_input = routing_method_type == RoutingMethodType.Llama4
     prepared, w13, w2 = _weights(gemm1_weights, gemm2_weights, gate_up_order,
-                                 gemm1_weights_scale, gemm2_weights_scale, quant_scheme)
+                                 gemm1_weights_scale, gemm2_weights_scale, quant_scheme,
+                                 output1_scale_scalar, output1_scale_gate_scalar,
+                                 output2_scale_scalar)
     if not do_finalize or hidden_states_scale is not None:
         ids, weights = route(
             routing_logits, routing_bias, routing_method_type, top_k, n_group=n_group,
@@ -527,24 +592,36 @@ def prepare_weights(
     gemm1_weights_scale=None,
     gemm2_weights_scale=None,
     quant_scheme=None,
+    output1_scale_scalar=None,
+    output1_scale_gate_scalar=None,
+    output2_scale_scalar=None,
 ):
     """Turns canonical weights (gemm1 [E_local, 2I, H] in gate_up_order, gemm2 [E_local, H, I])
     into the kernels' layout, once at load time, and returns a modmoe.ExpertWeights to pass as
     gemm1_weights. FP8 weights come with their scales, as in experts(); gemm1's block scales
-    move with its rows (docs/fp8.md, "Weights"). out: optional destination tensors (gemm1,
-    gemm2[, gemm1_bias, gemm2_bias[, gemm1_weights_scale, gemm2_weights_scale]]) of the
-    sources' shapes; allocated like the sources otherwise."""
+    move with its rows (docs/fp8.md, "Weights"). NVFP4 checkpoint weights (uint8 gemm1
+    [E_local, 2I, H/2], gemm2 [E_local, H, I/2], e4m3 block scales [E_local, 2I, H/16] /
+    [E_local, H, I/16], fp32 global scales output1_scale_scalar / output2_scale_scalar
+    [E_local]): the packed rows, their scale rows and the bias rows move together, the rest is
+    copied (docs/nvfp4.md, "Weights"). out: optional destination tensors (gemm1, gemm2[,
+    gemm1_bias, gemm2_bias[, gemm1_weights_scale, gemm2_weights_scale[, output1_scale_scalar,
+    output2_scale_scalar]]]) of the sources' shapes; allocated like the sources otherwise."""
+    _gate_scale(output1_scale_scalar, output1_scale_gate_scalar)
     src = ExpertWeights(gemm1_weights, gemm2_weights, int(gate_up_order), gemm1_bias, gemm2_bias,
                         quant_scheme=quant_scheme, gemm1_weights_scale=gemm1_weights_scale,
-                        gemm2_weights_scale=gemm2_weights_scale)
+                        gemm2_weights_scale=gemm2_weights_scale,
+                        output1_scale_scalar=output1_scale_scalar,
+                        output2_scale_scalar=output2_scale_scalar)
     if out is None:
         out = tuple(_empty_like(x) for x in (gemm1_weights, gemm2_weights, gemm1_bias, gemm2_bias,
-                                             gemm1_weights_scale, gemm2_weights_scale))
-    dst = tuple(out) + (None,) * (6 - len(out))
+                                             gemm1_weights_scale, gemm2_weights_scale,
+                                             output1_scale_scalar, output2_scale_scalar))
+    dst = tuple(out) + (None,) * (8 - len(out))
     rows = _C.prepare_weights(src, interleave_rows, *dst, stream)
     return ExpertWeights(dst[0], dst[1], int(gate_up_order), dst[2], dst[3], rows,
                          quant_scheme=src.quant_scheme, gemm1_weights_scale=dst[4],
-                         gemm2_weights_scale=dst[5])
+                         gemm2_weights_scale=dst[5], output1_scale_scalar=dst[6],
+                         output2_scale_scalar=dst[7])
 
 
 def _scale_shape(shape, rows):
@@ -575,6 +652,10 @@ def quantize_activations(
     if static_scale and scale is None:
         raise Error("modmoe: static_scale=True needs scale=: the calibrated fp32 [1] scale to "
                     "quantize with")
+    if _C.quant_scheme(quant_scheme) == QuantScheme.Nvfp4:
+        raise Error("modmoe: quantize_activations with quant_scheme 'nvfp4': expected an FP8 "
+                    "scheme; NVFP4 tensors come from modmoe.quantize_nvfp4 (and the NVFP4 experts "
+                    "take bf16 hidden_states as they are: W4A16)")
     block = _C.quant_scheme(quant_scheme) == QuantScheme.Fp8Block128
     if per_row_scale and block:
         raise Error("modmoe: per_row_scale=True with quant_scheme 'fp8-block': expected False "
@@ -591,12 +672,23 @@ def quantize_activations(
     return out, scale
 
 
-def quantize_weights(weights, quant_scheme, *, out=None, scale=None, stream=None):
+def quantize_weights(weights, quant_scheme, *, out=None, scale=None, global_scale=None,
+                     stream=None):
     """bf16 expert weights [E, R, C] (gemm1 [E_local, 2I, H], gemm2 [E_local, H, I]; R, C
     multiples of 128) -> (e4m3 [E, R, C], fp32 scale) as an FP8 checkpoint stores them:
     'fp8-tensor' scale [E], one per expert; 'fp8-block' [E, R/128, C/128], one per 128x128
     block (DeepSeek-V3's weight_scale_inv). s = max(amax, 1e-10) / 448, q = e4m3(w / s).
-    The results are prepare_weights' (and experts') gemm*_weights and gemm*_weights_scale."""
+    The results are prepare_weights' (and experts') gemm*_weights and gemm*_weights_scale.
+
+    'nvfp4' (C a multiple of 32) -> (uint8 [E, R, C/2], e4m3 [E, R, C/16], fp32 [E]), as a
+    ModelOpt NVFP4 checkpoint stores them: quantize_nvfp4 on each expert with its own dynamic
+    global scale (amax / (6 * 448)). The results are gemm*_weights, gemm*_weights_scale and
+    output1_scale_scalar / output2_scale_scalar. global_scale: optional fp32 [E] destination."""
+    if _C.quant_scheme(quant_scheme) == QuantScheme.Nvfp4:
+        return _quantize_nvfp4_weights(weights, out, scale, global_scale, stream)
+    if global_scale is not None:
+        raise Error("modmoe: global_scale= is given with quant_scheme "
+                    f"{quant_scheme!r}: expected None (NVFP4 weights only)")
     shape = _shape(weights, "weights")
     if out is None:
         out = _empty(weights, shape, "e4m3")
@@ -608,6 +700,86 @@ def quantize_weights(weights, quant_scheme, *, out=None, scale=None, stream=None
         scale = _empty(weights, scale_shape, "f32")
     _C.quantize_weights(weights, quant_scheme, out, scale, stream)
     return out, scale
+
+
+def _packed_shapes(shape):
+    """(packed shape [.., H/2], block scale shape [.., H/16]) of an NVFP4 tensor of `shape`,
+    or (None, None) where `shape` is no tensor shape the quantizer takes (it names the
+    argument)."""
+    if len(shape) < 2:
+        return None, None
+    rows, h = tuple(shape[:-1]), shape[-1]
+    return rows + (h // 2,), rows + (h // 16,)
+
+
+def quantize_nvfp4(
+    x,
+    *,
+    global_scale=None,
+    static_global_scale=False,
+    out=None,
+    scale=None,
+    stream=None,
+):
+    """bf16 x [T, H] (or [E_local, max_m, H]), H % 32 == 0 -> (out uint8 [T, H/2], scale e4m3
+    [T, H/16], global_scale fp32 [1]), NVFP4 (docs/nvfp4.md, "Quantization"): two e2m1 values
+    per byte, element 2i in the low nibble; one e4m3 block scale per 16 values along H,
+    token-major (FlashInfer's linear hidden_states_scale layout); x ~ e2m1 * float(scale) *
+    global_scale. Dynamic (default): global_scale = max(amax, 1e-10) / (6 * 448) over the
+    tensor, written. static_global_scale: global_scale [1] is the caller's (a calibrated
+    input_scale or weight_scale_2), only read. FlashInfer's global_sf is the reciprocal
+    (448 * 6 / amax): pass 1 / global_sf. The scale is float8_e4m3fn where the framework has it
+    (PyTorch, ml_dtypes), else uint8 bytes. out / scale / global_scale: optional destinations."""
+    shape = _shape(x, "x")
+    if static_global_scale and global_scale is None:
+        raise Error("modmoe: static_global_scale=True needs global_scale=: the calibrated fp32 "
+                    "[1] dequantization scale to quantize with")
+    packed, scales = _packed_shapes(shape)
+    if out is None and packed is not None:
+        out = _empty(x, packed, "u8")
+    if scale is None and scales is not None:
+        scale = _empty(x, scales, "e4m3")
+    if global_scale is None:
+        global_scale = _empty(x, (1,), "f32")
+    _C.quantize_nvfp4(x, out, scale, global_scale, static_global_scale, stream)
+    return out, scale, global_scale
+
+
+def dequantize_nvfp4(q, scale, global_scale, *, out=None, out_dtype="float32", stream=None):
+    """The inverse of quantize_nvfp4, for tests and debugging: q uint8 [T, H/2], scale e4m3
+    [T, H/16], global_scale fp32 [1] -> out [T, H] = (e2m1 * float(scale)) * global_scale, fp32
+    (out_dtype 'float32') or rounded once more to bf16 ('bfloat16')."""
+    shape = _shape(q, "q")
+    if out is None:
+        dtypes = {"float32": "f32", "bfloat16": "bf16"}
+        if out_dtype not in dtypes:
+            raise Error(f"modmoe: argument 'out_dtype' = {out_dtype!r}: expected 'float32' or "
+                        "'bfloat16'")
+        # NOTE: NumPy has no bf16: _empty gives ml_dtypes' bfloat16 unless `like` holds raw
+        # bits, and q always does (uint8), so the scale (float8_e4m3fn or bytes) decides.
+        like = scale if dtypes[out_dtype] == "bf16" and _framework(q) == "numpy" else q
+        out = _empty(like, tuple(shape[:-1]) + (2 * shape[-1],), dtypes[out_dtype])
+    _C.dequantize_nvfp4(q, scale, global_scale, out, stream)
+    return out
+
+
+def _quantize_nvfp4_weights(weights, out, scale, global_scale, stream):
+    """quantize_weights(weights, 'nvfp4'): quantize_nvfp4 on each expert [R, C] with its own
+    dynamic global scale."""
+    shape = _shape(weights, "weights")
+    if len(shape) != 3:
+        raise Error(f"modmoe: argument 'weights' has shape {list(shape)}: expected [E, R, C] "
+                    "(gemm1 [E_local, 2I, H] or gemm2 [E_local, H, I])")
+    packed, scales = _packed_shapes(shape)
+    if out is None:
+        out = _empty(weights, packed, "u8")
+    if scale is None:
+        scale = _empty(weights, scales, "e4m3")
+    if global_scale is None:
+        global_scale = _empty(weights, shape[:1], "f32")
+    for e in range(shape[0]):
+        _C.quantize_nvfp4(weights[e], out[e], scale[e], global_scale[e:e + 1], False, stream)
+    return out, scale, global_scale
 
 
 def experts_workspace_size(

@@ -18,6 +18,16 @@ e4m3 rows with ``a1q_scale`` and reads the weight scales from the quant_config.
 ``process_weights_after_loading`` reorders w13 in place into the layout the FP8 GPU kernels
 read. bf16 behaves as before.
 
+NVFP4 weights with bf16 activations (W4A16; ModelOpt's NVFP4 weight scheme, vLLM's
+``(kNvfp4Static, None)`` keys and ``nvfp4_w4a16_moe_quant_config``): ``apply`` receives the bf16
+rows (``expects_unquantized_inputs`` is True, no ``a1q_scale``), w1 / w2 uint8 packed e2m1
+pairs as the checkpoint stores them, and reads from the quant_config the linear e4m3 block
+scales (``w1_scale`` / ``w2_scale``) and the per-expert fp32 global scales (``g1_alphas`` /
+``g2_alphas``: with bf16 activations they are ModelOpt's ``weight_scale_2``, w1's for w13).
+The weights stay as they are (the W4A16 kernel reads the checkpoint layout). The block scales
+must be linear: the 128x4 swizzle some vLLM NVFP4 backends apply at load time is not read
+(docs/nvfp4.md, "Python"). W4A4 (NVFP4 activations) is not supported yet.
+
 vLLM is optional: this module imports without it (the class then derives from ``object``, and
 tests drive it the way vLLM does). Where vLLM imports, the class derives from vLLM's
 ``FusedMoEExpertsModular`` and returns vLLM's own enum and no-op objects. See
@@ -121,20 +131,46 @@ def _fp8_key(key):
     return bool(scale.static), tuple(scale.group_shape)
 
 
+def _is_nvfp4_weight_key(key):
+    """Whether a vLLM QuantKey is kNvfp4Static: packed e2m1 (FP4_DTYPE, uint8) with static
+    float8_e4m3fn scales per 1x16 group and a static fp32 per-tensor second scale (the
+    global)."""
+    scale, scale2 = getattr(key, "scale", None), getattr(key, "scale2", None)
+    return (scale is not None and scale2 is not None and getattr(key, "symmetric", False)
+            and str(getattr(key, "dtype", "")).endswith("uint8")
+            and str(getattr(scale, "dtype", "")).endswith("float8_e4m3fn")
+            and bool(getattr(scale, "static", False))
+            and tuple(getattr(scale, "group_shape", ())) == (1, 16)
+            and str(getattr(scale2, "dtype", "")).endswith("float32")
+            and bool(getattr(scale2, "static", False))
+            and tuple(getattr(scale2, "group_shape", ())) == (-1, -1))
+
+
 def quant_scheme_of_keys(weight_key, activation_key):
     """modmoe's QuantScheme for vLLM's (weight_key, activation_key): Bf16 for (None, None), an
-    FP8 scheme for the pairs of _FP8_KEYS, None where modmoe does not run the pair."""
+    FP8 scheme for the pairs of _FP8_KEYS, Nvfp4 for (kNvfp4Static, None) (W4A16), None where
+    modmoe does not run the pair (W4A4: NVFP4 activations, not supported yet)."""
     if weight_key is None and activation_key is None:
         return QuantScheme.Bf16
+    if activation_key is None and _is_nvfp4_weight_key(weight_key):
+        return QuantScheme.Nvfp4
     return _FP8_KEYS.get((_fp8_key(weight_key), _fp8_key(activation_key)))
 
 
 def quant_scheme_of_config(quant_config):
-    """modmoe's QuantScheme for vLLM's FusedMoEQuantConfig: quant_dtype None is bf16;
-    float8_e4m3fn is 'fp8-block' with block_shape [128, 128], 'fp8-tensor' without."""
+    """modmoe's QuantScheme for vLLM's FusedMoEQuantConfig: quant_dtype None is bf16, or NVFP4
+    W4A16 where use_nvfp4_w4a16 is True (nvfp4_w4a16_moe_quant_config: weight dtype 'nvfp4',
+    unquantized activations); float8_e4m3fn is 'fp8-block' with block_shape [128, 128],
+    'fp8-tensor' without."""
     dtype = getattr(quant_config, "quant_dtype", None)
     if dtype is None:
+        if getattr(quant_config, "use_nvfp4_w4a16", False):
+            return QuantScheme.Nvfp4
         return QuantScheme.Bf16
+    if str(dtype) == "nvfp4":
+        raise Error("modmoe: quant_config has quant_dtype nvfp4 (NVFP4 activations, W4A4): not "
+                    "supported yet; modmoe runs NVFP4 weights with bf16 activations (W4A16, "
+                    "nvfp4_w4a16_moe_quant_config)")
     block = getattr(quant_config, "block_shape", None)
     per_token = getattr(quant_config, "per_act_token_quant", False)
     per_channel = getattr(quant_config, "per_out_ch_quant", False)
@@ -189,6 +225,9 @@ class ModmoeExperts(_Base):
     (w1_scale, w2_scale). interleave_rows: the interleave of FP8 weights that are in
     prepare_weights' layout already (0: the checkpoint's; process_weights_after_loading sets
     it).
+
+    NVFP4 (W4A16): quant_config gives the block scales (w1_scale, w2_scale: e4m3, linear) and
+    the global scales (g1_alphas, g2_alphas: fp32 [E_local]); w1 / w2 are uint8 packed pairs.
     """
 
     def __init__(self, moe_config=None, quant_config=None, *, local_expert_offset=None,
@@ -284,7 +323,8 @@ class ModmoeExperts(_Base):
 
     @property
     def expects_unquantized_inputs(self):
-        return self.quant_scheme == QuantScheme.Bf16  # FP8: vLLM's prepare quantizes
+        # FP8: vLLM's prepare quantizes; NVFP4 W4A16 takes the bf16 rows.
+        return self.quant_scheme in (QuantScheme.Bf16, QuantScheme.Nvfp4)
 
     # ---- sizes ----
 
@@ -317,8 +357,9 @@ class ModmoeExperts(_Base):
         """FP8: reorders layer.w13_weight and its scales (quant_config.w1_scale) in place, one
         expert at a time, into prepare_weights' layout (the gate/up interleave of 8 rows that
         the FP8 GPU kernels read; block scale rows move with their rows), once; later apply()
-        calls read them so. bf16 weights stay as they are."""
-        if self.quant_scheme == QuantScheme.Bf16 or self.interleave_rows:
+        calls read them so. bf16 and NVFP4 weights stay as they are (the W4A16 kernel reads the
+        checkpoint layout, and its block scales would have to move with the rows)."""
+        if self.quant_scheme in (QuantScheme.Bf16, QuantScheme.Nvfp4) or self.interleave_rows:
             return
         w13, w2 = layer.w13_weight, layer.w2_weight
         w13_scale, w2_scale = self.quant_config.w1_scale, self.quant_config.w2_scale
@@ -333,10 +374,17 @@ class ModmoeExperts(_Base):
         self.interleave_rows = prepared.interleave_rows
 
     def _weights(self, w1, w2):
-        """(gemm1_weights, gemm2_weights) of experts(): bf16 tensors as they are; FP8 ones in
-        an ExpertWeights with the quant_config's scales."""
+        """(gemm1_weights, gemm2_weights) of experts(): bf16 tensors as they are; FP8 and NVFP4
+        ones in an ExpertWeights with the quant_config's scales."""
         if self.quant_scheme == QuantScheme.Bf16:
             return w1, w2
+        if self.quant_scheme == QuantScheme.Nvfp4:
+            config = self.quant_config
+            weights = _api.ExpertWeights(
+                w1, w2, int(self.gate_up_order), quant_scheme=QuantScheme.Nvfp4,
+                gemm1_weights_scale=config.w1_scale, gemm2_weights_scale=config.w2_scale,
+                output1_scale_scalar=config.g1_alphas, output2_scale_scalar=config.g2_alphas)
+            return weights, None
         weights = _api.ExpertWeights(
             w1, w2, int(self.gate_up_order), None, None, self.interleave_rows,
             quant_scheme=self.quant_scheme, gemm1_weights_scale=self.quant_config.w1_scale,
@@ -346,7 +394,7 @@ class ModmoeExperts(_Base):
     def _hidden_scale(self, a1q_scale):
         """a1q_scale as experts() takes it: None (bf16), [M, H/128] (fp8-block), [1] or [M]
         (fp8-tensor: vLLM may hand a 0-d static scale, or [M, 1])."""
-        if self.quant_scheme == QuantScheme.Bf16:
+        if self.quant_scheme in (QuantScheme.Bf16, QuantScheme.Nvfp4):
             if a1q_scale is not None:
                 raise Error("modmoe: argument 'a1q_scale' is given: expected unquantized bf16 "
                             "activations (expects_unquantized_inputs is True)")

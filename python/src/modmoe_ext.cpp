@@ -4,8 +4,8 @@
 // fills the library's structs and calls it. The library checks every argument; this file only
 // checks what exists in Python alone (values given beside the tensors that define them, such
 // as top_k and intermediate_size; objects that are no tensors; dtypes that DLPack can name but
-// modmoe cannot; uint8 bytes that are e4m3 only under an FP8 quant_scheme) and renames the C++
-// argument names in error messages to the Python ones.
+// modmoe cannot; uint8 bytes that are e4m3 only under an FP8 quant_scheme, or packed e2m1
+// pairs under NVFP4) and renames the C++ argument names in error messages to the Python ones.
 //
 // e4m3 tensors (FP8, docs/fp8.md "Python") arrive as float8_e4m3fn or as uint8 bytes. DLPack
 // 1.1 names float8_e4m3fn (kDLFloat8_e4m3fn); frameworks that cannot export it through DLPack
@@ -13,6 +13,12 @@
 // buffer protocol) are read through a uint8 view of the same bytes, labelled e4m3 because
 // their dtype says so. A plain uint8 tensor is read as e4m3 only where the call's quant scheme
 // is FP8 (given, or held by the weights); elsewhere it is refused with a message that says so.
+//
+// NVFP4 (docs/nvfp4.md "Python"): packed e2m1 weights are uint8 (two values per byte, low
+// nibble first; PyTorch's float4_e2m1fn_x2 is read through a uint8 view), their block scales
+// e4m3 (float8_e4m3fn or uint8), the per-expert global scales fp32. They are the NVFP4 tensors
+// because of the call's quant scheme ('nvfp4', or inferred from e4m3 block scales or from the
+// global scales), never because of their dtype alone.
 //
 // No framework is linked or imported. PyTorch gets two shortcuts once the caller has imported
 // it: its tensors are exported with torch.utils.dlpack.to_dlpack (a C function, several times
@@ -69,6 +75,12 @@ constexpr std::pair<const char*, const char*> kPythonNames[] = {
     {"'weights.w2'", "'gemm2_weights'"},
     {"'weights.w13_scale'", "'gemm1_weights_scale'"},
     {"'weights.w2_scale'", "'gemm2_weights_scale'"},
+    {"'weights.w13_global_scale'", "'output1_scale_scalar'"},
+    {"'weights.w2_global_scale'", "'output2_scale_scalar'"},
+    {"'src.w13_global_scale'", "'output1_scale_scalar'"},
+    {"'src.w2_global_scale'", "'output2_scale_scalar'"},
+    {"'dst.w13_global_scale'", "'out[6]'"},
+    {"'dst.w2_global_scale'", "'out[7]'"},
     {"'weights.scheme'", "'quant_scheme'"},
     {"'scheme'", "'quant_scheme'"},
     {"'src.w13_scale'", "'gemm1_weights_scale'"},
@@ -231,8 +243,9 @@ std::string dlpack_dtype_name(nb::dlpack::dtype dt) {
 }
 
 constexpr const char* kTakenDtypes =
-    "modmoe takes bf16 (or uint16 holding bf16 bits), f16, f32, f64, int32, int64, uint8, and "
-    "float8_e4m3fn (or uint8 holding e4m3 bits, under an FP8 quant_scheme)";
+    "modmoe takes bf16 (or uint16 holding bf16 bits), f16, f32, f64, int32, int64, uint8, "
+    "float8_e4m3fn (or uint8 holding e4m3 bits, under an FP8 or NVFP4 quant_scheme), and "
+    "packed e2m1 pairs as uint8 or float4_e2m1fn_x2 (under quant_scheme 'nvfp4')";
 
 TensorView view_of(const Array& a, const char* name) {
   TensorView v;
@@ -276,6 +289,8 @@ constexpr BitsView kBitsViews[] = {
     {"bfloat16", "uint16", DType::BF16},
     {"float8_e4m3fn", "uint8", DType::E4M3},
     {"torch.float8_e4m3fn", "uint8", DType::E4M3},
+    // Packed e2m1 pairs, low nibble first (PyTorch 2.8+): the bytes NVFP4 weights hold.
+    {"torch.float4_e2m1fn_x2", "uint8", DType::E2M1x2},
 };
 
 // h's DLPack export (PyTorch through to_dlpack; a refusal raises nb::python_error), or false
@@ -344,14 +359,24 @@ TensorView e4m3_view(nb::handle h, const char* name) {
   return v;
 }
 
-// Where the call is bf16, an e4m3 (or uint8) tensor is a mix-up that the library's plain
+// Packed NVFP4 tensors (uint8 bytes, float4_e2m1fn_x2) under quant scheme 'nvfp4'.
+TensorView e2m1_view(nb::handle h, const char* name) {
+  TensorView v = to_view(h, name);
+  if (v.dtype == DType::U8) v.dtype = DType::E2M1x2;
+  return v;
+}
+
+// Where the call is bf16, an e4m3, uint8 or e2m1 tensor is a mix-up that the library's plain
 // dtype error would not explain.
 void check_not_fp8(const TensorView& v, const char* name) {
-  MODMOE_CHECK(!v.defined() || (v.dtype != DType::E4M3 && v.dtype != DType::U8), "argument '", name,
-               "' has dtype ", dtype_name(v.dtype),
+  MODMOE_CHECK(!v.defined() || (v.dtype != DType::E4M3 && v.dtype != DType::U8 &&
+                                v.dtype != DType::E2M1x2),
+               "argument '", name, "' has dtype ", dtype_name(v.dtype),
                " and the weights are bf16: FP8 experts take FP8 weights with their scales ",
                "(gemm1_weights_scale, gemm2_weights_scale, or a modmoe.ExpertWeights holding ",
-               "them); uint8 is read as e4m3 bits only under an FP8 quant_scheme");
+               "them), NVFP4 experts packed uint8 weights with their e4m3 block scales and fp32 ",
+               "global scales (output1_scale_scalar, output2_scale_scalar); uint8 is read as ",
+               "e4m3 bits only under an FP8 quant_scheme, as packed e2m1 pairs only under 'nvfp4'");
 }
 
 Workspace workspace_of(nb::handle h, const Device& dev) {
@@ -403,17 +428,17 @@ Stream stream_of(nb::handle stream, nb::handle like, const TensorView& v) {
 // Quant schemes
 // ---------------------------------------------------------------------------------------
 
-// The schemes the Python package runs (NVFP4 and MXFP8 are not bound).
+// The schemes the Python package runs (MXFP8 is not bound).
 constexpr QuantScheme kPythonSchemes[] = {QuantScheme::None, QuantScheme::Fp8PerTensor,
-                                          QuantScheme::Fp8Block128};
+                                          QuantScheme::Fp8Block128, QuantScheme::Nvfp4};
 
 bool is_fp8(QuantScheme s) {
   return s == QuantScheme::Fp8PerTensor || s == QuantScheme::Fp8Block128;
 }
 
 // quant_scheme as the Python calls take it: a modmoe.QuantScheme (an int), its name
-// (quant_scheme_name's "none", "fp8-tensor", "fp8-block", or "bf16"), or None: "from the
-// tensors" (std::nullopt).
+// (quant_scheme_name's "none", "fp8-tensor", "fp8-block", "nvfp4", or "bf16"), or None: "from
+// the tensors" (std::nullopt).
 std::optional<QuantScheme> scheme_arg(nb::handle h) {
   if (h.is_none()) return std::nullopt;
   const bool is_name = nb::isinstance<nb::str>(h);
@@ -429,20 +454,28 @@ std::optional<QuantScheme> scheme_arg(nb::handle h) {
   }
   MODMOE_FAIL("argument 'quant_scheme' = ", nb::repr(h).c_str(),
               ": expected 'fp8-block' (QuantScheme.Fp8Block128), 'fp8-tensor' "
-              "(QuantScheme.Fp8PerTensor), 'bf16' (QuantScheme.Bf16), or None (from the "
-              "tensors)");
+              "(QuantScheme.Fp8PerTensor), 'nvfp4' (QuantScheme.Nvfp4), 'bf16' "
+              "(QuantScheme.Bf16), or None (from the tensors)");
 }
 
-// The scheme of weights: quant_scheme when given; else FP8 where float8_e4m3fn weights come
-// with scales, per tensor for [E_local] scales and 128x128 blocks for 3-D ones; else bf16.
+// The scheme of weights: quant_scheme when given; else NVFP4 where the block scales are e4m3
+// (FP8 scales are fp32), or the global scales come with weights that are not float8_e4m3fn;
+// else FP8 where float8_e4m3fn weights come with scales, per tensor for [E_local] scales and
+// 128x128 blocks for 3-D ones; else bf16.
 QuantScheme weights_scheme(nb::handle quant_scheme, const TensorView& w13,
-                           const TensorView& w13_scale) {
+                           const TensorView& w13_scale, bool has_global_scale) {
   if (const auto given = scheme_arg(quant_scheme)) return *given;
+  if ((has_global_scale && w13.dtype != DType::E4M3) ||
+      (w13_scale.defined() && w13_scale.dtype == DType::E4M3) || w13.dtype == DType::E2M1x2) {
+    return QuantScheme::Nvfp4;
+  }
   if (!w13_scale.defined()) return QuantScheme::None;
   MODMOE_CHECK(w13.dtype == DType::E4M3, "argument 'gemm1_weights' has dtype ",
                dtype_name(w13.dtype), " with gemm1_weights_scale given and no quant_scheme: ",
                "expected float8_e4m3fn; for e4m3 bits held in uint8, pass quant_scheme=",
-               "'fp8-block' or 'fp8-tensor'");
+               "'fp8-block' or 'fp8-tensor'; for NVFP4 (packed e2m1 pairs in uint8), e4m3 block ",
+               "scales with output1_scale_scalar and output2_scale_scalar, or ",
+               "quant_scheme='nvfp4'");
   if (w13_scale.ndim == 1) return QuantScheme::Fp8PerTensor;
   MODMOE_CHECK(w13_scale.ndim == 3, "argument 'gemm1_weights_scale' has shape ",
                w13_scale.shape_string(), ": expected [E_local] (fp8-tensor, one scale per ",
@@ -457,23 +490,51 @@ QuantScheme weights_scheme(nb::handle quant_scheme, const TensorView& w13,
 struct PyExpertWeights {
   ExpertWeights w;
   // The caller's tensors, kept alive for the views.
-  nb::object w13, w2, w13_bias, w2_bias, w13_scale, w2_scale;
+  nb::object w13, w2, w13_bias, w2_bias, w13_scale, w2_scale, w13_global_scale, w2_global_scale;
 };
+
+// NVFP4 weights: uint8 (or float4_e2m1fn_x2) packed e2m1 pairs and e4m3 (or uint8) block
+// scales. A weight of another dtype gets a message in the Python words, before the library's
+// "expected e2m1x2".
+void check_nvfp4_weight(TensorView& v, const char* name) {
+  if (v.dtype == DType::U8) v.dtype = DType::E2M1x2;
+  MODMOE_CHECK(!v.defined() || v.dtype == DType::E2M1x2, "argument '", name, "' has dtype ",
+               dtype_name(v.dtype), " with quant_scheme nvfp4: expected uint8 (or ",
+               "float4_e2m1fn_x2) holding two e2m1 values per byte, low nibble first, K/2 bytes ",
+               "per row");
+}
 
 PyExpertWeights make_weights(nb::handle w13, nb::handle w2, int order, nb::handle w13_bias,
                              nb::handle w2_bias, int interleave_rows, nb::handle quant_scheme,
-                             nb::handle w13_scale, nb::handle w2_scale) {
+                             nb::handle w13_scale, nb::handle w2_scale,
+                             nb::handle w13_global_scale, nb::handle w2_global_scale) {
   PyExpertWeights p;
   p.w.w13 = to_view(w13, "gemm1_weights");
   p.w.w2 = to_view(w2, "gemm2_weights");
   p.w.w13_scale = to_view(w13_scale, "gemm1_weights_scale");
   p.w.w2_scale = to_view(w2_scale, "gemm2_weights_scale");
-  p.w.scheme = weights_scheme(quant_scheme, p.w.w13, p.w.w13_scale);
+  p.w.w13_global_scale = to_view(w13_global_scale, "output1_scale_scalar");
+  p.w.w2_global_scale = to_view(w2_global_scale, "output2_scale_scalar");
+  const bool has_global = p.w.w13_global_scale.defined() || p.w.w2_global_scale.defined();
+  p.w.scheme = weights_scheme(quant_scheme, p.w.w13, p.w.w13_scale, has_global);
+  if (p.w.scheme == QuantScheme::Nvfp4) {
+    check_nvfp4_weight(p.w.w13, "gemm1_weights");
+    check_nvfp4_weight(p.w.w2, "gemm2_weights");
+    for (TensorView* v : {&p.w.w13_scale, &p.w.w2_scale}) {
+      if (v->dtype == DType::U8) v->dtype = DType::E4M3;
+    }
+  } else {
+    MODMOE_CHECK(!has_global, "argument '",
+                 p.w.w13_global_scale.defined() ? "output1_scale_scalar" : "output2_scale_scalar",
+                 "' is given and quant_scheme is ", quant_scheme_name(p.w.scheme),
+                 ": expected None (the per-expert global scales belong to NVFP4 weights, ",
+                 "quant_scheme 'nvfp4')");
+  }
   if (is_fp8(p.w.scheme)) {
     for (TensorView* v : {&p.w.w13, &p.w.w2}) {
       if (v->dtype == DType::U8) v->dtype = DType::E4M3;
     }
-  } else {
+  } else if (p.w.scheme == QuantScheme::None) {
     MODMOE_CHECK(!p.w.w13_scale.defined() && !p.w.w2_scale.defined(), "argument '",
                  p.w.w13_scale.defined() ? "gemm1_weights_scale" : "gemm2_weights_scale",
                  "' is given and quant_scheme is bf16: expected None (FP8 weights are e4m3 ",
@@ -492,6 +553,8 @@ PyExpertWeights make_weights(nb::handle w13, nb::handle w2, int order, nb::handl
   p.w2_bias = nb::borrow(w2_bias);
   p.w13_scale = nb::borrow(w13_scale);
   p.w2_scale = nb::borrow(w2_scale);
+  p.w13_global_scale = nb::borrow(w13_global_scale);
+  p.w2_global_scale = nb::borrow(w2_global_scale);
   return p;
 }
 
@@ -508,11 +571,24 @@ const ExpertWeights& weights_of(nb::handle weights, nb::handle w13, nb::handle w
   return scratch;
 }
 
+// NVFP4 weights take bf16 hidden states (W4A16); packed or e4m3 ones are a mix-up.
+void check_w4a16_hidden(const TensorView& v) {
+  MODMOE_CHECK(!v.defined() || (v.dtype != DType::E4M3 && v.dtype != DType::U8 &&
+                                v.dtype != DType::E2M1x2),
+               "argument 'hidden_states' has dtype ", dtype_name(v.dtype),
+               " with NVFP4 weights (quant scheme nvfp4): expected bf16 (W4A16: only the ",
+               "weights are NVFP4; NVFP4 activations, W4A4, are not supported yet)");
+}
+
 // hidden_states of an experts call: e4m3 (or uint8 bytes) with FP8 weights, else bf16.
 TensorView hidden_of(nb::handle hidden, const ExpertWeights& w) {
   if (is_fp8(w.scheme)) return e4m3_view(hidden, "hidden_states");
   TensorView v = to_view(hidden, "hidden_states");
-  check_not_fp8(v, "hidden_states");
+  if (w.scheme == QuantScheme::Nvfp4) {
+    check_w4a16_hidden(v);
+  } else {
+    check_not_fp8(v, "hidden_states");
+  }
   return v;
 }
 
@@ -525,6 +601,12 @@ ExpertMap map_of(int num_experts, int offset, int num_local, const ExpertWeights
 
 void check_intermediate(int64_t intermediate_size, const ExpertWeights& w) {
   if (intermediate_size <= 0 || w.w2.ndim != 3) return;
+  if (w.w2.dtype == DType::E2M1x2) {
+    MODMOE_CHECK(w.intermediate() == intermediate_size, "argument 'intermediate_size' = ",
+                 intermediate_size, ": expected 2 * gemm2_weights.shape[2] = ", w.intermediate(),
+                 " (NVFP4 gemm2_weights is [E_local, H, I/2], two values per byte)");
+    return;
+  }
   MODMOE_CHECK(
       w.w2.size(2) == intermediate_size, "argument 'intermediate_size' = ", intermediate_size,
       ": expected gemm2_weights.shape[2] = ", w.w2.size(2), " (gemm2_weights is [E_local, H, I])");
@@ -618,6 +700,7 @@ size_t fused_moe_call(nb::handle logits, nb::handle bias, nb::handle hidden, nb:
     const TensorView hidden_v = to_view(hidden, "hidden_states");
     // e4m3 hidden states come with hidden_states_scale, which _api.py sends through route()
     // and experts() instead.
+    if (w.scheme == QuantScheme::Nvfp4) check_w4a16_hidden(hidden_v);
     MODMOE_CHECK(hidden_v.dtype != DType::E4M3 && hidden_v.dtype != DType::U8,
                  "argument 'hidden_states' has dtype ", dtype_name(hidden_v.dtype),
                  " and no hidden_states_scale is given: expected bf16 hidden states (with FP8 ",
@@ -687,16 +770,22 @@ void route_call(nb::handle logits, nb::handle bias, int method, int top_k, int n
 // dst_*: the destination tensors, out[0] to out[5] in the Python call.
 int prepare_weights_call(const PyExpertWeights& src, int interleave_rows, nb::handle dst_w13,
                          nb::handle dst_w2, nb::handle dst_w13_bias, nb::handle dst_w2_bias,
-                         nb::handle dst_w13_scale, nb::handle dst_w2_scale, nb::handle stream) {
+                         nb::handle dst_w13_scale, nb::handle dst_w2_scale,
+                         nb::handle dst_w13_global_scale, nb::handle dst_w2_global_scale,
+                         nb::handle stream) {
   return renamed_errors([&] {
-    const auto weight_view = is_fp8(src.w.scheme) ? e4m3_view : to_view;
+    const bool nvfp4 = src.w.scheme == QuantScheme::Nvfp4;
+    const auto weight_view = nvfp4 ? e2m1_view : is_fp8(src.w.scheme) ? e4m3_view : to_view;
+    const auto scale_view = nvfp4 ? e4m3_view : to_view;
     ExpertWeights dst;
     dst.w13 = weight_view(dst_w13, "out[0]");
     dst.w2 = weight_view(dst_w2, "out[1]");
     dst.w13_bias = to_view(dst_w13_bias, "out[2]");
     dst.w2_bias = to_view(dst_w2_bias, "out[3]");
-    dst.w13_scale = to_view(dst_w13_scale, "out[4]");
-    dst.w2_scale = to_view(dst_w2_scale, "out[5]");
+    dst.w13_scale = scale_view(dst_w13_scale, "out[4]");
+    dst.w2_scale = scale_view(dst_w2_scale, "out[5]");
+    dst.w13_global_scale = to_view(dst_w13_global_scale, "out[6]");
+    dst.w2_global_scale = to_view(dst_w2_global_scale, "out[7]");
     PrepareWeightsOptions options;
     options.layout =
         interleave_rows > 0 ? WeightLayout::GateUpInterleaved : WeightLayout::Canonical;
@@ -749,6 +838,38 @@ void quantize_weights_call(nb::handle w, nb::handle quant_scheme, nb::handle q, 
          const TensorView& scale_v, Stream s) { quantize_weights(w_v, scheme, q_v, scale_v, s); });
 }
 
+// NVFP4: x bf16 [T, H] (or [E_local, max_m, H]) -> q packed [.., H/2] (uint8 bytes), e4m3
+// block scales [.., H/16] (float8_e4m3fn or uint8), global_scale fp32 [1].
+void quantize_nvfp4_call(nb::handle x, nb::handle q, nb::handle scale, nb::handle global_scale,
+                         bool static_global_scale, nb::handle stream) {
+  renamed_errors(
+      [&] {
+        const TensorView x_v = to_view(x, "x");
+        const TensorView q_v = e2m1_view(q, "out");
+        const TensorView scale_v = e4m3_view(scale, "scale");
+        const TensorView global_v = to_view(global_scale, "global_scale");
+        Nvfp4QuantizeOptions options;
+        options.static_global_scale = static_global_scale;
+        const Stream s = stream_of(stream, x, x_v);
+        nb::gil_scoped_release release;
+        quantize_nvfp4(x_v, q_v, scale_v, global_v, options, s);
+      },
+      {{"'q'", "'out'"}, {"options.static_global_scale", "static_global_scale"}});
+}
+
+void dequantize_nvfp4_call(nb::handle q, nb::handle scale, nb::handle global_scale,
+                           nb::handle out, nb::handle stream) {
+  renamed_errors([&] {
+    const TensorView q_v = e2m1_view(q, "q");
+    const TensorView scale_v = e4m3_view(scale, "scale");
+    const TensorView global_v = to_view(global_scale, "global_scale");
+    const TensorView out_v = to_view(out, "out");
+    const Stream s = stream_of(stream, q, q_v);
+    nb::gil_scoped_release release;
+    dequantize_nvfp4(q_v, scale_v, global_v, out_v, s);
+  });
+}
+
 size_t experts_workspace_size_call(int64_t num_tokens, int64_t hidden, int64_t intermediate,
                                    int top_k, int num_experts, int local_expert_offset,
                                    int local_num_experts, int act, bool do_finalize, bool batched,
@@ -781,8 +902,14 @@ size_t fused_moe_workspace_size_call(int64_t num_tokens, int64_t hidden, int64_t
     // Only the sizes of the weights matter here: a view with a shape and no data.
     ExpertWeights w;
     w.scheme = scheme_arg(quant_scheme).value_or(QuantScheme::None);
-    w.w2 = make_view(nullptr, is_fp8(w.scheme) ? DType::E4M3 : DType::BF16,
-                     {map.num_local_experts, hidden, intermediate});
+    if (w.scheme == QuantScheme::Nvfp4) {  // two values per byte: [E_local, H, I/2]
+      MODMOE_CHECK(intermediate % 2 == 0, "argument 'intermediate_size' = ", intermediate,
+                   " with quant_scheme nvfp4: expected a multiple of 32");
+      w.w2 = make_view(nullptr, DType::E2M1x2, {map.num_local_experts, hidden, intermediate / 2});
+    } else {
+      w.w2 = make_view(nullptr, is_fp8(w.scheme) ? DType::E4M3 : DType::BF16,
+                       {map.num_local_experts, hidden, intermediate});
+    }
     RoutingParams routing;
     routing.method = static_cast<RoutingMethod>(method);
     routing.num_experts = num_experts;
@@ -934,6 +1061,7 @@ NB_MODULE(_C, m) {
   m.attr("SCHEME_NONE") = static_cast<int>(QuantScheme::None);
   m.attr("SCHEME_FP8_TENSOR") = static_cast<int>(QuantScheme::Fp8PerTensor);
   m.attr("SCHEME_FP8_BLOCK") = static_cast<int>(QuantScheme::Fp8Block128);
+  m.attr("SCHEME_NVFP4") = static_cast<int>(QuantScheme::Nvfp4);
   m.attr("BACKEND_NVLINK") = static_cast<int>(AllToAllBackend::NvLink);
   m.attr("BACKEND_NCCL") = static_cast<int>(AllToAllBackend::Nccl);
   m.def("version", [] { return std::string(version()); });
@@ -955,16 +1083,18 @@ NB_MODULE(_C, m) {
           "__init__",
           [](PyExpertWeights* self, nb::handle w13, nb::handle w2, int order, nb::handle w13_bias,
              nb::handle w2_bias, int interleave_rows, nb::handle quant_scheme, nb::handle w13_scale,
-             nb::handle w2_scale) {
+             nb::handle w2_scale, nb::handle w13_global_scale, nb::handle w2_global_scale) {
             new (self) PyExpertWeights(renamed_errors([&] {
               return make_weights(w13, w2, order, w13_bias, w2_bias, interleave_rows, quant_scheme,
-                                  w13_scale, w2_scale);
+                                  w13_scale, w2_scale, w13_global_scale, w2_global_scale);
             }));
           },
           "gemm1_weights"_a, "gemm2_weights"_a, "gate_up_order"_a = 0,
           "gemm1_bias"_a.none() = nb::none(), "gemm2_bias"_a.none() = nb::none(),
           "interleave_rows"_a = 0, nb::kw_only(), "quant_scheme"_a.none() = nb::none(),
           "gemm1_weights_scale"_a.none() = nb::none(), "gemm2_weights_scale"_a.none() = nb::none(),
+          "output1_scale_scalar"_a.none() = nb::none(),
+          "output2_scale_scalar"_a.none() = nb::none(),
           "Expert weights converted once: gemm1_weights [E_local, 2I, H] (or [E_local, I, H] "
           "for relu2) and gemm2_weights [E_local, H, I], with the gate/up order of gemm1 (0: "
           "gate rows first, vLLM; 1: up rows first, FlashInfer) and the interleave of "
@@ -972,13 +1102,19 @@ NB_MODULE(_C, m) {
           "with quant_scheme given) with fp32 dequantization scales gemm1_weights_scale / "
           "gemm2_weights_scale, [E_local] each for 'fp8-tensor', [E_local, 2I/128, H/128] / "
           "[E_local, H/128, I/128] for 'fp8-block' (quant_scheme None: taken from the scales). "
-          "Keeps the tensors alive.")
+          "NVFP4 ('nvfp4', W4A16): uint8 packed e2m1 pairs gemm1_weights [E_local, 2I, H/2] and "
+          "gemm2_weights [E_local, H, I/2], e4m3 block scales gemm1_weights_scale "
+          "[E_local, 2I, H/16] and gemm2_weights_scale [E_local, H, I/16], fp32 global scales "
+          "output1_scale_scalar and output2_scale_scalar [E_local] (dequantization multipliers, "
+          "ModelOpt's weight_scale_2). Keeps the tensors alive.")
       .def_prop_ro("gemm1_weights", [](PyExpertWeights& p) { return p.w13; })
       .def_prop_ro("gemm2_weights", [](PyExpertWeights& p) { return p.w2; })
       .def_prop_ro("gemm1_bias", [](PyExpertWeights& p) { return p.w13_bias; })
       .def_prop_ro("gemm2_bias", [](PyExpertWeights& p) { return p.w2_bias; })
       .def_prop_ro("gemm1_weights_scale", [](PyExpertWeights& p) { return p.w13_scale; })
       .def_prop_ro("gemm2_weights_scale", [](PyExpertWeights& p) { return p.w2_scale; })
+      .def_prop_ro("output1_scale_scalar", [](PyExpertWeights& p) { return p.w13_global_scale; })
+      .def_prop_ro("output2_scale_scalar", [](PyExpertWeights& p) { return p.w2_global_scale; })
       .def_prop_ro("quant_scheme", [](PyExpertWeights& p) { return static_cast<int>(p.w.scheme); })
       .def_prop_ro("gate_up_order", [](PyExpertWeights& p) { return static_cast<int>(p.w.order); })
       .def_prop_ro("interleave_rows", [](PyExpertWeights& p) { return p.w.interleave_rows; })
@@ -987,7 +1123,7 @@ NB_MODULE(_C, m) {
       .def_prop_ro("hidden_size",
                    [](PyExpertWeights& p) { return p.w.w2.ndim == 3 ? p.w.w2.size(1) : 0; })
       .def_prop_ro("intermediate_size",
-                   [](PyExpertWeights& p) { return p.w.w2.ndim == 3 ? p.w.w2.size(2) : 0; })
+                   [](PyExpertWeights& p) { return p.w.w2.ndim == 3 ? p.w.intermediate() : 0; })
       .def("__repr__", [](PyExpertWeights& p) {
         return "modmoe.ExpertWeights(gemm1 " + p.w.w13.shape_string() + ", gemm2 " +
                p.w.w2.shape_string() + ", " +
@@ -1016,7 +1152,12 @@ NB_MODULE(_C, m) {
         "topk_ids"_a.none(), "topk_weights"_a.none(), "stream"_a.none());
   m.def("prepare_weights", &prepare_weights_call, "src"_a, "interleave_rows"_a, "dst_w13"_a.none(),
         "dst_w2"_a.none(), "dst_w13_bias"_a.none(), "dst_w2_bias"_a.none(),
-        "dst_w13_scale"_a.none(), "dst_w2_scale"_a.none(), "stream"_a.none());
+        "dst_w13_scale"_a.none(), "dst_w2_scale"_a.none(), "dst_w13_global_scale"_a.none(),
+        "dst_w2_global_scale"_a.none(), "stream"_a.none());
+  m.def("quantize_nvfp4", &quantize_nvfp4_call, "x"_a.none(), "q"_a.none(), "scale"_a.none(),
+        "global_scale"_a.none(), "static_global_scale"_a, "stream"_a.none());
+  m.def("dequantize_nvfp4", &dequantize_nvfp4_call, "q"_a.none(), "scale"_a.none(),
+        "global_scale"_a.none(), "out"_a.none(), "stream"_a.none());
   m.def("quantize_activations", &quantize_activations_call, "x"_a.none(), "quant_scheme"_a.none(),
         "q"_a.none(), "scale"_a.none(), "static_scale"_a, "stream"_a.none());
   m.def("quantize_weights", &quantize_weights_call, "w"_a.none(), "quant_scheme"_a.none(),

@@ -213,3 +213,53 @@ class Fp8Problem:
         """gemm1_weights, gemm2_weights and their scales as keywords of modmoe's calls."""
         return dict(gemm1_weights=self.w13, gemm2_weights=self.w2,
                     gemm1_weights_scale=self.w13_scale, gemm2_weights_scale=self.w2_scale, **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# NVFP4 (docs/nvfp4.md): the 16 e2m1 codes, decoding, a Problem over NVFP4 weights
+# ---------------------------------------------------------------------------------------
+
+# e2m1 code -> value: 0x0..0x7 = 0, 0.5, 1, 1.5, 2, 3, 4, 6; 0x8..0xf the same negated.
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+
+
+def unpack_e2m1(q):
+    """uint8 [..., n/2] packed pairs -> the codes [..., n] (element 2i in the low nibble)."""
+    q = np.asarray(q).view(np.uint8)
+    return np.stack([q & 0xF, q >> 4], axis=-1).reshape(q.shape[:-1] + (2 * q.shape[-1],))
+
+
+def decode_nvfp4(q, scale, global_scale):
+    """float64 e2m1 * block scale * global of packed q [..., n/2], e4m3 scale [..., n/16] and
+    a global per leading index (global_scale [E] for weights [E, R, C/2]) or one ([1]). Exact:
+    e2m1 * e4m3 has at most 6 significant bits, times an fp32 at most 30."""
+    codes = unpack_e2m1(q)
+    s = np.repeat(f64(np.asarray(scale).view(E4M3)), 16, axis=-1)
+    g = f64(global_scale)
+    g = g.reshape((-1,) + (1,) * (codes.ndim - 1)) if g.size > 1 else g.reshape(())
+    return E2M1[codes] * s * g
+
+
+class Nvfp4Problem:
+    """A Problem's weights quantized by modmoe to NVFP4 (uint8 packed pairs, e4m3 block scales,
+    fp32 global scale per expert), and `dq`: the Problem over their float64 decoding, whose
+    reference() is the W4A16 experts' float64 oracle (the hidden states stay bf16)."""
+
+    def __init__(self, p):
+        import copy
+
+        import modmoe
+
+        self.p = p
+        self.w13, self.w13_scale, self.w13_global = modmoe.quantize_weights(p.w13, "nvfp4")
+        self.w2, self.w2_scale, self.w2_global = modmoe.quantize_weights(p.w2, "nvfp4")
+        self.dq = copy.copy(p)
+        self.dq.w13 = decode_nvfp4(self.w13, self.w13_scale, self.w13_global)
+        self.dq.w2 = decode_nvfp4(self.w2, self.w2_scale, self.w2_global)
+
+    def weights(self, **kw):
+        """The NVFP4 weights as keywords of modmoe's calls."""
+        return dict(gemm1_weights=self.w13, gemm2_weights=self.w2,
+                    gemm1_weights_scale=self.w13_scale, gemm2_weights_scale=self.w2_scale,
+                    output1_scale_scalar=self.w13_global, output2_scale_scalar=self.w2_global,
+                    **kw)

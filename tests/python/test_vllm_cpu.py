@@ -1,5 +1,6 @@
 """modmoe.vllm.ModmoeExperts driven the way vLLM's modular kernel drives an experts class,
-with the tensors an all-to-all prepare step hands it, on CPU arrays (NumPy); bf16 and FP8."""
+with the tensors an all-to-all prepare step hands it, on CPU arrays (NumPy); bf16, FP8 and
+NVFP4 weights with bf16 activations (W4A16)."""
 
 import importlib.util
 import subprocess
@@ -14,6 +15,7 @@ import modmoe.vllm as mv
 from conftest import (
     BF16,
     Fp8Problem,
+    Nvfp4Problem,
     Problem,
     assert_within_contract,
     bf16,
@@ -283,3 +285,91 @@ def test_fp8_configs_modmoe_does_not_run(config, match):
     with pytest.raises(modmoe.Error, match=match):
         mv.ModmoeExperts(quant_config=SimpleNamespace(**config))
 
+
+
+# ---------------------------------------------------------------------------------------
+# NVFP4 weights, bf16 activations (W4A16)
+# ---------------------------------------------------------------------------------------
+
+# kNvfp4Static: packed e2m1 (vLLM's FP4_DTYPE, torch.uint8), static e4m3 scales per 1x16
+# group, and a static fp32 per-tensor second scale (the global).
+NVFP4_STATIC = quant_key(True, (1, 16), dtype="torch.uint8", scale_dtype="torch.float8_e4m3fn",
+                         scale2=SimpleNamespace(dtype="torch.float32", static=True,
+                                                group_shape=TENSOR))
+NVFP4_DYNAMIC = quant_key(False, (1, 16), dtype="torch.uint8",
+                          scale_dtype="torch.float8_e4m3fn", scale2=NVFP4_STATIC.scale2)
+
+
+@pytest.mark.parametrize("weight_key,activation_key,supported", [
+    (NVFP4_STATIC, None, True),  # W4A16
+    (NVFP4_STATIC, NVFP4_DYNAMIC, False),  # W4A4: NVFP4 activations, not yet
+    (quant_key(True, (1, 32), dtype="torch.uint8", scale_dtype="torch.float8_e4m3fn",
+               scale2=NVFP4_STATIC.scale2), None, False),  # another group size
+    (quant_key(True, (1, 16), dtype="torch.uint8", scale_dtype="torch.float8_e4m3fn"), None,
+     False),  # no global scale
+    (quant_key(True, (1, 32), dtype="torch.uint8", scale_dtype="torch.float8_e8m0fnu"), None,
+     False),  # MXFP4
+])
+def test_supported_nvfp4_quant_schemes(weight_key, activation_key, supported):
+    assert mv.ModmoeExperts._supports_quant_scheme(weight_key, activation_key) is supported
+    if supported:
+        assert mv.quant_scheme_of_keys(weight_key, activation_key) == modmoe.QuantScheme.Nvfp4
+
+
+def test_supported_nvfp4_quant_schemes_with_vllm_keys():
+    qu = pytest.importorskip("vllm.model_executor.layers.quantization.utils.quant_utils")
+    supports = mv.ModmoeExperts._supports_quant_scheme
+    assert supports(qu.kNvfp4Static, None)
+    assert not supports(qu.kNvfp4Static, qu.kNvfp4Dynamic)
+
+
+def nvfp4_config(q, local=slice(None)):
+    """A stand-in for vLLM's nvfp4_w4a16_moe_quant_config: no activation dtype, weight dtype
+    'nvfp4', block scales w1_scale / w2_scale, global scales g1_alphas / g2_alphas."""
+    return SimpleNamespace(quant_dtype=None, use_nvfp4_w4a16=True, block_shape=None,
+                           per_act_token_quant=False, per_out_ch_quant=False,
+                           w1_scale=q.w13_scale[local], w2_scale=q.w2_scale[local],
+                           g1_alphas=q.w13_global[local], g2_alphas=q.w2_global[local])
+
+
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_nvfp4_like_vllm(rng, ep_size):
+    """Each rank: process_weights_after_loading leaves the packed weights as they are, apply()
+    on the bf16 rows of its prepare step (no a1q_scale) is bitwise modmoe.experts on the
+    checkpoint tensors, and the single rank is within docs/nvfp4.md's bound of float64."""
+    p = Problem(rng, m=20, hidden=256, inter=128, num_experts=8, top_k=3)
+    q = Nvfp4Problem(p)
+    e_local = p.num_experts // ep_size
+    for r, (x, ids, weights, tokens, expert_map) in enumerate(
+            expert_parallel_rows(p, ep_size, p.m)):
+        local = slice(r * e_local, (r + 1) * e_local)
+        experts = mv.ModmoeExperts(quant_config=nvfp4_config(q, local))
+        assert experts.quant_scheme == modmoe.QuantScheme.Nvfp4
+        assert experts.expects_unquantized_inputs
+        layer = SimpleNamespace(w13_weight=q.w13[local].copy(), w2_weight=q.w2[local])
+        experts.process_weights_after_loading(layer)
+        assert experts.interleave_rows == 0 and np.array_equal(layer.w13_weight, q.w13[local])
+        out = run_rank(experts, p, layer.w13_weight, layer.w2_weight, x, ids, weights,
+                       expert_map)
+        want = modmoe.experts((ids, weights), x, q.w13[local], q.w2[local], p.num_experts,
+                              p.k, local_expert_offset=r * e_local, local_num_experts=e_local,
+                              gemm1_weights_scale=q.w13_scale[local],
+                              gemm2_weights_scale=q.w2_scale[local],
+                              output1_scale_scalar=q.w13_global[local],
+                              output2_scale_scalar=q.w2_global[local])
+        assert first_mismatch(out, want) is None
+        assert np.all(f64(out[tokens.size:]) == 0), "padding rows must be zero"
+    if ep_size == 1:
+        assert rel_l2(out, reference(q.dq)) < 6e-3
+
+
+def test_nvfp4_refuses_quantized_inputs_and_w4a4(rng):
+    p = Problem(rng, hidden=128, inter=64, num_experts=4, top_k=1)
+    q = Nvfp4Problem(p)
+    experts = mv.ModmoeExperts(quant_config=nvfp4_config(q))
+    with pytest.raises(modmoe.Error, match=r"'a1q_scale' is given: expected unquantized bf16"):
+        run_rank(experts, p, q.w13, q.w2, p.x, p.ids, p.weights, None,
+                 a1q_scale=np.ones(1, np.float32))
+    with pytest.raises(modmoe.Error, match=r"quant_dtype nvfp4 \(NVFP4 activations, W4A4\): "
+                                           r"not supported yet"):
+        mv.ModmoeExperts(quant_config=SimpleNamespace(quant_dtype="nvfp4"))
