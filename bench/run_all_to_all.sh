@@ -2,7 +2,7 @@
 # Runs the expert-parallel all-to-all on a multi-GPU machine from an existing build (no
 # compiler needed there): the multigpu tests, `modmoe ep-demo` and `modmoe bench all-to-all`.
 #   bash bench/run_all_to_all.sh [BUILD_DIR] [steps...]
-#   steps: info tests bench demo demo_identity demo2 demo_fp8 bench_fp8 bench_ab
+#   steps: info tests bench demo demo_identity demo2 demo_fp8 bench_fp8 demo_nvfp4 bench_nvfp4 bench_ab
 #          (default: info tests bench demo)
 # Logs go to $OUT (default ./out/all_to_all); the benchmark JSON to
 # $OUT/bench/results/<gpu>x<N>/all_to_all.json (N = the machine's GPUs used, rows for every
@@ -59,6 +59,24 @@ for step in $STEPS; do
         (cd "$OUT" && timeout ${T_BENCH:-570} "$BIN" bench all-to-all --gpus "${BENCH_GPUS:-$G}" --dtype $d \
           --time-limit $(( ${T_BENCH:-570} - 30 )) ${BENCH_ARGS:-}) 2>&1 | tee -a "$OUT/bench_fp8.log"
       done
+      ;;
+    demo_nvfp4)  # quantize before dispatch, NVFP4: on 2 GPUs, and on 4 when there are
+      # Identity experts: quantize per token, e2m1 rows + e4m3 scales + per-token globals
+      # dispatched, dequantized by the receiver, combine: exact against the CPU's dequantize.
+      # Real experts: W4A16 on the dequantized rows against fused_moe on the same rows (1e-2).
+      GS=2; [ "$NGPU" -ge 4 ] && GS="2 4"
+      for G in $GS; do
+        for x in identity real; do
+          CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((G - 1))) timeout ${T_DEMO:-150} "$B/apps/modmoe" ep-demo --gpus $G \
+            --tokens 128 --dtype nvfp4 --experts $x 2>&1 | tee -a "$OUT/ep_demo_nvfp4.log"
+        done
+      done
+      ;;
+    bench_nvfp4)  # the all-to-all cells with NVFP4 payloads, and the NVFP4 EP layer
+      G=2; [ "$NGPU" -ge 4 ] && G=2,4
+      BIN=$(realpath "$B/apps/modmoe")
+      (cd "$OUT" && timeout ${T_BENCH:-570} "$BIN" bench all-to-all --gpus "${BENCH_GPUS:-$G}" --dtype nvfp4 \
+        --time-limit $(( ${T_BENCH:-570} - 30 )) ${BENCH_ARGS:-}) 2>&1 | tee -a "$OUT/bench_nvfp4.log"
       ;;
     demo2)  # 2 GPUs, both backends
       for b in nvlink nccl; do

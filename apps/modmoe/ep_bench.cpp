@@ -5,7 +5,10 @@
 // of ANCHORS.md, which leaves out the host round trip for the split sizes), in one run.
 // `--dtype fp8-block|fp8-tensor`: the dispatch carries e4m3 hidden rows plus their fp32 scales
 // (H + 4H/128 or H + 4 bytes per token instead of 2H; docs/fp8.md "Quantize before dispatch"),
-// the combine stays bf16, and the EP layer runs FP8 weights; rows carry "dtype".
+// the combine stays bf16, and the EP layer runs FP8 weights; rows carry "dtype". `--dtype
+// nvfp4`: packed e2m1 rows, e4m3 block scales and one fp32 global per token (H/2 + H/16 + 4
+// bytes; docs/nvfp4.md "Quantize before dispatch"), dequantized to bf16 by the receiver; the
+// EP layer runs NVFP4 (W4A16) weights.
 //
 // Every cell is validated before it is timed, and again after: the received rows against the
 // CPU plan (reference::ep_plan: counts, source order, ids, rows), the combine of an identity
@@ -152,14 +155,18 @@ cudaGraphExec_t capture(cudaStream_t s, F&& fn) {
 
 struct AllInputs {
   std::vector<HostTensor> hidden, ids, weights;  // per rank, [Tmax, ...]
-  // FP8 only: hidden quantized once over each rank's Tmax tokens (quantize before dispatch):
-  // e4m3 [Tmax, H], scales [Tmax, H/128] or [Tmax] (the rank's per-tensor scale per token).
-  std::vector<HostTensor> q, qs, dequantized;  // dequantized: bf16(float(q) * s) [Tmax, H]
+  // FP8 and NVFP4 only: hidden quantized once over each rank's Tmax tokens (quantize before
+  // dispatch): FP8 e4m3 [Tmax, H], scales [Tmax, H/128] or [Tmax] (the rank's per-tensor scale
+  // per token); NVFP4 E2M1x2 [Tmax, H/2], e4m3 scales [Tmax, H/16], qg: globals [Tmax] fp32
+  // (one per token, so a prefix of the tokens has the same bytes as the prefix alone).
+  std::vector<HostTensor> q, qs, qg, dequantized;  // dequantized: the decoded rows, bf16 [Tmax, H]
   // What identity "experts" return for a token of rank r: its bf16 row or dequantized row.
   const HostTensor& back(int r) const { return q.empty() ? hidden[r] : dequantized[r]; }
-  // The dispatch payloads of rank r in order: {hidden, weights} or {q, scales, weights}.
+  // The dispatch payloads of rank r in order: {hidden, weights}, {q, scales, weights} or
+  // {q, scales, globals, weights}.
   std::vector<const HostTensor*> payloads(int r) const {
     if (q.empty()) return {&hidden[r], &weights[r]};
+    if (!qg.empty()) return {&q[r], &qs[r], &qg[r], &weights[r]};
     return {&q[r], &qs[r], &weights[r]};
   }
 };
@@ -184,7 +191,12 @@ AllInputs make_inputs(int n, int tmax, uint64_t seed, QuantScheme dtype) {
     if (dtype == QuantScheme::None) continue;
     reference::EpQuantized x = reference::ep_quantize(a.hidden.back(), dtype);
     a.dequantized.emplace_back(DType::BF16, std::vector<int64_t>{tmax, kH});
-    dequantize_activations(x.hidden, dtype, x.hidden_scale, a.dequantized.back());
+    if (dtype == QuantScheme::Nvfp4) {
+      dequantize_nvfp4(x.hidden, x.hidden_scale, x.hidden_global, a.dequantized.back());
+      a.qg.push_back(std::move(x.hidden_global));
+    } else {
+      dequantize_activations(x.hidden, dtype, x.hidden_scale, a.dequantized.back());
+    }
     a.q.push_back(std::move(x.hidden));
     a.qs.push_back(std::move(x.hidden_scale));
   }
@@ -382,7 +394,8 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
   MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   const int tmax = *std::max_element(o.tokens.begin(), o.tokens.end());
   const AllInputs in = make_inputs(n, tmax, o.seed, o.dtype);
-  const bool fp8 = o.dtype != QuantScheme::None;
+  const bool fp4 = o.dtype == QuantScheme::Nvfp4;
+  const bool fp8 = o.dtype != QuantScheme::None && !fp4;
   const DeviceTensor d_ids = DeviceTensor::from_host(in.ids[rank], rank);
   std::vector<DeviceTensor> d_payloads;  // {hidden, weights} or {q, scales, weights}, [Tmax, ...]
   for (const HostTensor* p : in.payloads(rank)) d_payloads.push_back(DeviceTensor::from_host(*p, rank));
@@ -436,9 +449,12 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
         MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
         a2a->check();
         err = check_dispatch(plan, in, res, rank, t);
-        // Identity "experts" (not timed): the received rows, dequantized for FP8.
+        // Identity "experts" (not timed): the received rows, dequantized for FP8 and NVFP4.
         if (fp8) {
           dequantize_activations(flatten01(res.payloads[0]), o.dtype, flatten01(res.payloads[1]), flatten01(cb), s);
+        } else if (fp4) {
+          dequantize_nvfp4(flatten01(res.payloads[0]), flatten01(res.payloads[1]), flatten01(res.payloads[2]),
+                           flatten01(cb), s);
         } else {
           MODMOE_CUDA_CHECK(cudaMemcpyAsync(cb.data, res.payloads[0].data, cb.nbytes(), cudaMemcpyDeviceToDevice, s));
         }
@@ -462,7 +478,7 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
         cell.c_bytes = from_others * kH * 2;
       } else {
         // NCCL send/recv with exact, host-known splits of the hidden rows (FP8: e4m3 rows and
-        // their scales), packed by destination (what all_to_all_single moves); then bf16 rows
+        // their scales; NVFP4: e2m1 rows, scales and globals), packed by destination (what all_to_all_single moves); then bf16 rows
         // back (what identity experts return: the bf16 or dequantized rows).
         std::vector<size_t> off_to(n + 1, 0), off_from(n + 1, 0);
         for (int r = 0; r < n; ++r) {
@@ -613,7 +629,11 @@ int run_ep_bench(const std::vector<std::string>& argv) {
       o.dtype == QuantScheme::None ? "topk_ids int32 [T,8] + hidden bf16 [T,7168] + topk_weights fp32 [T,8]"
       : o.dtype == QuantScheme::Fp8Block128
           ? "topk_ids int32 [T,8] + hidden e4m3 [T,7168] + scales fp32 [T,56] + topk_weights fp32 [T,8]"
+      : o.dtype == QuantScheme::Nvfp4
+          ? "topk_ids int32 [T,8] + hidden e2m1x2 [T,3584] + block scales e4m3 [T,448] + per-token global fp32 [T] + "
+            "topk_weights fp32 [T,8]"
           : "topk_ids int32 [T,8] + hidden e4m3 [T,7168] + the rank's per-tensor scale fp32 [T] + topk_weights fp32 [T,8]";
+  j["dispatch_bytes_per_token_bf16"] = reference::ep_payload_bytes_per_token(QuantScheme::None, kH, kK) + kK * 4;
   j["dispatch_bytes_per_token"] = reference::ep_payload_bytes_per_token(o.dtype, kH, kK) + kK * 4;
   j["combine"] = "bf16 [T,7168]";
   j["gbps_counts"] = "bytes of rows sent to other ranks by the slowest rank / its median time";
@@ -627,7 +647,11 @@ int run_ep_bench(const std::vector<std::string>& argv) {
       "largest over ranks of the rank's output vs fused_moe's rows; ep_layer_correct: rel L2 <= 1e-2 (0.1 for "
       "fp8-tensor: fused_moe's per-tensor scale is over the global batch, each rank's over its own tokens) and "
       "the output after the replays bitwise equal to the first run's. FP8 dtypes: FP8 weights quantized from the "
-      "same bf16 numbers, every rank quantizes its hidden before the dispatch (inside the layer's time)";
+      "same bf16 numbers, every rank quantizes its hidden before the dispatch (inside the layer's time). nvfp4: "
+      "NVFP4 weights (W4A16) quantized from the same bf16 numbers, every rank quantizes its hidden to NVFP4 with one "
+      "global per token before the dispatch and the receiver dequantizes it (both inside the layer's time); "
+      "fused_moe runs on the global batch quantized per row and dequantized (the same rows; its time includes "
+      "that quantize and dequantize), bound 1e-2";
   {
     char date[32];
     const std::time_t now = std::time(nullptr);

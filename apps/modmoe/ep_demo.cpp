@@ -5,6 +5,9 @@
 // fused_moe over the same global batch (N*T tokens, all E experts, run on every rank), and
 // every stage is timed (CUDA events, median). `--dtype fp8-block|fp8-tensor`: FP8 weights, and
 // every rank quantizes its tokens before the dispatch (docs/fp8.md, "Quantize before dispatch").
+// `--dtype nvfp4`: NVFP4 weights (W4A16), every rank quantizes its tokens to NVFP4 with one
+// global per token before the dispatch, the receiver dequantizes them to bf16 for the experts
+// (docs/nvfp4.md, "Quantize before dispatch").
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -58,7 +61,7 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
   if (!o.identity) {  // before any rank builds its weights: the same answer on every rank
     const std::string why = experts_not_supported_on_gpu(o.dtype, rank);
     MODMOE_CHECK(why.empty(), "ep-demo --dtype ", dtype_option_name(o.dtype), ": ", why,
-                 " [--experts identity runs the FP8 quantize, dispatch, dequantize and combine without it]");
+                 " [--experts identity runs the quantize, dispatch, dequantize and combine without it]");
   }
   comm::mp::RankComm c(rv, rank, n, rank);
   const Preset& preset = find_preset(o.preset);
@@ -116,13 +119,25 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
 
   // The check.
   double err2 = 0, ref2 = 0;
-  const bool fp8 = o.dtype != QuantScheme::None;
+  const bool fp4 = o.dtype == QuantScheme::Nvfp4;
+  const bool fp8 = o.dtype != QuantScheme::None && !fp4;
+  // NVFP4: my rows as the receivers' experts get them: what I dispatched, dequantized on the
+  // CPU (each row with its own global), [T, H] bf16.
+  HostTensor mine_dq;
+  if (fp4) {
+    mine_dq = HostTensor(DType::BF16, {t, h});
+    dequantize_nvfp4(to_host(layer.hidden_q(rm)), to_host(layer.hidden_scale(rm)), to_host(layer.hidden_global(rm)),
+                     mine_dq);
+  }
   if (o.identity) {
     // Identity experts: each token comes back once per distinct destination rank. FP8: the
-    // rows that came back are the dequantized e4m3 rows (bf16(float(q) * s)).
+    // rows that came back are the dequantized e4m3 rows (bf16(float(q) * s)); NVFP4: the
+    // dequantized e2m1 rows (bf16((e2m1 * scale) * global)), the GPU's dequantize against the
+    // CPU's, bit for bit.
     HostTensor hid = to_host(hidden);
     const HostTensor id = to_host(ids);
     if (fp8) dequantize_activations(to_host(layer.hidden_q(rm)), o.dtype, to_host(layer.hidden_scale(rm)), hid);
+    if (fp4) std::memcpy(hid.view().data, mine_dq.view().data, hid.nbytes());
     for (int64_t i = 0; i < t; ++i) {
       uint64_t mask = 0;
       for (int j = 0; j < k; ++j) {
@@ -170,13 +185,18 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
       d1.do_finalize = true;
       std::vector<double> sum(static_cast<size_t>(t * h), 0.0);
       Buffer part(DType::BF16, {t, h}, dev);
+      Buffer mine_rows;  // NVFP4: my dequantized rows on the device
+      if (fp4) {
+        mine_rows = Buffer(DType::BF16, {t, h}, dev);
+        copy_from_host(mine_dq, mine_rows);
+      }
       for (int r = 0; r < n; ++r) {
         const ExpertMap mr = ExpertMap::for_rank(e, n, r);
         d1.expert_map = mr;
         const size_t wsb = experts_workspace_size(d1);
         Buffer wsr(DType::U8, {static_cast<int64_t>(wsb) + 256}, dev);
-        ExpertsInputs li;  // FP8: the rows this rank quantized and dispatched
-        li.hidden = fp8 ? layer.hidden_q(rm) : hidden;
+        ExpertsInputs li;  // FP8: the rows this rank quantized and dispatched; NVFP4: dequantized
+        li.hidden = fp8 ? layer.hidden_q(rm) : fp4 ? mine_rows.view() : hidden;
         li.hidden_scale = fp8 ? layer.hidden_scale(rm) : TensorView{};
         li.topk_ids = ids;
         li.topk_weights = wts;
@@ -228,6 +248,18 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
 
 }  // namespace
 
+// The float64 diagnostics compare with the bf16 masters; how far a quantized layer is from them.
+static const char* quant_note(QuantScheme dtype) {
+  switch (dtype) {
+    case QuantScheme::Fp8Block128:
+    case QuantScheme::Fp8PerTensor:
+      return " over the bf16 masters (FP8 is\nabout 0.06 from them: four e4m3 roundings, docs/fp8.md)";
+    case QuantScheme::Nvfp4:
+      return " over the bf16 masters (NVFP4 is\nabout 0.2 from them: five e2m1 roundings, hidden and weights, docs/nvfp4.md)";
+    default: return "";
+  }
+}
+
 int run_ep_demo(const std::vector<std::string>& argv) {
   const Args args(argv, {"--gpus", "--preset", "--backend", "--tokens", "--seed", "--experts", "--reps", "--num-sms",
                          "--dtype"}, {});
@@ -246,18 +278,21 @@ int run_ep_demo(const std::vector<std::string>& argv) {
   const Preset& preset = find_preset(o.preset);
   MODMOE_CHECK(preset.num_experts % o.gpus == 0, "option '--gpus' = ", o.gpus, ": expected a divisor of the ",
                preset.num_experts, " experts of ", preset.name);
-  MODMOE_CHECK(o.dtype == QuantScheme::None || (preset.hidden % kFp8BlockSize == 0 && preset.intermediate % kFp8BlockSize == 0),
-               "option '--dtype' = ", dtype_option_name(o.dtype), " with preset ", preset.name, " (H = ", preset.hidden,
-               ", I = ", preset.intermediate, "): expected H and I multiples of 128 (the FP8 scale block); pick "
-               "another preset or --dtype bf16");
+  const std::string shape_problem = dtype_shape_problem(o.dtype, preset.hidden, preset.intermediate);
+  MODMOE_CHECK(shape_problem.empty(), "option '--dtype' = ", dtype_option_name(o.dtype), " with preset ", preset.name,
+               " (H = ", preset.hidden, ", I = ", preset.intermediate, "): ", shape_problem,
+               "; pick another preset or --dtype bf16");
   const int have = comm::mp::probe_gpu_count();
   MODMOE_CHECK(have >= o.gpus, "option '--gpus' = ", o.gpus, ": this machine has ", have, " GPUs");
 
+  const size_t payload = reference::ep_payload_bytes_per_token(o.dtype, preset.hidden, preset.top_k);
+  const size_t bf16_payload = reference::ep_payload_bytes_per_token(QuantScheme::None, preset.hidden, preset.top_k);
   std::printf("modmoe ep-demo: %s (%s), %d GPUs, backend %s, %lld tokens per rank, experts %s, dtype %s (%zu "
-              "dispatch payload bytes per token), seed %llu\n",
+              "dispatch payload bytes per token, %zu with topk_ids; bf16 %zu: %.3fx), seed %llu\n",
               preset.name.c_str(), preset.shape_string().c_str(), o.gpus, all_to_all_backend_name(o.backend),
-              static_cast<long long>(o.tokens), ex.c_str(), dtype_option_name(o.dtype),
-              reference::ep_payload_bytes_per_token(o.dtype, preset.hidden, preset.top_k),
+              static_cast<long long>(o.tokens), ex.c_str(), dtype_option_name(o.dtype), payload,
+              payload + 4 * static_cast<size_t>(preset.top_k), bf16_payload + 4 * static_cast<size_t>(preset.top_k),
+              static_cast<double>(payload + 4 * preset.top_k) / static_cast<double>(bf16_payload + 4 * preset.top_k),
               static_cast<unsigned long long>(o.seed));
   std::fflush(stdout);
   comm::mp::SharedMemory shm(sizeof(comm::mp::Rendezvous) + sizeof(RankReport) * o.gpus);
@@ -285,7 +320,7 @@ int run_ep_demo(const std::vector<std::string>& argv) {
     std::printf("\ndiagnostics per rank: routing ids equal to fused_moe's; rel L2 of the sum of experts() over\n"
                 "the ranks' slices on the rank's own tokens (no all-to-all) vs fused_moe, of the all-to-all path\n"
                 "vs that sum, and of one sampled token of each against float64%s\n",
-                o.dtype != QuantScheme::None ? " over the bf16 masters (FP8 is\nabout 0.06 from them: four e4m3 roundings, docs/fp8.md)" : "");
+                quant_note(o.dtype));
     for (int r = 0; r < o.gpus; ++r) {
       const RankReport& x = reps[r];
       std::printf("rank %d: ids equal %d, sliced vs fused %.2e, ep vs sliced %.2e, ep vs f64 %.2e, fused vs f64 %.2e\n",
@@ -301,6 +336,9 @@ int run_ep_demo(const std::vector<std::string>& argv) {
     std::snprintf(bound, sizeof(bound), "%g%s", ep_reference_bound(o.dtype),
                   o.dtype == QuantScheme::Fp8PerTensor
                       ? ": fused_moe's per-tensor scale is over the global batch; ep vs sliced <= 1e-2"
+                  : o.dtype == QuantScheme::Nvfp4
+                      ? ": fused_moe on the global batch quantized per row and dequantized, the rows the ranks' "
+                        "experts get"
                       : "");
   }
   std::printf("\ncheck (%s): each rank's output against the single-GPU %s over the same %lld-token batch: %s "

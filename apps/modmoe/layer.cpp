@@ -179,16 +179,90 @@ void make_fp8_weights(Layer& l, bool progress) {
   l.weights.interleave_rows = dst.interleave_rows;
 }
 
+// NVFP4 weights the way a loader of a bf16 checkpoint quantized by ModelOpt gets them
+// (docs/nvfp4.md, "Weights"), one expert at a time: the expert's bf16 masters ->
+// quantize_nvfp4 (one dynamic global per matrix of the expert: gate and up share w13's) ->
+// prepare_weights (GateUpInterleaved, G = 8) into the layer's tensors. The same bytes as
+// reference::quantize_nvfp4_weights on the host.
+void make_nvfp4_weights(Layer& l, bool progress) {
+  const Preset& p = l.preset;
+  const int64_t e_local = l.map.num_local_experts, h = p.hidden, i = p.intermediate;
+  const int64_t rows13 = is_gated(p.activation) ? 2 * i : i, b = kNvfp4BlockSize;
+  const Device dev = l.device;
+  l.w13 = Buffer(DType::E2M1x2, {e_local, rows13, h / 2}, dev);
+  l.w2 = Buffer(DType::E2M1x2, {e_local, h, i / 2}, dev);
+  l.w13_scale = Buffer(DType::E4M3, {e_local, rows13, h / b}, dev);
+  l.w2_scale = Buffer(DType::E4M3, {e_local, h, i / b}, dev);
+  l.w13_global = Buffer(DType::F32, {e_local}, dev);
+  l.w2_global = Buffer(DType::F32, {e_local}, dev);
+  ExpertWeights all;
+  all.scheme = QuantScheme::Nvfp4;
+  all.w13 = l.w13;
+  all.w2 = l.w2;
+  all.w13_scale = l.w13_scale;
+  all.w2_scale = l.w2_scale;
+  all.w13_global_scale = l.w13_global;
+  all.w2_global_scale = l.w2_global;
+  const Buffer m13(DType::BF16, {rows13, h}, dev), m2(DType::BF16, {h, i}, dev);
+  const Buffer q13(DType::E2M1x2, {1, rows13, h / 2}, dev), q2(DType::E2M1x2, {1, h, i / 2}, dev);
+  const Buffer s13(DType::E4M3, {1, rows13, h / b}, dev), s2(DType::E4M3, {1, h, i / b}, dev);
+  const Buffer g13(DType::F32, {1}, dev), g2(DType::F32, {1}, dev);
+  ExpertWeights src;  // one expert, canonical GateUp
+  src.scheme = QuantScheme::Nvfp4;
+  src.w13 = q13;
+  src.w2 = q2;
+  src.w13_scale = s13;
+  src.w2_scale = s2;
+  src.w13_global_scale = g13;
+  src.w2_global_scale = g2;
+  Buffer b13, b2;
+  if (p.has_biases) {
+    l.w13_bias = Buffer(DType::F32, {e_local, rows13}, dev);
+    l.w2_bias = Buffer(DType::F32, {e_local, h}, dev);
+    all.w13_bias = l.w13_bias;
+    all.w2_bias = l.w2_bias;
+    b13 = Buffer(DType::F32, {1, rows13}, dev);
+    b2 = Buffer(DType::F32, {1, h}, dev);
+    src.w13_bias = b13;
+    src.w2_bias = b2;
+  }
+  const Progress pr(progress, e_local, static_cast<double>(q13.view().nbytes() + q2.view().nbytes()), "nvfp4");
+  ExpertWeights dst;
+  for (int64_t e = 0; e < e_local; ++e) {
+    synth::fill(m13, l.seed, expert_stream(kW13, l.map, e), 1.0f / std::sqrt(static_cast<float>(h)));
+    synth::fill(m2, l.seed, expert_stream(kW2, l.map, e), 1.0f / std::sqrt(static_cast<float>(i)));
+    quantize_nvfp4(m13, q13.view().select0(0), s13.view().select0(0), g13);
+    quantize_nvfp4(m2, q2.view().select0(0), s2.view().select0(0), g2);
+    if (p.has_biases) {
+      synth::fill(b13, l.seed, expert_stream(kW13Bias, l.map, e), 0.05f);
+      synth::fill(b2, l.seed, expert_stream(kW2Bias, l.map, e), 0.05f);
+    }
+    dst = reference::slice_experts(all, e, 1);
+    prepare_weights(src, dst);
+    pr.done(e);
+  }
+  l.weights = all;
+  l.weights.layout = dst.layout;
+  l.weights.order = dst.order;
+  l.weights.interleave_rows = dst.interleave_rows;
+}
+
 }  // namespace
 
 Layer::Layer(const Preset& p, const ExpertMap& m, Device dev, uint64_t s, bool progress, QuantScheme q)
     : preset(p), map(m), device(dev), seed(s), scheme(q) {
   const int64_t e_local = map.num_local_experts, h = p.hidden, i = p.intermediate;
   const int64_t rows13 = is_gated(p.activation) ? 2 * i : i;
-  if (scheme != QuantScheme::None) {
+  if (scheme == QuantScheme::Nvfp4) {
+    MODMOE_CHECK(h % 64 == 0 && i % 64 == 0, "preset ", p.name, " with quant scheme nvfp4: H = ", h, ", I = ", i,
+                 ": expected multiples of 64 (16-value scale blocks, the W4A16 kernel's K tile); pick another "
+                 "preset or bf16");
+    MODMOE_CHECK(e_local >= 1, "synthetic layer of preset ", p.name, ": no local experts");
+    make_nvfp4_weights(*this, progress);
+  } else if (scheme != QuantScheme::None) {
     MODMOE_CHECK(scheme == QuantScheme::Fp8Block128 || scheme == QuantScheme::Fp8PerTensor,
                  "synthetic layer with quant scheme ", quant_scheme_name(scheme),
-                 ": expected none (bf16), fp8-block or fp8-tensor");
+                 ": expected none (bf16), fp8-block, fp8-tensor or nvfp4");
     MODMOE_CHECK(h % kFp8BlockSize == 0 && i % kFp8BlockSize == 0, "preset ", p.name, " with quant scheme ",
                  quant_scheme_name(scheme), ": H = ", h, ", I = ", i,
                  ": expected multiples of 128 (the FP8 scale block); pick another preset or bf16");

@@ -51,19 +51,26 @@ struct Layer {
   QuantScheme scheme = QuantScheme::None;
   // None: bf16, canonical GateUp layout. Fp8Block128 / Fp8PerTensor: e4m3 quantized from the
   // same bf16 numbers (quantize_weights), prepared (GateUpInterleaved, G = 8, when gated).
+  // Nvfp4: E2M1x2 [E_local, 2I, H/2] / [E_local, H, I/2] quantized from the same bf16 numbers
+  // (quantize_nvfp4, one dynamic global per expert and matrix, as a ModelOpt checkpoint),
+  // prepared the same way.
   Buffer w13, w2, w13_bias, w2_bias;
-  Buffer w13_scale, w2_scale;  // FP8 only: [E_local, 2I/128, H/128] and [E_local, H/128, I/128], or [E_local]
+  // FP8: [E_local, 2I/128, H/128] and [E_local, H/128, I/128], or [E_local] fp32.
+  // Nvfp4: e4m3 block scales [E_local, 2I, H/16] and [E_local, H, I/16].
+  Buffer w13_scale, w2_scale;
+  Buffer w13_global, w2_global;  // Nvfp4 only: [E_local] fp32
   ExpertWeights weights;
   ExpertsOptions options;
   Buffer route_bias;  // [E] fp32, DeepSeekV3-style methods only
 
   // Allocates and fills the weights of experts [map.local_expert_offset, + num_local_experts).
   // `progress` prints a line per tenth done when the fill is large. FP8 schemes need H and I
-  // multiples of 128.
+  // multiples of 128, Nvfp4 multiples of 64 (the W4A16 kernel's K tile).
   Layer(const Preset& preset, const ExpertMap& map, Device device, uint64_t seed, bool progress,
         QuantScheme scheme = QuantScheme::None);
   // Host bf16 weights (canonical) of the listed local experts only, regenerated from the seed:
-  // what a sampled check on the CPU needs. For an FP8 layer, the masters it was quantized from.
+  // what a sampled check on the CPU needs. For an FP8 or NVFP4 layer, the masters it was
+  // quantized from.
   ExpertWeights host_subset(const std::vector<int>& local_experts, std::vector<HostTensor>& keep) const;
 };
 

@@ -109,9 +109,10 @@ namespace modmoe {
 inline constexpr int64_t kNvfp4BlockSize = 16;
 
 struct Nvfp4QuantizeOptions {
-  // false (dynamic): global_scale[0] = max(amax(x), 1e-10) / (6 * 448) is computed and
-  // written. true (static): global_scale[0] is the caller's (a checkpoint's calibrated
-  // input_scale), only read; blocks past 6 * 448 * global saturate.
+  // false (dynamic): the global scale max(amax, 1e-10) / (6 * 448) is computed and written:
+  // over the tensor (global_scale [1]) or over each row (one global per row). true (static):
+  // global_scale holds the caller's value(s) (a checkpoint's calibrated input_scale), only
+  // read; blocks past 6 * 448 * global saturate.
   bool static_global_scale = false;
 };
 
@@ -122,16 +123,23 @@ struct Nvfp4QuantizeOptions {
 //   q:            x's shape with H replaced by H/2, E2M1x2
 //   scale:        x's shape with H replaced by H/16, E4M3, token-major (FlashInfer's linear
 //                 hidden_states_scale layout: the scales of a token are contiguous)
-//   global_scale: [1] fp32
-// CPU and CUDA tensors (the CUDA twin gives the CPU's bytes; asynchronous on `stream`, the
-// dynamic global scale computed on the device without a host synchronisation).
+//   global_scale: fp32, [1] (one per tensor), or one per row: x's shape without H ([T] or
+//                 [E_local, max_m]). Per row, each row is quantized as a tensor of its own:
+//                 dynamic, its global is max(amax(row), 1e-10) / (6 * 448) over that row
+//                 only (NOT the tensor's global repeated, unlike FP8's per-row form), so a
+//                 token's bytes do not depend on the batch it came in. This is the form an
+//                 all-to-all payload carries ("quantize before dispatch", docs/nvfp4.md):
+//                 rows from different ranks keep their own globals, and the rows a rank
+//                 sends are bit for bit those of the global batch quantized per row.
+// CPU and CUDA tensors (the CUDA kernels give the same bytes); graph-capturable on CUDA.
 void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& scale,
                     const TensorView& global_scale, const Nvfp4QuantizeOptions& options = {},
                     Stream stream = nullptr);
 
-// The inverse, for tests and debugging: out = (e2m1 * float(scale)) * global (the first
-// product exact, one fp32 rounding), written as fp32 or rounded once more to bf16.
-// q, scale, global_scale: as in quantize_nvfp4; out: [T, H] (q's shape with H/2 doubled).
+// The inverse (tests, debugging, and the receiver of an NVFP4 dispatch whose experts take bf16):
+// out = (e2m1 * float(scale)) * global (the first product exact, one fp32 rounding), written
+// as fp32 or rounded once more to bf16. q, scale, global_scale: as in quantize_nvfp4 (global
+// [1] or one per row); out: [T, H] (q's shape with H/2 doubled).
 void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
                       const TensorView& global_scale, const TensorView& out,
                       Stream stream = nullptr);

@@ -147,7 +147,9 @@ void check_rows(const TensorView& t, const char* name, std::initializer_list<DTy
   check::dense(t, name, dev);
 }
 
-// The scale and global-scale tensors of NVFP4 activations of `values` values per row.
+// The scale and global-scale tensors of NVFP4 activations of `values` values per row. The
+// global scale is [1] (per tensor) or one per row of `ref` (ref's shape without its last
+// dimension); a one-row tensor's [1] is both, and both mean the same there.
 void check_activation_scales(const TensorView& scale, const TensorView& global,
                              const TensorView& ref, int64_t values, const Device& dev) {
   check::defined(scale, "scale");
@@ -157,7 +159,21 @@ void check_activation_scales(const TensorView& scale, const TensorView& global,
                            : "[E_local, max_m, H/16] (one e4m3 scale per 16 values)");
   check::contiguous(scale, "scale");
   check::device(scale, "scale", dev);
-  check_exact(global, "global_scale", DType::F32, dev, {1}, "[1]");
+  check::defined(global, "global_scale");
+  check::dtype(global, "global_scale", {DType::F32});
+  const bool per_tensor = global.ndim == 1 && global.size(0) == 1;
+  bool per_row = global.ndim == ref.ndim - 1;
+  std::string rows = "[";
+  for (int d = 0; d + 1 < ref.ndim; ++d) {
+    per_row = per_row && global.shape[d] == ref.shape[d];
+    rows += (d ? ", " : "") + std::to_string(ref.shape[d]);
+  }
+  rows += "]";
+  MODMOE_CHECK(per_tensor || per_row, "argument 'global_scale' has shape ", global.shape_string(),
+               ": expected [1] (one fp32 global per tensor) or one per row, ",
+               ref.ndim == 2 ? "[T]" : "[E_local, max_m]", " = ", rows);
+  check::contiguous(global, "global_scale");
+  check::device(global, "global_scale", dev);
 }
 
 }  // namespace
@@ -190,10 +206,12 @@ void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& 
 #endif
   }
   if (options.static_global_scale) {
-    const float g = global_scale.ptr<const float>()[0];
-    MODMOE_CHECK(std::isfinite(g) && g > 0.0f, "argument 'global_scale'[0] = ", g,
-                 " with options.static_global_scale: expected a finite positive dequantization "
-                 "scale (amax / (6 * 448); FlashInfer's global_sf is its reciprocal)");
+    for (int64_t i = 0; i < global_scale.numel(); ++i) {
+      const float g = global_scale.ptr<const float>()[i];
+      MODMOE_CHECK(std::isfinite(g) && g > 0.0f, "argument 'global_scale'[", i, "] = ", g,
+                   " with options.static_global_scale: expected a finite positive dequantization "
+                   "scale (amax / (6 * 448); FlashInfer's global_sf is its reciprocal)");
+    }
   }
   reference::quantize_nvfp4(x, q, scale, global_scale, options);
 }

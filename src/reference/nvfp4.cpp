@@ -32,38 +32,65 @@ uint8_t quantize_block_16(const uint16_t* x, float global, uint8_t* q) {
 
 }  // namespace detail
 
+namespace {
+
+// max |x| over n bf16 values, as bf16 bits (NaN, above inf, wins).
+uint16_t amax_bits_of(const uint16_t* x, int64_t n) {
+  uint16_t amax_bits = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t a = static_cast<uint16_t>(x[i] & 0x7fffu);
+    amax_bits = a > amax_bits ? a : amax_bits;
+  }
+  return amax_bits;
+}
+
+// Rows of a tensor of `values` values with global scales `global`: 1 (per tensor: the whole
+// tensor is one "row" for the global) or one per row of `row_values` values.
+bool is_per_row(const TensorView& global, int64_t values, int64_t row_values) {
+  return global.numel() != 1 || values == row_values;
+}
+
+}  // namespace
+
 void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& scale,
                     const TensorView& global_scale, const Nvfp4QuantizeOptions& options) {
   const int64_t n = x.numel();              // a multiple of 32 (H % 32 == 0)
+  const int64_t h = x.size(-1);
   const auto* xb = x.ptr<const uint16_t>();  // [rows, H] bf16
   auto* qb = q.ptr<uint8_t>();               // [rows, H/2] E2M1x2
   auto* sb = scale.ptr<uint8_t>();           // [rows, H/16] E4M3
-  auto* gb = global_scale.ptr<float>();      // [1] fp32
-  float g = gb[0];
-  if (!options.static_global_scale) {
-    uint16_t amax_bits = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint16_t a = static_cast<uint16_t>(xb[i] & 0x7fffu);
-      amax_bits = a > amax_bits ? a : amax_bits;
+  auto* gb = global_scale.ptr<float>();      // [1] or [rows] fp32
+  // Per tensor: one "row" of n values; per row: rows of H values, each with its own global.
+  const int64_t span = is_per_row(global_scale, n, h) ? h : n;
+  for (int64_t r = 0; span > 0 && r < n / span; ++r) {
+    const uint16_t* xr = xb + r * span;
+    float g = gb[r];
+    if (!options.static_global_scale) {
+      g = nvfp4::global_scale_from_amax(bf16_bits_to_float(amax_bits_of(xr, span)));
+      gb[r] = g;
     }
-    g = nvfp4::global_scale_from_amax(bf16_bits_to_float(amax_bits));
-    gb[0] = g;
+    for (int64_t b = 0; b < span / nvfp4::kBlock; ++b) {
+      const int64_t blk = r * (span / nvfp4::kBlock) + b;
+      sb[blk] = detail::quantize_block_16(xr + b * nvfp4::kBlock, g, qb + blk * (nvfp4::kBlock / 2));
+    }
   }
-  for (int64_t b = 0; b < n / nvfp4::kBlock; ++b) {
-    sb[b] = detail::quantize_block_16(xb + b * nvfp4::kBlock, g, qb + b * (nvfp4::kBlock / 2));
+  if (n == 0 && global_scale.numel() == 1 && !options.static_global_scale) {
+    gb[0] = nvfp4::global_scale_from_amax(0.0f);  // an empty tensor's amax is 0
   }
 }
 
 void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
                       const TensorView& global_scale, const TensorView& out) {
   const int64_t n = out.numel();  // values: 2 * q.numel()
+  const int64_t h = out.size(-1);
   const auto* qb = q.ptr<const uint8_t>();
   const auto* sb = scale.ptr<const uint8_t>();
-  const float g = global_scale.ptr<const float>()[0];
+  const auto* gb = global_scale.ptr<const float>();
+  const bool per_row = is_per_row(global_scale, n, h);
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t byte = qb[i / 2];
     const uint8_t code = (i % 2) ? nvfp4::e2m1x2_second(byte) : nvfp4::e2m1x2_first(byte);
-    const float v = nvfp4::dequantize(code, sb[i / nvfp4::kBlock], g);
+    const float v = nvfp4::dequantize(code, sb[i / nvfp4::kBlock], gb[per_row ? i / h : 0]);
     if (out.dtype == DType::BF16) {
       out.ptr<uint16_t>()[i] = float_to_bf16_bits(v);
     } else {
@@ -71,7 +98,6 @@ void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
     }
   }
 }
-
 
 void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
                            const PrepareWeightsOptions& options) {

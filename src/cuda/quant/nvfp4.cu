@@ -11,6 +11,10 @@
 //   (NaN, above inf, wins), so the result is the same on every run.
 // quantize, static: the quantize kernel alone, reading the caller's global[0].
 // One thread per block of 16 values: two 16-byte loads, 8 bytes of codes, one scale byte.
+// quantize with one global per row (the all-to-all payload form): one kernel, one CTA of
+// kRowThreads per row (grid-stride over rows): the row's amax (a CTA reduction, no atomics),
+// its global written by thread 0, then the row's blocks; static reads global[row].
+// dequantize: one thread per packed byte, the global of its row (or global[0]).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -63,29 +67,85 @@ struct QuantArgs {
   bool dynamic;
 };
 
+// Block b of 16 values (x[2b], x[2b + 1]) with global g: 8 bytes of codes and the scale.
+__device__ __forceinline__ void quantize_block(const uint4* x, uint2* q, uint8_t* scale,
+                                               int64_t b, float g) {
+  const uint4 v0 = x[2 * b], v1 = x[2 * b + 1];
+  const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+  uint32_t amax = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    amax = max(amax, w[j] & 0x7fffu);
+    amax = max(amax, (w[j] >> 16) & 0x7fffu);
+  }
+  const uint8_t sc = nvfp4::block_scale_e4m3(bf16_bits_to_f32(amax), g);
+  const float d = nvfp4::block_divisor(sc, g);
+  uint32_t packed[2] = {0, 0};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {  // word j holds values 2j (low half) and 2j + 1
+    const uint8_t lo = nvfp4::quantize_e2m1(bf16_bits_to_f32(w[j] & 0xffffu), d);
+    const uint8_t hi = nvfp4::quantize_e2m1(bf16_bits_to_f32(w[j] >> 16), d);
+    packed[j / 4] |= static_cast<uint32_t>(nvfp4::pack_e2m1x2(lo, hi)) << (8 * (j % 4));
+  }
+  q[b] = make_uint2(packed[0], packed[1]);
+  scale[b] = sc;
+}
+
 __global__ void quantize_kernel(const QuantArgs a) {
   const float g = a.dynamic ? nvfp4::global_scale_from_amax(*a.global) : *a.global;
   for (int64_t b = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; b < a.num_blocks;
        b += int64_t{gridDim.x} * blockDim.x) {
-    const uint4 v0 = a.x[2 * b], v1 = a.x[2 * b + 1];
-    const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-    uint32_t amax = 0;
+    quantize_block(a.x, a.q, a.scale, b, g);
+  }
+}
+
+constexpr int kRowThreads = 128;
+constexpr unsigned kMaxRowBlocks = 8192;
+
+struct RowQuantArgs {
+  const uint4* x;      // [rows, H] bf16 as 16-byte vectors
+  uint2* q;            // [rows, H/2] E2M1x2, 8 bytes per block of 16
+  uint8_t* scale;      // [rows, H/16] E4M3
+  float* global;       // [rows] fp32: written (dynamic) or read (static)
+  int64_t rows;
+  int64_t row_blocks;  // H / 16
+  bool dynamic;
+};
+
+// One CTA per row (grid-stride): each row is quantized as a tensor of its own.
+__global__ void __launch_bounds__(kRowThreads) quantize_rows_kernel(const RowQuantArgs a) {
+  __shared__ uint32_t warp_amax[kRowThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+    const uint4* xr = a.x + r * a.row_blocks * 2;
+    float g;
+    if (a.dynamic) {
+      uint32_t m = 0;  // bf16 magnitude bits: their order is the value order, NaN wins
+      for (int64_t i = threadIdx.x; i < a.row_blocks * 2; i += kRowThreads) {
+        const uint4 v = xr[i];
+        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      amax = max(amax, w[j] & 0x7fffu);
-      amax = max(amax, (w[j] >> 16) & 0x7fffu);
-    }
-    const uint8_t sc = nvfp4::block_scale_e4m3(bf16_bits_to_f32(amax), g);
-    const float d = nvfp4::block_divisor(sc, g);
-    uint32_t packed[2] = {0, 0};
+        for (int j = 0; j < 4; ++j) {
+          m = max(m, w[j] & 0x7fffu);
+          m = max(m, (w[j] >> 16) & 0x7fffu);
+        }
+      }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {  // word j holds values 2j (low half) and 2j + 1
-      const uint8_t lo = nvfp4::quantize_e2m1(bf16_bits_to_f32(w[j] & 0xffffu), d);
-      const uint8_t hi = nvfp4::quantize_e2m1(bf16_bits_to_f32(w[j] >> 16), d);
-      packed[j / 4] |= static_cast<uint32_t>(nvfp4::pack_e2m1x2(lo, hi)) << (8 * (j % 4));
+      for (int off = 16; off > 0; off >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, off));
+      if (lane == 0) warp_amax[warp] = m;
+      __syncthreads();
+      m = warp_amax[0];
+#pragma unroll
+      for (int w = 1; w < kRowThreads / 32; ++w) m = max(m, warp_amax[w]);
+      g = nvfp4::global_scale_from_amax(bf16_bits_to_f32(m));
+      if (threadIdx.x == 0) a.global[r] = g;
+      __syncthreads();  // warp_amax is reused by the next row
+    } else {
+      g = a.global[r];
     }
-    a.q[b] = make_uint2(packed[0], packed[1]);
-    a.scale[b] = sc;
+    uint2* qr = a.q + r * a.row_blocks;
+    uint8_t* sr = a.scale + r * a.row_blocks;
+    for (int64_t b = threadIdx.x; b < a.row_blocks; b += kRowThreads) quantize_block(xr, qr, sr, b, g);
   }
 }
 
@@ -94,13 +154,14 @@ __global__ void write_global_kernel(float* global) {
   *global = nvfp4::global_scale_from_amax(*global);
 }
 
-// out[i] = dequantize(code i, scale[i / 16], g): one thread per packed byte (two values).
+// out[i] = dequantize(code i, scale[i / 16], g): one thread per packed byte (two values);
+// g = global[0], or the global of the byte's row (row_bytes > 0: H/2 packed bytes per row).
 template <bool kBf16>
 __global__ void dequantize_kernel(const uint8_t* q, const uint8_t* scale, const float* global,
-                                  void* out, int64_t num_bytes) {
-  const float g = *global;
+                                  void* out, int64_t num_bytes, int64_t row_bytes) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < num_bytes;
        i += int64_t{gridDim.x} * blockDim.x) {
+    const float g = global[row_bytes > 0 ? i / row_bytes : 0];
     const uint8_t byte = q[i];
     const uint8_t sc = scale[i / (nvfp4::kBlock / 2)];
     const float v0 = nvfp4::dequantize(nvfp4::e2m1x2_first(byte), sc, g);
@@ -122,6 +183,16 @@ void quantize_nvfp4(const TensorView& x, const TensorView& q, const TensorView& 
   const int64_t n = x.numel();  // a multiple of 32
   float* global = global_scale.ptr<float>();
   const bool dynamic = !options.static_global_scale;
+  if (global_scale.numel() != 1) {  // one global per row (a [1, H] tensor takes the path below)
+    const int64_t h = x.size(-1), rows = n / h;
+    if (rows == 0) return;
+    const RowQuantArgs a{x.ptr<const uint4>(), q.ptr<uint2>(), scale.ptr<uint8_t>(), global,
+                         rows, h / nvfp4::kBlock, dynamic};
+    const unsigned grid = static_cast<unsigned>(rows < kMaxRowBlocks ? rows : kMaxRowBlocks);
+    quantize_rows_kernel<<<grid, kRowThreads, 0, stream>>>(a);
+    MODMOE_LAUNCH_CHECK(stream);
+    return;
+  }
   if (n == 0) {
     if (dynamic) {  // an empty tensor's amax is 0: the all-zero tensor's global scale
       MODMOE_CUDA_CHECK(cudaMemsetAsync(global, 0, sizeof(float), stream));
@@ -153,14 +224,16 @@ void dequantize_nvfp4(const TensorView& q, const TensorView& scale,
   const int64_t bytes = q.numel();
   if (bytes == 0) return;
   const unsigned blocks = blocks_for(bytes);
+  // One global per row: H/2 packed bytes per row; a single [1] global: 0 (global[0] for all).
+  const int64_t row_bytes = global_scale.numel() != 1 ? q.size(-1) : 0;
   if (out.dtype == DType::BF16) {
     dequantize_kernel<true><<<blocks, kThreads, 0, stream>>>(
         q.ptr<const uint8_t>(), scale.ptr<const uint8_t>(), global_scale.ptr<const float>(),
-        out.data, bytes);
+        out.data, bytes, row_bytes);
   } else {
     dequantize_kernel<false><<<blocks, kThreads, 0, stream>>>(
         q.ptr<const uint8_t>(), scale.ptr<const uint8_t>(), global_scale.ptr<const float>(),
-        out.data, bytes);
+        out.data, bytes, row_bytes);
   }
   MODMOE_LAUNCH_CHECK(stream);
 }
