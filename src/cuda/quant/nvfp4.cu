@@ -21,7 +21,7 @@
 
 #include "core/nvfp4.h"
 #include "cuda/device/cuda_check.h"
-#include "cuda/quant/gate_up_rows.h"
+#include "cuda/device/gate_up_rows.h"
 #include "cuda/quant/quant.h"
 
 namespace modmoe::cuda {

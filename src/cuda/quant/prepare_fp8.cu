@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "core/fp8.h"
-#include "cuda/quant/gate_up_rows.h"
+#include "cuda/device/gate_up_rows.h"
 #include "cuda/quant/quant.h"
 
 namespace modmoe::cuda {

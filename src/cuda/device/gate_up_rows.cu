@@ -1,5 +1,5 @@
 // interleave_gate_up_rows and copy_device (gate_up_rows.h).
-#include "cuda/quant/gate_up_rows.h"
+#include "cuda/device/gate_up_rows.h"
 
 #include "cuda/device/cuda_check.h"
 

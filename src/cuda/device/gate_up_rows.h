@@ -1,4 +1,5 @@
-// Device copies shared by the prepare_weights twins (FP8: prepare_fp8.cu, NVFP4: nvfp4.cu).
+// Device copies shared by the prepare_weights of every scheme (bf16: gemm/prepare_weights.cu,
+// FP8: quant/prepare_fp8.cu, NVFP4: quant/nvfp4.cu).
 #pragma once
 
 #include <cuda_runtime.h>
