@@ -111,6 +111,59 @@ struct Sm80Params {
   int split_k = 1;  // W4A16 deep tile: K slices (grid z), summed by the last CTA of a tile
 };
 
+// ---------------------------------------------------------------------------------------
+// Tile prologue (every sm80 kernel: the bf16 tiles, the W4A16 ones): the (expert, token tile) of work-list tile `tile` (binary search
+// over tile_offsets) and the A row / LoRA row of each of its BM tokens in shared memory (-1
+// past the expert's rows), followed by a barrier. false (before any barrier, uniform over the
+// CTA): the tile is past the device-side tile count and the CTA exits.
+// ---------------------------------------------------------------------------------------
+struct Sm80TileRows {
+  int expert;
+  int row0;  // first row of the row space
+  int rows;  // valid tokens of the tile, 1..BM
+};
+
+template <int BM>
+__device__ __forceinline__ bool sm80_tile_rows(const Sm80Params& p, int tile,
+                                                int32_t* s_a_row, int32_t* s_lora_row,
+                                                Sm80TileRows& out) {
+  const GemmArgs& g = p.args;
+  if (tile >= g.tile_offsets[p.num_experts]) return false;
+  int lo = 0, hi = p.num_experts;  // tile_offsets[lo] <= tile < tile_offsets[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (g.tile_offsets[mid] <= tile) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int m_tile = tile - g.tile_offsets[lo];
+  out.expert = lo;
+  out.row0 = g.row_begin[lo] + m_tile * BM;
+  out.rows = min(BM, g.row_count[lo] - m_tile * BM);
+  const int tid = threadIdx.x;
+  if (tid < BM) {
+    int32_t a_row = -1;
+    int32_t lora_row = -1;
+    if (tid < out.rows) {
+      if (g.a_gather != nullptr) {
+        const int32_t expanded = g.a_gather[out.row0 + tid];
+        if (expanded >= 0) {
+          a_row = expanded / g.gather_div;
+          lora_row = expanded;
+        }
+      } else {
+        a_row = out.row0 + tid;
+      }
+    }
+    s_a_row[tid] = a_row;
+    s_lora_row[tid] = lora_row;
+  }
+  __syncthreads();
+  return true;
+}
+
 // Byte offset of 16-byte chunk c of row r in a swizzled [rows][32] bf16 tile.
 __device__ __forceinline__ uint32_t swizzle_offset(int r, int c) {
   return static_cast<uint32_t>(r * 64 + ((c ^ ((r >> 1) & 3)) << 4));
@@ -137,42 +190,13 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const int tid = threadIdx.x;
 
   // ---- which tile: the work list lives on the device, the grid is an upper bound ----
-  const int tile = static_cast<int>(blockIdx.x);
-  if (tile >= g.tile_offsets[p.num_experts]) return;
-  int lo = 0, hi = p.num_experts;  // tile_offsets[lo] <= tile < tile_offsets[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (g.tile_offsets[mid] <= tile) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  const int expert = lo;
-  const int m_tile = tile - g.tile_offsets[expert];
-  const int row0 = g.row_begin[expert] + m_tile * BM;        // first row of the row space
-  const int rows = min(BM, g.row_count[expert] - m_tile * BM);  // valid rows in this tile
+  Sm80TileRows t_rows;
+  if (!sm80_tile_rows<BM>(p, static_cast<int>(blockIdx.x), s_a_row, s_lora_row, t_rows)) return;
+  const int expert = t_rows.expert;
+  const int row0 = t_rows.row0;  // first row of the row space
+  const int rows = t_rows.rows;  // valid rows in this tile
   const int n_tile = static_cast<int>(blockIdx.y);
   const bool gated = kGemm1 && p.gated;
-
-  if (tid < BM) {
-    int32_t a_row = -1;
-    int32_t lora_row = -1;
-    if (tid < rows) {
-      if (g.a_gather != nullptr) {
-        const int32_t expanded = g.a_gather[row0 + tid];
-        if (expanded >= 0) {
-          a_row = expanded / g.gather_div;
-          lora_row = expanded;
-        }
-      } else {
-        a_row = row0 + tid;
-      }
-    }
-    s_a_row[tid] = a_row;
-    s_lora_row[tid] = lora_row;
-  }
-  __syncthreads();
 
   // ---- per-thread copy plan: fixed rows, one chunk column, across every k-tile ----
   const int chunk = tid % kChunks;

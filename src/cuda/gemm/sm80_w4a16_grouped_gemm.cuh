@@ -154,58 +154,6 @@ struct W4a16Tile {
   }
 };
 
-// ---------------------------------------------------------------------------------------
-// Tile prologue (both tiles): the (expert, token tile) of work-list tile `tile` (binary search
-// over tile_offsets) and the A row / LoRA row of each of its BM tokens in shared memory (-1
-// past the expert's rows), followed by a barrier. false (before any barrier, uniform over the
-// CTA): the tile is past the device-side tile count and the CTA exits.
-// ---------------------------------------------------------------------------------------
-struct W4a16TileRows {
-  int expert;
-  int row0;  // first row of the row space
-  int rows;  // valid tokens of the tile, 1..BM
-};
-
-template <int BM>
-__device__ __forceinline__ bool w4a16_tile_rows(const Sm80Params& p, int tile,
-                                                int32_t* s_a_row, int32_t* s_lora_row,
-                                                W4a16TileRows& out) {
-  const GemmArgs& g = p.args;
-  if (tile >= g.tile_offsets[p.num_experts]) return false;
-  int lo = 0, hi = p.num_experts;  // tile_offsets[lo] <= tile < tile_offsets[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (g.tile_offsets[mid] <= tile) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  const int m_tile = tile - g.tile_offsets[lo];
-  out.expert = lo;
-  out.row0 = g.row_begin[lo] + m_tile * BM;
-  out.rows = min(BM, g.row_count[lo] - m_tile * BM);
-  const int tid = threadIdx.x;
-  if (tid < BM) {
-    int32_t a_row = -1;
-    int32_t lora_row = -1;
-    if (tid < out.rows) {
-      if (g.a_gather != nullptr) {
-        const int32_t expanded = g.a_gather[out.row0 + tid];
-        if (expanded >= 0) {
-          a_row = expanded / g.gather_div;
-          lora_row = expanded;
-        }
-      } else {
-        a_row = out.row0 + tid;
-      }
-    }
-    s_a_row[tid] = a_row;
-    s_lora_row[tid] = lora_row;
-  }
-  __syncthreads();
-  return true;
-}
 
 // Weight row (of the expert's B) that tile row r of column tile n_tile reads, or -1 past n.
 // Gated GEMM1: tile rows 16f .. 16f + 7 are the gate rows and 16f + 8 .. 16f + 15 the up rows
@@ -346,8 +294,8 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const bool gemm1 = p.stage1 != 0;
 
   // ---- which tile: the work list lives on the device, the grid is an upper bound ----
-  W4a16TileRows t_rows;
-  if (!w4a16_tile_rows<BM>(p, static_cast<int>(blockIdx.x), s_a_row, s_lora_row, t_rows)) return;
+  Sm80TileRows t_rows;
+  if (!sm80_tile_rows<BM>(p, static_cast<int>(blockIdx.x), s_a_row, s_lora_row, t_rows)) return;
   const int expert = t_rows.expert;
   const int row0 = t_rows.row0;
   const int rows = t_rows.rows;
@@ -598,8 +546,8 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const int tid = threadIdx.x;
   const bool gated = p.stage1 != 0 && p.gated;
 
-  W4a16TileRows t_rows;
-  if (!w4a16_tile_rows<BM>(p, static_cast<int>(blockIdx.x), s_a_row, s_lora_row, t_rows)) return;
+  Sm80TileRows t_rows;
+  if (!sm80_tile_rows<BM>(p, static_cast<int>(blockIdx.x), s_a_row, s_lora_row, t_rows)) return;
   const int expert = t_rows.expert;
   const int rows = t_rows.rows;
   const int n_tile = static_cast<int>(blockIdx.y);
