@@ -40,7 +40,7 @@ void usage() {
       "      modular experts, combine; checked against the single-GPU fused_moe, timed.\n"
       "      --dtype fp8-*: FP8 weights, each rank quantizes its tokens before the dispatch\n"
       "      (e4m3 rows + fp32 scales travel), combine stays bf16\n"
-      "  modmoe bench all-to-all --gpus N [--tokens 1,16,...] [--sms 24,...] [--combine pull,push]\n"
+      "  modmoe bench all-to-all --gpus N [--tokens 1,16,...] [--sms 32,...] [--combine pull,push]\n"
       "                 [--backends nvlink,nccl,nccl_a2a_uneven] [--layer nvlink,nccl|none]\n"
       "                 [--dtype bf16|fp8-block|fp8-tensor] [--iters I] [--out PATH]\n"
       "      dispatch/combine times and GB/s (H=7168, E=256, k=8), validated first, then the\n"
