@@ -571,7 +571,9 @@ int run_ep_bench(const std::vector<std::string>& argv) {
   const std::string dtype = dtype_option_name(o.dtype);
   const std::vector<int> ep_sizes = parse_int_list(args.get("--gpus", "2"), "--gpus", 1, kMaxRanksBench);
   o.tokens = parse_int_list(args.get("--tokens", "1,16,128,512,2048,4096"), "--tokens", 1, 1 << 16);
-  const std::vector<int> sms = parse_int_list(args.get("--sms", "24"), "--sms", 1, 1024);
+  // Default: the library's own CTA count (kDefaultNumSms, a2a_layout.h), what a caller gets
+  // without setting AllToAllConfig::num_sms; ANCHORS.md's bandwidth target allows at most 32.
+  const std::vector<int> sms = parse_int_list(args.get("--sms", "32"), "--sms", 1, 1024);
   const std::vector<std::string> backends = split_list(args.get("--backends", "nvlink,nccl,nccl_a2a_uneven"));
   const std::vector<std::string> modes = split_list(args.get("--combine", "pull"));
   // The EP layer runs on these backends (each with the first --sms and --combine); "none" = off.

@@ -42,7 +42,7 @@ void usage() {
       "      (e4m3 rows + fp32 scales travel), combine stays bf16; --dtype nvfp4: NVFP4\n"
       "      weights (W4A16), e2m1 rows + e4m3 scales + one fp32 global per token travel,\n"
       "      dequantized to bf16 on arrival\n"
-      "  modmoe bench all-to-all --gpus N [--tokens 1,16,...] [--sms 24,...] [--combine pull,push]\n"
+      "  modmoe bench all-to-all --gpus N [--tokens 1,16,...] [--sms 32,...] [--combine pull,push]\n"
       "                 [--backends nvlink,nccl,nccl_a2a_uneven] [--layer nvlink,nccl|none]\n"
       "                 [--dtype bf16|fp8-block|fp8-tensor|nvfp4] [--iters I] [--out PATH]\n"
       "      dispatch/combine times and GB/s (H=7168, E=256, k=8), validated first, then the\n"
