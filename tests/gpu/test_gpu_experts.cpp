@@ -601,6 +601,29 @@ class Runner {
     if (side_.in.hidden.device.is_cuda()) MODMOE_CUDA_CHECK(cudaDeviceSynchronize());
     return fetch();
   }
+  // The call captured in a CUDA graph on a stream of its own, then `replays` replays, each
+  // over poisoned outputs: the results of each replay.
+  std::vector<Result> graph_replays(int replays) {
+    cudaStream_t stream;
+    MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    MODMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    launch(stream);
+    MODMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    cudaGraphExec_t exec;
+    MODMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    std::vector<Result> results;
+    for (int r = 0; r < replays; ++r) {
+      poison(stream);
+      MODMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+      MODMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      results.push_back(fetch());
+    }
+    MODMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    MODMOE_CUDA_CHECK(cudaGraphDestroy(graph));
+    MODMOE_CUDA_CHECK(cudaStreamDestroy(stream));
+    return results;
+  }
   Result fetch() const {
     Result r;
     r.out = out_.to_host();
@@ -1545,27 +1568,14 @@ TEST_F(GpuExperts, RepeatedRunsAndGraphReplayAreBitwiseEqual) {
       EXPECT_TRUE(test::bitwise_equal(b.e2p, a.e2p)) << "run " << rep;
     }
     if (!has_gpu()) continue;
-    cudaStream_t stream;
-    MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    cudaGraph_t graph;
-    MODMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    runner.launch(stream);
-    MODMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-    cudaGraphExec_t exec;
-    MODMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    for (int rep = 0; rep < 2; ++rep) {
-      runner.poison(stream);
-      MODMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-      MODMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-      const Result g = runner.fetch();
+    const std::vector<Result> replays = runner.graph_replays(2);
+    for (size_t rep = 0; rep < replays.size(); ++rep) {
+      const Result& g = replays[rep];
       EXPECT_TRUE(test::bitwise_equal(g.out, a.out)) << "graph replay " << rep;
       EXPECT_TRUE(test::bitwise_equal(g.gemm2_out, a.gemm2_out)) << "graph replay " << rep;
       EXPECT_TRUE(test::bitwise_equal(g.act, a.act)) << "graph replay " << rep;
       EXPECT_TRUE(test::bitwise_equal(g.expert_weights, a.expert_weights));
     }
-    MODMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-    MODMOE_CUDA_CHECK(cudaGraphDestroy(graph));
-    MODMOE_CUDA_CHECK(cudaStreamDestroy(stream));
   }
 }
 
@@ -1855,26 +1865,13 @@ TEST_F(GpuExperts, Sm90GraphReplayIsBitwiseEqual) {
     const Result a = runner.run();
     const Result ref = reference_full(p, p.map, gpu, mode);
     EXPECT_LT(rel_l2(a.out, ref.out), kTol) << s.name;
-    cudaStream_t stream;
-    MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    cudaGraph_t graph;
-    MODMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    runner.launch(stream);
-    MODMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-    cudaGraphExec_t exec;
-    MODMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    for (int rep = 0; rep < 3; ++rep) {
-      runner.poison(stream);
-      MODMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-      MODMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-      const Result g = runner.fetch();
+    const std::vector<Result> replays = runner.graph_replays(3);
+    for (size_t rep = 0; rep < replays.size(); ++rep) {
+      const Result& g = replays[rep];
       EXPECT_TRUE(test::bitwise_equal(g.out, a.out)) << s.name << " replay " << rep;
       EXPECT_TRUE(test::bitwise_equal(g.gemm2_out, a.gemm2_out)) << s.name << " replay " << rep;
       EXPECT_TRUE(test::bitwise_equal(g.act, a.act)) << s.name << " replay " << rep;
     }
-    MODMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-    MODMOE_CUDA_CHECK(cudaGraphDestroy(graph));
-    MODMOE_CUDA_CHECK(cudaStreamDestroy(stream));
   }
 }
 
