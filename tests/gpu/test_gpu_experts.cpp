@@ -1993,25 +1993,11 @@ TEST_F(GpuExperts, Sm90PingPongEqualsWideAndReplays) {
     ScopedEnv force("MODMOE_GEMM_CONFIG", kPingPong);
     Runner runner(p, gpu, mode);
     pp = runner.run();
-    cudaStream_t stream;
-    MODMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    cudaGraph_t graph;
-    MODMOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    runner.launch(stream);
-    MODMOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-    cudaGraphExec_t exec;
-    MODMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    for (int rep = 0; rep < 3; ++rep) {
-      runner.poison(stream);
-      MODMOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-      MODMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-      const Result g = runner.fetch();
-      EXPECT_TRUE(test::bitwise_equal(g.out, pp.out)) << "replay " << rep;
-      EXPECT_TRUE(test::bitwise_equal(g.act, pp.act)) << "replay " << rep;
+    const std::vector<Result> replays = runner.graph_replays(3);
+    for (size_t rep = 0; rep < replays.size(); ++rep) {
+      EXPECT_TRUE(test::bitwise_equal(replays[rep].out, pp.out)) << "replay " << rep;
+      EXPECT_TRUE(test::bitwise_equal(replays[rep].act, pp.act)) << "replay " << rep;
     }
-    MODMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-    MODMOE_CUDA_CHECK(cudaGraphDestroy(graph));
-    MODMOE_CUDA_CHECK(cudaStreamDestroy(stream));
   }
   {
     ScopedEnv force("MODMOE_GEMM_CONFIG", sm90_config_name(true));
