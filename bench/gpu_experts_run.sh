@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device run of the experts-stage work (docs/perf_notes_experts.md): the GPU tests of the
 # stage, then bench/compare.py over the ANCHORS.md grid (torch baseline in the same run) with
-# A/B columns for run-time options (AB, comma-separated NAME=VALUE; default: the ping-pong tile
-# forced on both GEMMs against the selected tiles, docs/perf_notes_experts.md).
+# A/B columns for run-time options (AB, comma-separated NAME=VALUE; default: the two defaults
+# chosen from earlier A/Bs, split-K off and tail rows on, checked against their alternative).
 #
 #   OUT=<dir> [DEADLINE_S=280] bash bench/gpu_experts_run.sh     (binaries in build-hopper/)
 set -u
@@ -16,7 +16,7 @@ run_test test_gpu_permute permute
 run_test test_gpu_finalize finalize
 run_test test_gpu_experts experts
 
-AB=${AB:-MODMOE_GEMM_CONFIG=sm90_128x128x64_s5}
+AB=${AB:-MODMOE_GEMM_SPLIT_K=2,MODMOE_GEMM_TAIL=0}
 LEFT=$(seconds_left "${DEADLINE_S:-280}")
 timeout "$LEFT" python3 bench/compare.py --modmoe ./build-hopper/apps/modmoe \
   --out "$OUT/experts.json" --ab "$AB" > "$OUT/logs/compare.log" 2>&1

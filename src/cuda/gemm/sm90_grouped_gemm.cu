@@ -2,10 +2,10 @@
 // with programmatic dependent launch, and the explicit instantiations of
 // sm90_wgmma_grouped_gemm.cuh.
 //
-// Instantiations: bf16 3 tiles x 2 stages (GEMM1, GEMM2) = 6 kernels, FP8 2 tiles x 2 stages =
+// Instantiations: bf16 2 tiles x 2 stages (GEMM1, GEMM2) = 4 kernels, FP8 2 tiles x 2 stages =
 // 4 more. The per-tile wgmma width is a run-time switch inside each (4 widths for the narrow
-// tiles, 8 for the wide one, 4 for the ping-pong and the FP8 128-token ones, plus the tail
-// variant of the bf16 tiles).
+// tiles, 8 for the wide one and 4 for the FP8 128-token one, plus the tail variant of the bf16
+// tiles).
 #include <cuda.h>
 
 #include <atomic>
@@ -33,19 +33,12 @@ using Sm90Fp8Narrow = Sm90Tile<64, 8, 32, true>;
 // 128 tokens, 6 stages of 16 + 16 KB: the middle and prefill.
 using Sm90Fp8Mid = Sm90Tile<128, 6, 32, true>;
 
-// Ping-pong: each consumer warpgroup a whole 128 x 128 (+ 32 tail rows) tile, the two taking
-// turns on the tensor cores so that one's epilogue runs under the other's main loop; 5 stages
-// of 16 KB + 20 KB. Selected only through MODMOE_GEMM_CONFIG until it is measured.
-using Sm90PingPong = Sm90Tile<128, 5, 32, false, true>;
-
 GemmConfig sm90_narrow_config() { return Sm90Narrow::config(); }
-GemmConfig sm90_pingpong_config() { return Sm90PingPong::config(); }
 GemmConfig sm90_wide_config() { return Sm90Wide::config(); }
 GemmConfig sm90_fp8_narrow_config() { return Sm90Fp8Narrow::config(); }
 GemmConfig sm90_fp8_mid_config() { return Sm90Fp8Mid::config(); }
 int sm90_tail_rows(const GemmConfig& config) {
   if (is_fp8_config(config)) return 0;
-  if (config.block_m == Sm90PingPong::kBlockM) return Sm90PingPong::kTail;
   return config.block_m == Sm90Wide::kBlockM ? Sm90Wide::kTail : Sm90Narrow::kTail;
 }
 
@@ -217,7 +210,6 @@ void launch_sm90_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
   base.tail_m = 0;
   if (base == Sm90Narrow::config()) return launch_stage<Sm90Narrow>(desc, config, args, stream);
   if (base == Sm90Wide::config()) return launch_stage<Sm90Wide>(desc, config, args, stream);
-  if (base == sm90_pingpong_config()) return launch_stage<Sm90PingPong>(desc, config, args, stream);
   if (base == Sm90Fp8Narrow::config()) return launch_stage<Sm90Fp8Narrow>(desc, config, args, stream);
   if (base == Sm90Fp8Mid::config()) return launch_stage<Sm90Fp8Mid>(desc, config, args, stream);
   MODMOE_FAIL("sm90 grouped GEMM: config ", config.to_string(), " is not compiled");

@@ -43,18 +43,6 @@
 // completes the tile's arrival count sums the S fragments in slice order, then runs the
 // epilogue: the same bits whichever CTA finishes last.
 //
-// Ping-pong tile (Tile::kPingPong; a tile of its own, selected by MODMOE_GEMM_CONFIG only until
-// it is measured): each consumer warpgroup owns whole tiles of 128 weight rows x up to 128
-// tokens (+ 32 tail rows): two m64nNk16 per k16, on the two 8 KB halves of the weight stage, so
-// the same 128 (+ 32) accumulator registers as the cooperative wide tile. The warpgroups take
-// the CTA's units alternately (local unit j goes to warpgroup j % 2; its first stage is
-// it = j * num_kb, no split-K); the producer is unchanged (units in order), and the stage ring
-// A stage is released by the 4 warps of one warpgroup (empty[s] counts 4). The main loops take
-// turns (order[w], 4 arrivals: the other warpgroup's warps after their last MMA of a unit): a
-// warpgroup starts unit j's main loop once unit j - 1's is done, so the stages are consumed in
-// the producer's order, as by one consumer (a parity wait must never be more than one phase
-// ahead of its barrier), and one warpgroup's epilogue runs under the other's MMAs.
-//
 // GEMM1 gated requires the GateUpInterleaved layout with G = 8: in the accumulator a thread
 // holds feature rows r and r + 8 of its warp's 16-row slice, which are then the gate and up
 // rows of one intermediate column, so the activation needs no data exchange.
@@ -86,12 +74,9 @@ namespace modmoe::cuda::gemm {
 // the stages, with their tail rows, are carved: 32 tokens in both tiles).
 // Fp8: e4m3 operands (m64nNk32 wgmma, 128 elements per k-block: the same 128-byte rows), the
 // per-k-block scales of docs/fp8.md, no tail rows; see sm90_mainloop_fp8.
-template <int BlockM, int Stages, int StagingTokens, bool Fp8 = false, bool PingPong = false>
+template <int BlockM, int Stages, int StagingTokens, bool Fp8 = false>
 struct Sm90Tile {
   static constexpr bool kFp8 = Fp8;
-  static constexpr bool kPingPong = PingPong;
-  // Warps that release a stage: one consumer warpgroup (ping-pong) or both.
-  static constexpr int kReleaseWarps = PingPong ? 4 : 8;
   static constexpr int kElemBytes = Fp8 ? 1 : 2;
   static constexpr int kRowBytes = 128;   // one 128-byte swizzle row per operand row and k-block
   static constexpr int kBlockM = BlockM;  // tokens per tile (without the tail rows)
@@ -122,9 +107,7 @@ struct Sm90Tile {
   static constexpr int kScaleStageFloats = Fp8 ? kMaxRows : 0;
   static constexpr int kScaleRowOffset = kScaleOffset + kStages * kScaleStageFloats * 4;
   static constexpr int kBarOffset = kScaleRowOffset + (Fp8 ? kMaxRows * 8 : 0);
-  // Ping-pong: order[2], the turn of each consumer warpgroup's main loop.
-  static constexpr int kOrderOffset = kBarOffset + 2 * kStages * 8;
-  static constexpr int kFlagOffset = kOrderOffset + 2 * 8;
+  static constexpr int kFlagOffset = kBarOffset + 2 * kStages * 8;
   static constexpr int kSmemBytes = kFlagOffset + 16 + 1024;  // + 1024: alignment slack
 
   static_assert(kXStageBytes % 1024 == 0, "X stages must stay 1024-byte aligned");
@@ -133,7 +116,6 @@ struct Sm90Tile {
   static_assert(kStagingTokens % 16 == 0 && BlockM % kStagingTokens == 0, "staging rounds");
   static_assert(kBarOffset % 8 == 0, "mbarriers are 8-byte aligned");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
-  static_assert(!PingPong || (!Fp8 && BlockM <= 128), "ping-pong: bf16, at most 128 tokens");
 
   static GemmConfig config() { return {BlockM, kBlockN, kBlockK, Stages, 2, 1, 90, 1}; }
 };
@@ -268,77 +250,6 @@ __device__ __forceinline__ void sm90_mainloop_variant(int v, float (&acc)[Tile::
   }
 }
 
-// The ping-pong main loop of one tile at wgmma width N (kTail: N = kBlockM plus the kTail-wide
-// MMAs of the tail rows): the warpgroup computes all 128 weight rows, rows 0-63 into acc0 and
-// 64-127 into acc1, from the two halves of the weight stage; the same token operand.
-template <class Tile, int N, bool kTail>
-__device__ __forceinline__ void sm90_mainloop_pingpong(float (&acc0)[Tile::kAccRegs],
-                                                       float (&acc1)[Tile::kAccRegs],
-                                                       float (&tail0)[Tile::kTailRegs],
-                                                       float (&tail1)[Tile::kTailRegs],
-                                                       uint32_t smem, int lane, int num_kb,
-                                                       int it, bool x_tma) {
-  const uint32_t full = smem + Tile::kBarOffset;
-  const uint32_t empty = full + Tile::kStages * 8;
-  for (int kb = 0; kb < num_kb; ++kb, ++it) {
-    const int s = it % Tile::kStages;
-    sm90::mbar_wait(full + 8 * s, (it / Tile::kStages) & 1);
-    // NOTE: gathered token rows were written by cp.async (generic proxy); see sm90_mainloop.
-    if (!x_tma) sm90::fence_proxy_async_smem();
-    const uint32_t xs = smem + Tile::kXOffset + s * Tile::kXStageBytes;
-    const uint32_t ws = smem + Tile::kWOffset + s * Tile::kWStageBytes;
-    const uint64_t da0 = sm90::smem_desc_sw128(ws);
-    const uint64_t da1 = sm90::smem_desc_sw128(ws + Tile::kWStageBytes / 2);
-    const uint64_t db = sm90::smem_desc_sw128(xs);
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < Tile::kKSteps; ++kk) {
-      const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
-      sm90::Wgmma<N>::mma(acc0, da0 + 2 * kk, db + 2 * kk, accumulate);
-      sm90::Wgmma<N>::mma(acc1, da1 + 2 * kk, db + 2 * kk, accumulate);
-    }
-    if constexpr (kTail) {
-      const uint64_t dt = sm90::smem_desc_sw128(xs + Tile::kBlockM * Tile::kRowBytes);
-#pragma unroll
-      for (int kk = 0; kk < Tile::kKSteps; ++kk) {
-        const int accumulate = (kb > 0 || kk > 0) ? 1 : 0;
-        sm90::Wgmma<Tile::kTail>::mma(tail0, da0 + 2 * kk, dt + 2 * kk, accumulate);
-        sm90::Wgmma<Tile::kTail>::mma(tail1, da1 + 2 * kk, dt + 2 * kk, accumulate);
-      }
-    }
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<1>();  // the k-block before this one is done reading its stage
-    if (kb > 0 && lane == 0) sm90::mbar_arrive(empty + 8 * ((it - 1) % Tile::kStages));
-  }
-  sm90::wgmma_wait<0>();
-  sm90::fence_regs(acc0);
-  sm90::fence_regs(acc1);
-  if constexpr (kTail) {
-    sm90::fence_regs(tail0);
-    sm90::fence_regs(tail1);
-  }
-  if (lane == 0) sm90::mbar_arrive(empty + 8 * ((it - 1) % Tile::kStages));
-}
-
-template <class Tile, int V>
-__device__ __forceinline__ void sm90_mainloop_pingpong_variant(
-    int v, float (&acc0)[Tile::kAccRegs], float (&acc1)[Tile::kAccRegs],
-    float (&tail0)[Tile::kTailRegs], float (&tail1)[Tile::kTailRegs], uint32_t smem, int lane,
-    int num_kb, int it, bool x_tma) {
-  if constexpr (V < Tile::kNumVariants) {
-    if (v == V) {
-      sm90_mainloop_pingpong<Tile, (V + 1) * Tile::kNStep, false>(acc0, acc1, tail0, tail1, smem,
-                                                                  lane, num_kb, it, x_tma);
-    } else {
-      sm90_mainloop_pingpong_variant<Tile, V + 1>(v, acc0, acc1, tail0, tail1, smem, lane,
-                                                  num_kb, it, x_tma);
-    }
-  } else {
-    sm90_mainloop_pingpong<Tile, Tile::kBlockM, true>(acc0, acc1, tail0, tail1, smem, lane,
-                                                      num_kb, it, x_tma);
-  }
-}
-
 // The FP8 main loop of one tile at wgmma width N (docs/fp8.md, "Experts"): per k-block the four
 // m64nNk32 wgmma of the stage sum 128 products in `part` (fresh per k-block), then
 //   acc = fma(part, sx[token][kb] * sw[row][kb], acc)        in fp32, the product rounded first
@@ -452,11 +363,9 @@ struct Sm90Epilogue {
   const Sm90Params& p;
   const Sm90TileCoord& c;
   int n_used;  // tokens the wgmma computed (>= c.rows)
-  int cwg;     // feature half of the tile: rows 64 * cwg .. (the cooperative tile's warpgroup)
-  int warp, lane;
+  int cwg, warp, lane;
   uint32_t staging;  // this warpgroup's staging tile (shared address)
   const uint8_t* staging_ptr;
-  int bar;  // this warpgroup's named barrier (128 threads)
 };
 
 // The epilogue in fp32 (docs/HELPERS.md "Numerics"): + bias, + LoRA (GEMM1), the activation,
@@ -509,7 +418,7 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2], const S
 #pragma unroll
   for (int cb = 0; cb < kTokens; cb += kStaging) {
     if (cb >= e.n_used) break;
-    sm90::named_barrier_sync(e.bar, 128);  // the staging tile is free
+    sm90::named_barrier_sync(2 + e.cwg, 128);  // the staging tile is free
 #pragma unroll
     for (int jp = 0; jp < kStaging / 16; ++jp) {
       const int j = cb / 8 + 2 * jp;  // 8-token blocks j and j + 1
@@ -568,7 +477,7 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2], const S
                                 regs[0], regs[1], regs[2], regs[3]);
       }
     }
-    sm90::named_barrier_sync(e.bar, 128);
+    sm90::named_barrier_sync(2 + e.cwg, 128);
     // 16-byte chunks of the staged rows to the valid rows and columns of C.
     constexpr int kChunks = kOutColsWg / 8;
     for (int idx = wtid; idx < kStaging * kChunks; idx += 128) {
@@ -638,11 +547,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < Tile::kStages; ++s) {
       sm90::mbar_init(full + 8 * s, p.x_tma ? 1 : 129);
-      sm90::mbar_init(empty + 8 * s, Tile::kReleaseWarps);
-    }
-    if constexpr (Tile::kPingPong) {
-      sm90::mbar_init(smem + Tile::kOrderOffset, 4);
-      sm90::mbar_init(smem + Tile::kOrderOffset + 8, 4);
+      sm90::mbar_init(empty + 8 * s, 8);
     }
     sm90::fence_barrier_init();
     sm90::prefetch_tensormap(&p.tmap_w);
@@ -782,47 +687,6 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   const int lane = threadIdx.x & 31;
   const uint32_t staging = smem + Tile::kStagingOffset + cwg * Tile::kStagingBytes;
   const uint8_t* staging_ptr = smem_ptr + Tile::kStagingOffset + cwg * Tile::kStagingBytes;
-  if constexpr (Tile::kPingPong) {
-    // Local unit j is warpgroup (j % 2)'s; its k-blocks are stages j * num_kb .. (split_k 1).
-    float acc0[Tile::kAccRegs], acc1[Tile::kAccRegs];
-    float tail0[Tile::kTailRegs], tail1[Tile::kTailRegs];
-    const uint32_t my_turn = smem + Tile::kOrderOffset + 8 * cwg;
-    const uint32_t their_turn = smem + Tile::kOrderOffset + 8 * (cwg ^ 1);
-    int j = 0, k = 0;  // j: the CTA's unit; k: this warpgroup's units so far
-    for (int unit = blockIdx.x; unit < total_units; unit += gridDim.x, ++j) {
-      if ((j & 1) != cwg) continue;
-      const Sm90TileCoord c = sm90_decode_unit<Tile>(p, unit);
-      const int variant = (c.rows + Tile::kNStep - 1) / Tile::kNStep - 1;
-      const int n_used = (variant + 1) * Tile::kNStep;
-      // Unit j - 1's main loop (the other warpgroup's) is done: its phase k - 1 of order[0]
-      // (warpgroup 0, from its second unit on) or k of order[1] (warpgroup 1).
-      if (cwg == 1) {
-        sm90::mbar_wait(my_turn, k & 1);
-      } else if (k > 0) {
-        sm90::mbar_wait(my_turn, (k - 1) & 1);
-      }
-      sm90_mainloop_pingpong_variant<Tile, 0>(variant, acc0, acc1, tail0, tail1, smem, lane,
-                                              num_kb, j * num_kb, p.x_tma != 0);
-      if (lane == 0) sm90::mbar_arrive(their_turn);  // unit j + 1's main loop may start
-      ++k;
-      const int n_main = n_used < Tile::kBlockM ? n_used : Tile::kBlockM;
-      // Both feature halves, with this warpgroup's staging and barrier.
-      const Sm90Epilogue e0{p, c, n_main, 0, warp, lane, staging, staging_ptr, 2 + cwg};
-      sm90_epilogue_dispatch<Tile, Tile::kBlockM, kGemm1>(acc0, e0);
-      const Sm90Epilogue e1{p, c, n_main, 1, warp, lane, staging, staging_ptr, 2 + cwg};
-      sm90_epilogue_dispatch<Tile, Tile::kBlockM, kGemm1>(acc1, e1);
-      if (n_used > Tile::kBlockM) {
-        Sm90TileCoord ct = c;
-        ct.row0 += Tile::kBlockM;
-        ct.rows -= Tile::kBlockM;
-        const Sm90Epilogue t0{p, ct, Tile::kTail, 0, warp, lane, staging, staging_ptr, 2 + cwg};
-        sm90_epilogue_dispatch<Tile, Tile::kTail, kGemm1>(tail0, t0);
-        const Sm90Epilogue t1{p, ct, Tile::kTail, 1, warp, lane, staging, staging_ptr, 2 + cwg};
-        sm90_epilogue_dispatch<Tile, Tile::kTail, kGemm1>(tail1, t1);
-      }
-    }
-    return;
-  }
   float acc[Tile::kAccRegs];
   float acc_tail[Tile::kTailRegs];  // the tail rows' columns (tail variant only)
   int it = 0;
@@ -893,14 +757,14 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
 
     // ---- epilogue: the kBlockM columns, then the tail rows' columns if the tile has them ----
     const Sm90Epilogue e{p, c, n_used < Tile::kBlockM ? n_used : Tile::kBlockM, cwg, warp, lane,
-                         staging, staging_ptr, 2 + cwg};
+                         staging, staging_ptr};
     sm90_epilogue_dispatch<Tile, Tile::kBlockM, kGemm1>(acc, e);
     if constexpr (!Tile::kFp8) {
       if (n_used > Tile::kBlockM) {
         Sm90TileCoord ct = c;
         ct.row0 += Tile::kBlockM;
         ct.rows -= Tile::kBlockM;
-        const Sm90Epilogue et{p, ct, Tile::kTail, cwg, warp, lane, staging, staging_ptr, 2 + cwg};
+        const Sm90Epilogue et{p, ct, Tile::kTail, cwg, warp, lane, staging, staging_ptr};
         sm90_epilogue_dispatch<Tile, Tile::kTail, kGemm1>(acc_tail, et);
       }
     }
