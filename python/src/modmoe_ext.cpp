@@ -61,6 +61,7 @@ constexpr int kValidate = 2;        // validate only: everything but the launch
 // DLPack codes (dlpack.h: DLDataTypeCode, DLDeviceType).
 constexpr uint8_t kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4;
 constexpr uint8_t kDLFloat8_e4m3fn = 10;  // DLPack 1.1
+constexpr uint8_t kDLFloat4_e2m1fn = 17;  // DLPack 1.1; PyTorch 2.11 exports float4_e2m1fn_x2 as 2 lanes
 constexpr int kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
 
 // ---------------------------------------------------------------------------------------
@@ -195,6 +196,12 @@ bool is_torch(nb::handle h) {
 using Array = nb::ndarray<nb::ro>;
 
 bool dtype_of(nb::dlpack::dtype dt, DType& out) {
+  // Packed e2m1 pairs: one byte per element, two 4-bit lanes, low nibble first (PyTorch's
+  // float4_e2m1fn_x2; older PyTorch refuses the export and comes through kBitsViews).
+  if (dt.code == kDLFloat4_e2m1fn && dt.bits == 4 && dt.lanes == 2) {
+    out = DType::E2M1x2;
+    return true;
+  }
   if (dt.lanes != 1) return false;
   switch (dt.code) {
     case kDLInt:

@@ -442,6 +442,21 @@ def test_wrong_shapes_and_values(q):
         run(q, weights=held, output1_scale_scalar=q.w13_global)
 
 
+def test_per_row_globals_equal_rows_quantized_alone(rng):
+    # A global_scale of [T] (quantize before dispatch, docs/nvfp4.md): each row is quantized as
+    # a tensor of its own, so its bytes and global equal those of the row alone.
+    x = bf16(rng.standard_normal((8, 64)) * np.logspace(-2, 2, 8)[:, None])
+    q, s, g = modmoe.quantize_nvfp4(x, global_scale=np.full(8, np.nan, np.float32))
+    assert g.shape == (8,)
+    for t in range(8):
+        qt, st, gt = modmoe.quantize_nvfp4(x[t:t + 1])
+        assert np.array_equal(q[t], qt[0]) and np.array_equal(s[t].view(np.uint8), st[0].view(np.uint8))
+        assert g[t].tobytes() == gt[0].tobytes()
+    back = modmoe.dequantize_nvfp4(q, s, g)
+    for t in range(8):
+        assert np.array_equal(back[t], modmoe.dequantize_nvfp4(q[t:t + 1], s[t:t + 1], g[t:t + 1])[0])
+
+
 def test_quantizer_errors(rng):
     x = bf16(rng.standard_normal((8, 48)))
     with pytest.raises(modmoe.Error, match=r"'hidden_states' = 48 \(x.size\(-1\)\): expected a "
@@ -457,8 +472,9 @@ def test_quantizer_errors(rng):
         modmoe.quantize_nvfp4(x, global_scale=np.zeros(1, np.float32), static_global_scale=True)
     with pytest.raises(modmoe.Error, match=r"'scale' has shape \[8, 2\]: expected \[T, H/16\]"):
         modmoe.quantize_nvfp4(x, scale=np.empty((8, 2), np.uint8))
-    with pytest.raises(modmoe.Error, match=r"'global_scale' has shape \[8\]: expected \[1\]"):
-        modmoe.quantize_nvfp4(x, global_scale=np.empty(8, np.float32))
+    with pytest.raises(modmoe.Error, match=r"'global_scale' has shape \[3\]: expected \[1\] \(one "
+                                           r"fp32 global per tensor\) or one per row, \[T\] = \[8\]"):
+        modmoe.quantize_nvfp4(x, global_scale=np.empty(3, np.float32))
     with pytest.raises(modmoe.Error, match=r"'out_dtype' = 'float16'"):
         q, s, g = modmoe.quantize_nvfp4(x)
         modmoe.dequantize_nvfp4(q, s, g, out_dtype="float16")

@@ -318,12 +318,25 @@ GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
     // 64-K tile elsewhere. At decode a GEMM has at most ~SMs tiles, so one CTA per SM holds
     // all the bytes in flight: at 3 TB/s and ~1.5-2 us of loaded HBM latency the chip needs
     // ~4.5-6 MB in flight, 34-45 KB per SM; the 64-K tile's ~22 KB is a third to a half of
-    // that (measured 15-43 % of the copy ceiling). TODO(measure): bench/gpu_nvfp4_tune.sh.
+    // that (measured 15-43 % of the copy ceiling); the deep tile's gain is below (rule 2b).
     if (props.max_smem_per_block != 0 &&
         props.max_smem_per_block < w4a16_decode_deep_smem_bytes()) {
       return w4a16_decode();
     }
     GemmConfig c = w4a16_decode_deep();
+    const int out_cols = desc.gated ? c.block_n / 2 : c.block_n;
+    const int64_t tiles = static_cast<int64_t>(std::ceil(touched)) * ceil_div(desc.n, out_cols);
+    // Rule 2b: the deep tile only where its CTAs fit one wave (tiles <= SMs) or its main loop
+    // is long (>= 16 k-tiles: K >= 4096). One CTA per SM fills all 8 stages before its first
+    // MMA, and past one wave each tile pays that fill again; with few k-tiles per tile the
+    // fill is most of the tile. Measured on an H200 (experts_nvfp4_tune.json, build eafcff2,
+    // deep on both GEMMs vs the 64-K tile on both): qwen3 T=16 (996 / 1328 tiles, K = 2048 /
+    // 768) 225.9 vs 151.5 us, gpt-oss T=16 (2340 / 1196 tiles, K = 2880) 541.5 vs 501.8;
+    // but mixtral T=16 (1792 tiles, K = 4096 / 14336) 469.1 vs 561.8, and every T=1 cell
+    // (<= 1 wave, or K >= 4096) as fast or faster: mixtral 146.0 vs 200.3, deepseek 147.6 vs
+    // 159.5, qwen3 37.7 vs 41.0, gpt-oss 71.9 vs 73.2.
+    const int64_t k_tiles = ceil_div(desc.k, c.block_k);
+    if (props.sm_count > 0 && tiles > props.sm_count && k_tiles < 16) return w4a16_decode();
     // Rule 3: split-K when the expected tiles (touched experts x column tiles) fill at most
     // half the SMs: on the anchor grid mixtral T = 1 GEMM2 (2 experts x 32 tiles = 64 CTAs
     // for 132 SMs); an EP rank with one local expert touched (DeepSeek-V3 EP 8, T = 1: 32
@@ -338,10 +351,9 @@ GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
     // NOTE: bf16 / FP8 split-K on sm90 measured slower at T = 1 (select_sm90, rule 2), mixtral
     // included (bf16 268.1 vs 255.3 us, FP8 162.1 vs 154.4): there the SMs only move bytes
     // (TMA + wgmma, no per-value work), which 64 SMs with 128 KB in flight each can do. Hence
-    // only below SMs / 2, and MODMOE_GEMM_SPLIT_K=1 turns it off for the A/B.
-    // TODO(measure): bench/gpu_nvfp4_tune.sh.
-    const int out_cols = desc.gated ? c.block_n / 2 : c.block_n;
-    const int64_t tiles = static_cast<int64_t>(std::ceil(touched)) * ceil_div(desc.n, out_cols);
+    // only below SMs / 2, and MODMOE_GEMM_SPLIT_K=1 turns it off for the A/B. Measured on an
+    // H200 (experts_nvfp4_tune.json): mixtral T=1 146.0 us with split 2 vs 172.0 without;
+    // the cells that do not split unchanged (deepseek T=1 147.6 / 147.7).
     const SplitKCapacity cap = split_k_capacity(desc);
     if (props.sm_count > 0 && cap.max_split > 1 && 2 * tiles <= props.sm_count) {
       c.split_k = static_cast<int>(std::clamp<int64_t>(props.sm_count / tiles, 1, cap.max_split));
