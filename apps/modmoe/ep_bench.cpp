@@ -248,6 +248,29 @@ std::string check_dispatch(const reference::EpPlan& plan, const AllInputs& in, c
   return "";
 }
 
+// The identity experts' rows in the combine buffer [n, t, H]: row [s, i] is token
+// plan.sent[s][me][i] of rank s as back(s) holds it (the bf16 row, or the CPU's dequantize of
+// the quantized row); "" when right. Separates the receiver's dequantize from the combine.
+std::string check_expert_rows(const reference::EpPlan& plan, const AllInputs& in, const HostTensor& cb, int me,
+                              int t) {
+  for (int s = 0; s < plan.ep_size; ++s) {
+    const auto& sent = plan.sent[s][me];
+    for (size_t i = 0; i < sent.size(); ++i) {
+      const uint16_t* got = cb.data<uint16_t>() + (static_cast<int64_t>(s) * t + static_cast<int64_t>(i)) * kH;
+      const uint16_t* want = in.back(s).data<uint16_t>() + static_cast<int64_t>(sent[i]) * kH;
+      for (int64_t c = 0; c < kH; ++c) {
+        if (got[c] != want[c]) {
+          return "expert row [" + std::to_string(s) + ", " + std::to_string(i) + "] (token " +
+                 std::to_string(sent[i]) + " of rank " + std::to_string(s) + ") column " + std::to_string(c) +
+                 " = " + std::to_string(bf16_bits_to_float(got[c])) + ", expected " +
+                 std::to_string(bf16_bits_to_float(want[c]));
+        }
+      }
+    }
+  }
+  return "";
+}
+
 // Identity experts: out[t] = bf16(#destinations * x[t]), x the row the experts returned.
 std::string check_combine(const reference::EpPlan& plan, const AllInputs& in, const HostTensor& out, int me, int t) {
   for (int64_t i = 0; i < t; ++i) {
@@ -256,8 +279,11 @@ std::string check_combine(const reference::EpPlan& plan, const AllInputs& in, co
     for (int64_t c = 0; c < kH; ++c) {
       const uint16_t want = float_to_bf16_bits(static_cast<float>(dests) *
                                                bf16_bits_to_float(in.back(me).data<uint16_t>()[i * kH + c]));
-      if (out.data<uint16_t>()[i * kH + c] != want) {
-        return "combine out[" + std::to_string(i) + ", " + std::to_string(c) + "] differs";
+      const uint16_t got = out.data<uint16_t>()[i * kH + c];
+      if (got != want) {
+        return "combine out[" + std::to_string(i) + ", " + std::to_string(c) + "] = " +
+               std::to_string(bf16_bits_to_float(got)) + ", expected " + std::to_string(dests) + " x " +
+               std::to_string(bf16_bits_to_float(in.back(me).data<uint16_t>()[i * kH + c]));
       }
     }
   }
@@ -458,6 +484,8 @@ int bench_rank(const BenchOptions& o, int rank, Shared* sh) {
         } else {
           MODMOE_CUDA_CHECK(cudaMemcpyAsync(cb.data, res.payloads[0].data, cb.nbytes(), cudaMemcpyDeviceToDevice, s));
         }
+        MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+        if (err.empty()) err = check_expert_rows(plan, in, download(cb), rank, t);
         out.fill_bytes(0xff, s);
         a2a->combine(cb, o_t, t, s);
         MODMOE_CUDA_CHECK(cudaStreamSynchronize(s));
