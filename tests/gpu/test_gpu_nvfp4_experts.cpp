@@ -51,6 +51,7 @@ namespace {
 constexpr int64_t kB = kNvfp4BlockSize;
 constexpr const char* kDeepTile = "w4a16_16x128x256_s8";  // the decode tile on an H100
 constexpr const char* kDecode64Tile = "w4a16_16x128x64_s6";
+constexpr const char* kWideTile = "w4a16_16x256x256_s4";  // 256 rows, 16 warps (opt-in)
 constexpr const char* kPrefillTile = "w4a16_64x128x64_s4";
 
 using test::ScopedEnv;
@@ -472,6 +473,9 @@ std::vector<Case> cases() {
   s.name = "int_decode_tile_forced_many_rows";  // 5 token tiles of the 16-token tile per expert
   s.finalize = true;
   s.force = kDeepTile;
+  add(s);
+  s.name = "int_wide_tile_forced_many_rows";
+  s.force = kWideTile;
   add(s);
   s.name = "int_decode64_tile_forced_many_rows";
   s.force = kDecode64Tile;
@@ -947,7 +951,8 @@ TEST_F(GpuNvfp4Stage, ModularEqualsMonolithicAndEpSlicesSum) {
   }
 }
 
-// The deep decode tile (256 of K per stage, 8 warps) without split-K and the 64-K decode tile
+// The deep decode tile (256 of K per stage, 8 warps) without split-K, its 256-row 16-warp
+// variant (the wide tile), and the 64-K decode tile
 // issue the same MMAs on the same fragments in the same order for every accumulator, so on
 // random inputs (inexact fp32 sums) every output is the same to the bit; split-K regroups the
 // sums (within the oracle bounds: MatchesTheOracle's split cases), and is checked here for
@@ -967,11 +972,15 @@ TEST_F(GpuNvfp4Stage, DeepTileEqualsThe64KTileBitwise) {
       c.lora = interleave == 0;
       c.finalize = false;  // gemm2_out: the GEMM2 rows themselves
       const Problem p = make_problem(c, 9960 + M + interleave);
-      Outputs deep, narrow;
+      Outputs deep, narrow, wide;
       {
         const ScopedEnv env("MODMOE_GEMM_CONFIG", kDeepTile);
         const ScopedEnv off("MODMOE_GEMM_SPLIT_K", "1");
         deep = run_experts(p, true);
+      }
+      {
+        const ScopedEnv env("MODMOE_GEMM_CONFIG", kWideTile);
+        wide = run_experts(p, true);
       }
       {
         const ScopedEnv env("MODMOE_GEMM_CONFIG", kDecode64Tile);
@@ -988,6 +997,8 @@ TEST_F(GpuNvfp4Stage, DeepTileEqualsThe64KTileBitwise) {
       };
       EXPECT_EQ(same(deep.act, narrow.act), 1.0) << "GEMM1, " << what;
       EXPECT_EQ(same(deep.g2, narrow.g2), 1.0) << "GEMM2, " << what;
+      EXPECT_EQ(same(wide.act, narrow.act), 1.0) << "wide tile GEMM1, " << what;
+      EXPECT_EQ(same(wide.g2, narrow.g2), 1.0) << "wide tile GEMM2, " << what;
       const ScopedEnv env("MODMOE_GEMM_CONFIG", kDeepTile);
       const ScopedEnv on("MODMOE_GEMM_SPLIT_K", "2");
       const Outputs a = run_experts(p, true), b = run_experts(p, true, 2);

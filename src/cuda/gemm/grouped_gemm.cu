@@ -28,6 +28,7 @@ GemmConfig sm90_fp8_narrow_config();
 GemmConfig sm90_fp8_mid_config();
 GemmConfig w4a16_decode_config();  // w4a16_grouped_gemm.cu
 GemmConfig w4a16_decode_deep_config();
+GemmConfig w4a16_decode_wide_config();
 GemmConfig w4a16_prefill_config();
 size_t w4a16_decode_deep_smem_bytes();
 int w4a16_split_unit_floats();
@@ -41,14 +42,15 @@ using TileLarge = Sm80Tile<128, 128, 4, 2, 4, 2>;
 // (decode, many experts), half the padded rows of the large tile and twice the CTAs.
 using TileSmall = Sm80Tile<64, 128, 4, 2, 2, 3>;
 
-constexpr int kNumConfigs = 9;
+constexpr int kNumConfigs = 10;
 constexpr int kMaxSplitK = 8;
 // NOTE: the order is the switch order of launch_grouped_gemm (sm80) and of select_config.
 const std::array<GemmConfig, kNumConfigs>& configs() {
   static const std::array<GemmConfig, kNumConfigs> c = {
       TileLarge::config(),  TileSmall::config(),         sm90_narrow_config(),
       sm90_wide_config(),   sm90_fp8_narrow_config(),    sm90_fp8_mid_config(),
-      w4a16_decode_config(), w4a16_prefill_config(), w4a16_decode_deep_config()};
+      w4a16_decode_config(), w4a16_prefill_config(), w4a16_decode_deep_config(),
+      w4a16_decode_wide_config()};
   return c;
 }
 const GemmConfig& sm90_narrow() { return configs()[2]; }

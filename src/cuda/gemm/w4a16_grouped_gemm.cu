@@ -1,7 +1,7 @@
 // Host side of the W4A16 grouped GEMM (NVFP4 weights, bf16 activations; docs/nvfp4.md): its
 // three tiles and the explicit instantiations of sm80_w4a16_grouped_gemm.cuh.
 //
-// Instantiations: 3 tiles = 3 kernels. GEMM1 / GEMM2, gating, activation, bias, LoRA, the
+// Instantiations: 4 tiles = 4 kernels. GEMM1 / GEMM2, gating, activation, bias, LoRA, the
 // gate/up row map and split-K (deep tile) are run-time arguments.
 #include <atomic>
 
@@ -26,12 +26,18 @@ using W4a16Decode = W4a16Tile<16, 128, 6, 4>;
 // and scales per SM, ~5.5x the 64-K tile's; a GEMM with fewer tiles than SMs / 2 splits K
 // (select_config). TODO(measure): not run on a GPU yet (bench/gpu_nvfp4_tune.sh).
 using W4a16DecodeDeep = W4a16DeepTile<16, 128, 8, 8>;
+// Wide deep decode (opt-in: MODMOE_GEMM_CONFIG=w4a16_16x256x256_s4): 256 weight rows, 16 warps
+// (four per SM sub-partition, against two: the deep tile's decode ran at 2.0 instructions per
+// cycle with half its cycles issuing nothing), 4 stages of 44 KB (176 KB; 3 x 36 KB of weights
+// and scales in flight). No split-K.
+using W4a16DecodeWide = W4a16DeepTile<16, 256, 4, 16>;
 // Prefill: 64 tokens x 128 weight rows, 4 stages of 4.5 + 8 KB (51 KB), 2 CTAs per SM: each
 // decoded weight feeds 8 token fragments.
 using W4a16Prefill = W4a16Tile<64, 128, 4, 2>;
 
 GemmConfig w4a16_decode_config() { return W4a16Decode::config(); }
 GemmConfig w4a16_decode_deep_config() { return W4a16DecodeDeep::config(); }
+GemmConfig w4a16_decode_wide_config() { return W4a16DecodeWide::config(); }
 GemmConfig w4a16_prefill_config() { return W4a16Prefill::config(); }
 size_t w4a16_decode_deep_smem_bytes() { return W4a16DecodeDeep::kSmemBytes; }
 int w4a16_split_unit_floats() { return W4a16DecodeDeep::kSplitUnitFloats; }
@@ -102,17 +108,20 @@ void launch_w4a16_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
                  ": only the deep decode tile splits, at most ", cap.max_split,
                  " for this problem, with the scratch");
   }
-  // The run-time -> compile-time switch; its cases are the three configs above.
+  // The run-time -> compile-time switch; its cases are the four configs above.
   if (base == w4a16_decode_deep_config()) {
     return launch_tile<W4a16DecodeDeep, true>(desc, args, config.split_k, stream);
   }
   if (config == w4a16_decode_config()) return launch_tile<W4a16Decode, false>(desc, args, 1, stream);
+  if (config == w4a16_decode_wide_config()) {
+    return launch_tile<W4a16DecodeWide, true>(desc, args, 1, stream);
+  }
   if (config == w4a16_prefill_config()) {
     return launch_tile<W4a16Prefill, false>(desc, args, 1, stream);
   }
   MODMOE_FAIL("W4A16 grouped GEMM config ", config.to_string(), " is not compiled; compiled: ",
-              w4a16_decode_deep_config().to_string(), " ", w4a16_decode_config().to_string(), " ",
-              w4a16_prefill_config().to_string());
+              w4a16_decode_deep_config().to_string(), " ", w4a16_decode_wide_config().to_string(),
+              " ", w4a16_decode_config().to_string(), " ", w4a16_prefill_config().to_string());
 }
 
 }  // namespace modmoe::cuda::gemm
