@@ -495,7 +495,8 @@ void set_nvfp4_scales(gemm::GemmArgs& g, const TensorView& block_scale,
 //                              (e.g. the 64-K decode tile w4a16_16x128x64_s6 against the deep
 //                              one); naming the tile select_config chose keeps its split-K;
 //   MODMOE_GEMM_SPLIT_K=<n>    split-K slices of the sm90 narrow tile and of the W4A16 deep
-//                              decode tile (clamped to what the problem allows; 1: off);
+//                              decode tile, not its wide variant (clamped to what the problem
+//                              allows; 1: off);
 //   MODMOE_GEMM_TAIL=0|1       tail rows (GemmConfig::tail_m) on the sm90 kernels off / on
 //                              (unset: select_config's rule 3);
 //   MODMOE_FUSED_PERMUTE=0|1   the one-block permute_prepare_kernel off / on wherever it fits
@@ -516,7 +517,10 @@ gemm::GemmConfig apply_overrides(const gemm::GemmDesc& d, gemm::GemmConfig c) {
     }
   }
   const char* split = std::getenv("MODMOE_GEMM_SPLIT_K");
-  const bool w4a16_deep = c.nvfp4 && c.block_k == 256;
+  gemm::GemmConfig split2 = c;  // does this tile split at all (sm90, the W4A16 deep tile)?
+  split2.split_k = 2;
+  split2.tail_m = 0;
+  const bool w4a16_deep = c.nvfp4 && gemm::is_compiled(split2);
   if (split != nullptr && split[0] != '\0' && (c.arch == 90 || w4a16_deep)) {
     const gemm::SplitKCapacity cap = gemm::split_k_capacity(d);
     const int want = std::atoi(split);

@@ -323,7 +323,8 @@ TEST(GemmConfig, UncompiledConfigsAreRecognised) {
     EXPECT_TRUE(cuda::gemm::is_compiled(c)) << c.to_string();
     GemmConfig s = c;
     s.split_k = 2;
-    const bool splits = c.arch == 90 || (c.nvfp4 && c.block_k == 256);  // the W4A16 deep tile
+    // sm90, and the W4A16 deep tile (not its wide variant)
+    const bool splits = c.arch == 90 || (c.nvfp4 && c.block_k == 256 && c.block_n == 128);
     EXPECT_EQ(cuda::gemm::is_compiled(s), splits) << s.to_string();
     s.split_k = cuda::gemm::max_split_k() + 1;
     EXPECT_FALSE(cuda::gemm::is_compiled(s)) << s.to_string();
@@ -420,13 +421,20 @@ TEST(GemmConfig, AnchorGridChoices) {
       if (t <= 16) {
         // Rule 2b (the deep tile within one wave or for K >= 4096), as measured on an H200:
         // GEMM1 tiles (touched x I / 64, K = H) and GEMM2 tiles (touched x H / 128, K = I).
+        // Rule 2a first (the wide tile: its grid >= SMs / 2 and >= 10 k-tiles of 256).
         const std::string name = m.name;
-        const bool deep1 = name == "mixtral" || name == "deepseek-ep8" || (name == "qwen3" && t == 1);
-        const bool deep2 = name == "mixtral" || (t == 1 && (name == "qwen3" || name == "gpt-oss"));
-        EXPECT_EQ(c1.block_k, deep1 ? 256 : 64) << m.name << " T=" << t;
-        EXPECT_EQ(c2.block_k, deep2 ? 256 : 64) << m.name << " T=" << t;
-        EXPECT_EQ(c1.block_m, 16);
-        EXPECT_EQ(c2.block_m, 16);
+        const char* kDeep = "w4a16_16x128x256_s8";
+        const char* kWide = "w4a16_16x256x256_s4";
+        const char* k64 = "w4a16_16x128x64_s6";
+        const char* want1 = name == "qwen3" ? (t == 1 ? kDeep : k64) : kWide;
+        const char* want2 = name == "mixtral"   ? (t == 1 ? kDeep : kWide)
+                            : name == "qwen3"   ? (t == 1 ? kDeep : k64)
+                            : name == "gpt-oss" ? (t == 1 ? kDeep : kWide)
+                                                : k64;  // deepseek-ep8: K = 2048, 224+ tiles
+        GemmConfig b1 = c1, b2 = c2;
+        b1.split_k = b2.split_k = 1;
+        EXPECT_EQ(b1.to_string(), want1) << m.name << " T=" << t;
+        EXPECT_EQ(b2.to_string(), want2) << m.name << " T=" << t;
       }
       const bool mixtral_t1 = std::string(m.name) == "mixtral" && t == 1;
       EXPECT_EQ(c1.split_k, 1) << m.name << " T=" << t;

@@ -31,6 +31,7 @@ GemmConfig w4a16_decode_deep_config();
 GemmConfig w4a16_decode_wide_config();
 GemmConfig w4a16_prefill_config();
 size_t w4a16_decode_deep_smem_bytes();
+size_t w4a16_decode_wide_smem_bytes();
 int w4a16_split_unit_floats();
 
 namespace {
@@ -60,6 +61,7 @@ const GemmConfig& sm90_fp8_mid() { return configs()[5]; }
 const GemmConfig& w4a16_decode() { return configs()[6]; }
 const GemmConfig& w4a16_prefill() { return configs()[7]; }
 const GemmConfig& w4a16_decode_deep() { return configs()[8]; }
+const GemmConfig& w4a16_decode_wide() { return configs()[9]; }
 bool is_w4a16_deep(const GemmConfig& c) {
   GemmConfig base = c;
   base.split_k = 1;
@@ -338,6 +340,21 @@ GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
     // (<= 1 wave, or K >= 4096) as fast or faster: mixtral 146.0 vs 200.3, deepseek 147.6 vs
     // 159.5, qwen3 37.7 vs 41.0, gpt-oss 71.9 vs 73.2.
     const int64_t k_tiles = ceil_div(desc.k, c.block_k);
+    // Rule 2a: the wide deep tile (256 weight rows, 16 warps: twice the warps per SM, IPC 2.5
+    // against 2.0 in ncu) where its grid fills at least half the SMs and the main loop has
+    // >= 10 k-tiles of 256 (K >= 2304). Measured on an H200 (experts_nvfp4_wide_ab.json, build
+    // 8f2f224, wide forced on both GEMMs vs the rule-2b default): mixtral T=16 367.1 vs 468.7
+    // us, deepseek T=1 / 16 116.8 / 392.0 vs 143.8 / 472.3, gpt-oss T=1 / 16 68.9 / 421.9 vs
+    // 71.9 / 508.2; slower where its grid is small (mixtral T=1 GEMM2: 32 CTAs, 188.9 vs
+    // 146.5 with the split deep tile; qwen3 T=1 44.7 vs 37.6) or K short (qwen3 T=16, K =
+    // 2048 / 768: 159.2 vs 151.4 on the 64-K tile).
+    const GemmConfig& wide = w4a16_decode_wide();
+    const int wide_cols = desc.gated ? wide.block_n / 2 : wide.block_n;
+    const int64_t wide_tiles = static_cast<int64_t>(std::ceil(touched)) * ceil_div(desc.n, wide_cols);
+    if (props.sm_count > 0 && 2 * wide_tiles >= props.sm_count && k_tiles >= 10 &&
+        (props.max_smem_per_block == 0 || props.max_smem_per_block >= w4a16_decode_wide_smem_bytes())) {
+      return wide;
+    }
     if (props.sm_count > 0 && tiles > props.sm_count && k_tiles < 16) return w4a16_decode();
     // Rule 3: split-K when the expected tiles (touched experts x column tiles) fill at most
     // half the SMs: on the anchor grid mixtral T = 1 GEMM2 (2 experts x 32 tiles = 64 CTAs

@@ -26,7 +26,8 @@ using W4a16Decode = W4a16Tile<16, 128, 6, 4>;
 // and scales per SM, ~5.5x the 64-K tile's; a GEMM with fewer tiles than SMs / 2 splits K
 // (select_config). TODO(measure): not run on a GPU yet (bench/gpu_nvfp4_tune.sh).
 using W4a16DecodeDeep = W4a16DeepTile<16, 128, 8, 8>;
-// Wide deep decode (opt-in: MODMOE_GEMM_CONFIG=w4a16_16x256x256_s4): 256 weight rows, 16 warps
+// Wide deep decode (select_config rule 2a; forced: MODMOE_GEMM_CONFIG=w4a16_16x256x256_s4):
+// 256 weight rows, 16 warps
 // (four per SM sub-partition, against two: the deep tile's decode ran at 2.0 instructions per
 // cycle with half its cycles issuing nothing), 4 stages of 44 KB (176 KB; 3 x 36 KB of weights
 // and scales in flight). No split-K.
@@ -40,6 +41,7 @@ GemmConfig w4a16_decode_deep_config() { return W4a16DecodeDeep::config(); }
 GemmConfig w4a16_decode_wide_config() { return W4a16DecodeWide::config(); }
 GemmConfig w4a16_prefill_config() { return W4a16Prefill::config(); }
 size_t w4a16_decode_deep_smem_bytes() { return W4a16DecodeDeep::kSmemBytes; }
+size_t w4a16_decode_wide_smem_bytes() { return W4a16DecodeWide::kSmemBytes; }
 int w4a16_split_unit_floats() { return W4a16DecodeDeep::kSplitUnitFloats; }
 
 namespace {
