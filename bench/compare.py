@@ -17,6 +17,11 @@ The baselines:
   fp8-block, nvfp4: none in PyTorch; the baseline file says so and modmoe runs alone.
 If torch._scaled_grouped_mm is missing or raises, the error is recorded in the baseline file
 and the modmoe numbers are still measured.
+
+--flashinfer (bf16): FlashInfer's CuTe-DSL SM90 MoE in the same process too (bench/
+flashinfer_peer.py), its default and deterministic modes; the experts JSON gets per cell
+flashinfer_cute_dsl_{default,deterministic}_us and speedup_vs_flashinfer_*, or the reason it
+did not run under "flashinfer_peer".
 """
 import argparse
 import json
@@ -293,6 +298,8 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--plots", default="")
     ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: modmoe times each cell again with each variable set")
+    ap.add_argument("--flashinfer", action="store_true",
+                    help="bf16: time FlashInfer's cute_dsl_fused_moe_bf16 in the same run")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp8-block", "fp8-tensor", "nvfp4"],
                     help="modmoe bench experts --dtype; the baseline follows it (module docstring)")
     args = ap.parse_args()
@@ -308,6 +315,14 @@ def main():
             base = {"dtype": args.dtype, "error": f"{type(ex).__name__}: {ex}"}
             print("torch baseline failed:", base["error"], flush=True)
         base_name = f"torch_baseline_{args.dtype}.json"
+    peer = None
+    if args.flashinfer:
+        if args.dtype != "bf16":
+            sys.exit("--flashinfer compares the bf16 stage only")
+        from flashinfer_peer import bench_flashinfer
+        peer = bench_flashinfer(models, tokens, "cuda", MODELS, routing, time_graph_us)
+        with open(os.path.join(os.path.dirname(args.out) or ".", "flashinfer_baseline.json"), "w") as f:
+            json.dump(peer, f, indent=1)
     base_path = os.path.join(os.path.dirname(args.out) or ".", base_name)
     with open(base_path, "w") as f:
         json.dump(base, f, indent=1)
@@ -323,6 +338,12 @@ def main():
     if written:
         with open(written[-1]) as f:
             result = json.load(f)
+        if peer is not None:
+            from flashinfer_peer import merge
+            for line in merge(result, peer):
+                print(line)
+            with open(written[-1], "w") as f:
+                json.dump(result, f, indent=1)
         plot(result, args.plots or os.path.dirname(written[-1]))
 
 
