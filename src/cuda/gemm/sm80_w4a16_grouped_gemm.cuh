@@ -115,6 +115,41 @@ __device__ __forceinline__ void scale_factors(uint8_t s_lo, uint8_t s_hi, uint32
   scale_factors_pair(static_cast<uint32_t>(s_lo) | (static_cast<uint32_t>(s_hi) << 8), k_lo, k_hi);
 }
 
+// The A fragments of one m16 fragment for the 4 MMA steps of a 64-K sub-block (a0..a3 as
+// mma.sync numbers them): the lane's 8 packed bytes of row r8 (w_lo) and of row r8 + 8 (w_hi),
+// decoded with their rows' scale factors k_lo / k_hi.
+__device__ __forceinline__ void decode_fragment(uint2 w_lo, uint2 w_hi, uint32_t k_lo,
+                                                uint32_t k_hi, uint32_t (&af)[4][4]) {
+  uint32_t p_lo[4], q_lo[4], p_hi[4], q_hi[4];
+  decode_word(w_lo.x, k_lo, p_lo);  // K values 16q + {j, j + 4}
+  decode_word(w_lo.y, k_lo, q_lo);  // K values 16q + 8 + {j, j + 4}
+  decode_word(w_hi.x, k_hi, p_hi);
+  decode_word(w_hi.y, k_hi, q_hi);
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    af[s][0] = p_lo[s];
+    af[s][1] = p_hi[s];
+    af[s][2] = q_lo[s];
+    af[s][3] = q_hi[s];
+  }
+}
+
+// The B fragments of the 4 MMA steps for token t of an n8 fragment: its K values [16q, 16q + 16)
+// of the 64-K sub-block at x (rows of 128 bytes, 16-byte chunks swizzled by t % 8) as bf16
+// pairs v0..v7, permuted into the steps' K order.
+__device__ __forceinline__ void token_fragments(uint32_t x, int t, int qid, uint32_t (&bf)[4][2]) {
+  const uint4 v03 = lds_128(x + t * 128 + (((2 * qid) ^ (t & 7)) << 4));
+  const uint4 v47 = lds_128(x + t * 128 + (((2 * qid + 1) ^ (t & 7)) << 4));
+  bf[0][0] = __byte_perm(v03.x, v03.z, 0x5410);  // x[0], x[4]
+  bf[1][0] = __byte_perm(v03.x, v03.z, 0x7632);  // x[1], x[5]
+  bf[2][0] = __byte_perm(v03.y, v03.w, 0x5410);  // x[2], x[6]
+  bf[3][0] = __byte_perm(v03.y, v03.w, 0x7632);  // x[3], x[7]
+  bf[0][1] = __byte_perm(v47.x, v47.z, 0x5410);  // x[8], x[12]
+  bf[1][1] = __byte_perm(v47.x, v47.z, 0x7632);
+  bf[2][1] = __byte_perm(v47.y, v47.w, 0x5410);
+  bf[3][1] = __byte_perm(v47.y, v47.w, 0x7632);
+}
+
 // ---------------------------------------------------------------------------------------
 // Tile configuration (compile time), mirrored at run time by GemmConfig (nvfp4 = true)
 // ---------------------------------------------------------------------------------------
@@ -402,35 +437,14 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       const uint2 w_hi = lds_64(sw + r_hi * 32 + qid * 8);
       uint32_t k_lo, k_hi;
       scale_factors(ss_ptr[r_lo * 4 + qid], ss_ptr[r_hi * 4 + qid], k_lo, k_hi);
-      uint32_t p_lo[4], q_lo[4], p_hi[4], q_hi[4];
-      decode_word(w_lo.x, k_lo, p_lo);  // K values 16q + {j, j + 4}
-      decode_word(w_lo.y, k_lo, q_lo);  // K values 16q + 8 + {j, j + 4}
-      decode_word(w_hi.x, k_hi, p_hi);
-      decode_word(w_hi.y, k_hi, q_hi);
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        af[mi][s][0] = p_lo[s];
-        af[mi][s][1] = p_hi[s];
-        af[mi][s][2] = q_lo[s];
-        af[mi][s][3] = q_hi[s];
-      }
+      decode_fragment(w_lo, w_hi, k_lo, k_hi, af[mi]);
     }
     // Tokens: for each n8 fragment, token gid's K values [16q, 16q + 16) as v0..v7 (bf16
     // pairs), permuted into the B fragments of the 4 steps, then the MMAs.
 #pragma unroll
     for (int ni = 0; ni < Tile::kMmaN; ++ni) {
-      const int t = ni * 8 + gid;
-      const uint4 v03 = lds_128(sx + t * 128 + (((2 * qid) ^ (t & 7)) << 4));
-      const uint4 v47 = lds_128(sx + t * 128 + (((2 * qid + 1) ^ (t & 7)) << 4));
       uint32_t bf[4][2];
-      bf[0][0] = __byte_perm(v03.x, v03.z, 0x5410);  // x[0], x[4]
-      bf[1][0] = __byte_perm(v03.x, v03.z, 0x7632);  // x[1], x[5]
-      bf[2][0] = __byte_perm(v03.y, v03.w, 0x5410);  // x[2], x[6]
-      bf[3][0] = __byte_perm(v03.y, v03.w, 0x7632);  // x[3], x[7]
-      bf[0][1] = __byte_perm(v47.x, v47.z, 0x5410);  // x[8], x[12]
-      bf[1][1] = __byte_perm(v47.x, v47.z, 0x7632);
-      bf[2][1] = __byte_perm(v47.y, v47.w, 0x5410);
-      bf[3][1] = __byte_perm(v47.y, v47.w, 0x7632);
+      token_fragments(sx, ni * 8 + gid, qid, bf);
 #pragma unroll
       for (int s = 0; s < 4; ++s)
 #pragma unroll
@@ -696,35 +710,14 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
         uint32_t k_lo, k_hi;
         scale_factors_pair(__byte_perm(u4_word(sc_lo[mi], s), u4_word(sc_hi[mi], s), scale_sel),
                            k_lo, k_hi);
-        uint32_t p_lo[4], q_lo[4], p_hi[4], q_hi[4];
-        decode_word(w_lo.x, k_lo, p_lo);  // K values 64s + 16q + {j, j + 4}
-        decode_word(w_lo.y, k_lo, q_lo);  // K values 64s + 16q + 8 + {j, j + 4}
-        decode_word(w_hi.x, k_hi, p_hi);
-        decode_word(w_hi.y, k_hi, q_hi);
-#pragma unroll
-        for (int st = 0; st < 4; ++st) {
-          af[mi][st][0] = p_lo[st];
-          af[mi][st][1] = p_hi[st];
-          af[mi][st][2] = q_lo[st];
-          af[mi][st][3] = q_hi[st];
-        }
+        decode_fragment(w_lo, w_hi, k_lo, k_hi, af[mi]);
       }
       const uint32_t sxs = sx + s * Tile::kXSubBytes;
 #pragma unroll
       for (int ni = 0; ni < Tile::kMmaN; ++ni) {
         if (ni * 8 >= rows) break;  // no token in this fragment (uniform)
-        const int t = ni * 8 + gid;
-        const uint4 v03 = lds_128(sxs + t * 128 + (((2 * qid) ^ (t & 7)) << 4));
-        const uint4 v47 = lds_128(sxs + t * 128 + (((2 * qid + 1) ^ (t & 7)) << 4));
         uint32_t bf[4][2];
-        bf[0][0] = __byte_perm(v03.x, v03.z, 0x5410);  // x[0], x[4]
-        bf[1][0] = __byte_perm(v03.x, v03.z, 0x7632);  // x[1], x[5]
-        bf[2][0] = __byte_perm(v03.y, v03.w, 0x5410);  // x[2], x[6]
-        bf[3][0] = __byte_perm(v03.y, v03.w, 0x7632);  // x[3], x[7]
-        bf[0][1] = __byte_perm(v47.x, v47.z, 0x5410);  // x[8], x[12]
-        bf[1][1] = __byte_perm(v47.x, v47.z, 0x7632);
-        bf[2][1] = __byte_perm(v47.y, v47.w, 0x5410);
-        bf[3][1] = __byte_perm(v47.y, v47.w, 0x7632);
+        token_fragments(sxs, ni * 8 + gid, qid, bf);
 #pragma unroll
         for (int st = 0; st < 4; ++st)
 #pragma unroll
