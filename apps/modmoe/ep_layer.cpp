@@ -64,27 +64,19 @@ ExpertsDesc experts_desc(const Preset& preset, const Layer& l, const ExpertMap& 
 
 namespace {
 
-// The NVFP4 (W4A16) probe: one expert, H = I = 64, one token whose id is -1.
-std::string nvfp4_not_supported_on_gpu(const Device& dev) {
-  const int64_t b = 64, sb = kNvfp4BlockSize;
-  const Buffer w13(DType::E2M1x2, {1, 2 * b, b / 2}, dev), w2(DType::E2M1x2, {1, b, b / 2}, dev);
-  const Buffer s13(DType::E4M3, {1, 2 * b, b / sb}, dev), s2(DType::E4M3, {1, b, b / sb}, dev);
-  const Buffer g13(DType::F32, {1}, dev), g2(DType::F32, {1}, dev);
-  const Buffer hid(DType::BF16, {1, b}, dev);
-  const Buffer ids(DType::I32, {1, 1}, dev), wts(DType::F32, {1, 1}, dev), out(DType::BF16, {1, b}, dev);
+// One experts() call on one expert whose only token has id -1 (nothing to compute), on weights
+// w (scheme, tensors and scales set; the layout is prepare_weights' GateUpInterleaved, G = 8):
+// "" where the scheme runs on this GPU, else the library's "not supported yet" message.
+std::string probe_experts(ExpertWeights w, const TensorView& hidden, const TensorView& hidden_scale,
+                          const Device& dev) {
+  const Buffer ids(DType::I32, {1, 1}, dev), wts(DType::F32, {1, 1}, dev);
+  const Buffer out(DType::BF16, {1, w.hidden()}, dev);
   MODMOE_CUDA_CHECK(cudaMemset(ids.view().data, 0xff, 4));  // id -1: nothing to compute
-  ExpertWeights w;
-  w.scheme = QuantScheme::Nvfp4;
-  w.layout = WeightLayout::GateUpInterleaved;
+  w.layout = WeightLayout::GateUpInterleaved;  // what prepare_weights gives, as the layer has
   w.interleave_rows = 8;
-  w.w13 = w13;
-  w.w2 = w2;
-  w.w13_scale = s13;
-  w.w2_scale = s2;
-  w.w13_global_scale = g13;
-  w.w2_global_scale = g2;
   ExpertsInputs in;
-  in.hidden = hid;
+  in.hidden = hidden;
+  in.hidden_scale = hidden_scale;
   in.topk_ids = ids;
   in.topk_weights = wts;
   ExpertsOutputs o;
@@ -110,47 +102,36 @@ std::string nvfp4_not_supported_on_gpu(const Device& dev) {
 std::string experts_not_supported_on_gpu(QuantScheme dtype, int device) {
   if (dtype == QuantScheme::None) return "";
   // Each rank's process probes its own GPU (it may run before the rank's communicator sets
-  // the device): the cudaMemset below works on the current device.
+  // the device): the cudaMemset of the probe works on the current device.
   MODMOE_CUDA_CHECK(cudaSetDevice(device));
   const Device dev = Device::cuda(device);
-  if (dtype == QuantScheme::Nvfp4) return nvfp4_not_supported_on_gpu(dev);
-  const int64_t b = kFp8BlockSize;
+  ExpertWeights w;
+  w.scheme = dtype;
+  if (dtype == QuantScheme::Nvfp4) {  // W4A16: H = I = 64
+    const int64_t b = 64, sb = kNvfp4BlockSize;
+    const Buffer w13(DType::E2M1x2, {1, 2 * b, b / 2}, dev), w2(DType::E2M1x2, {1, b, b / 2}, dev);
+    const Buffer s13(DType::E4M3, {1, 2 * b, b / sb}, dev), s2(DType::E4M3, {1, b, b / sb}, dev);
+    const Buffer g13(DType::F32, {1}, dev), g2(DType::F32, {1}, dev);
+    const Buffer hid(DType::BF16, {1, b}, dev);
+    w.w13 = w13;
+    w.w2 = w2;
+    w.w13_scale = s13;
+    w.w2_scale = s2;
+    w.w13_global_scale = g13;
+    w.w2_global_scale = g2;
+    return probe_experts(w, hid, {}, dev);
+  }
+  const int64_t b = kFp8BlockSize;  // FP8: H = I = 128
   const bool block = dtype == QuantScheme::Fp8Block128;
   const Buffer w13(DType::E4M3, {1, 2 * b, b}, dev), w2(DType::E4M3, {1, b, b}, dev);
   const Buffer s13(DType::F32, block ? std::vector<int64_t>{1, 2, 1} : std::vector<int64_t>{1}, dev);
   const Buffer s2(DType::F32, block ? std::vector<int64_t>{1, 1, 1} : std::vector<int64_t>{1}, dev);
   const Buffer hid(DType::E4M3, {1, b}, dev), hs(DType::F32, block ? std::vector<int64_t>{1, 1} : std::vector<int64_t>{1}, dev);
-  const Buffer ids(DType::I32, {1, 1}, dev), wts(DType::F32, {1, 1}, dev), out(DType::BF16, {1, b}, dev);
-  MODMOE_CUDA_CHECK(cudaMemset(ids.view().data, 0xff, 4));  // id -1: nothing to compute
-  ExpertWeights w;
-  w.scheme = dtype;
-  w.layout = WeightLayout::GateUpInterleaved;  // what prepare_weights gives, as the layer has
-  w.interleave_rows = 8;
   w.w13 = w13;
   w.w2 = w2;
   w.w13_scale = s13;
   w.w2_scale = s2;
-  ExpertsInputs in;
-  in.hidden = hid;
-  in.hidden_scale = hs;
-  in.topk_ids = ids;
-  in.topk_weights = wts;
-  ExpertsOutputs o;
-  o.out = out;
-  ExpertsOptions opt;
-  opt.do_finalize = true;
-  const ExpertMap map = ExpertMap::single(1);
-  const size_t ws_bytes = experts_workspace_size(make_experts_desc(in, w, map, opt, o));
-  const Buffer ws(DType::U8, {static_cast<int64_t>(ws_bytes) + 256}, dev);
-  try {
-    experts(in, w, map, opt, o, Workspace{ws.view().data, ws_bytes}, nullptr);
-    MODMOE_CUDA_CHECK(cudaDeviceSynchronize());
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    if (what.find("not supported yet") == std::string::npos) throw;
-    return what;
-  }
-  return "";
+  return probe_experts(w, hid, hs, dev);
 }
 
 EpLayer::EpLayer(const Preset& preset, int ep_size, int ep_rank, ncclComm* comm, const EpLayerOptions& o)

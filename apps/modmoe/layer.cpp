@@ -117,6 +117,22 @@ void fill_experts(const TensorView& t, const ExpertMap& map, uint64_t seed, uint
 // expert at a time: the expert's bf16 masters (the numbers of the bf16 layer) ->
 // quantize_weights (one scale per 128x128 block, or per expert) -> prepare_weights
 // (GateUpInterleaved, G = 8) into the layer's tensors. Scratch: one expert, canonical.
+// The layer's fp32 biases (all local experts, into l and `all`) and one expert's staging
+// biases (b13, b2, into `src`), where the preset has them: the quantized layers' builders.
+void make_biases(Layer& l, ExpertWeights& all, ExpertWeights& src, Buffer& b13, Buffer& b2,
+                 int64_t rows13) {
+  if (!l.preset.has_biases) return;
+  const int64_t e_local = l.map.num_local_experts, h = l.preset.hidden;
+  l.w13_bias = Buffer(DType::F32, {e_local, rows13}, l.device);
+  l.w2_bias = Buffer(DType::F32, {e_local, h}, l.device);
+  all.w13_bias = l.w13_bias;
+  all.w2_bias = l.w2_bias;
+  b13 = Buffer(DType::F32, {1, rows13}, l.device);
+  b2 = Buffer(DType::F32, {1, h}, l.device);
+  src.w13_bias = b13;
+  src.w2_bias = b2;
+}
+
 void make_fp8_weights(Layer& l, bool progress) {
   const Preset& p = l.preset;
   const int64_t e_local = l.map.num_local_experts, h = p.hidden, i = p.intermediate;
@@ -147,16 +163,7 @@ void make_fp8_weights(Layer& l, bool progress) {
   src.w13_scale = s13;
   src.w2_scale = s2;
   Buffer b13, b2;
-  if (p.has_biases) {
-    l.w13_bias = Buffer(DType::F32, {e_local, rows13}, dev);
-    l.w2_bias = Buffer(DType::F32, {e_local, h}, dev);
-    all.w13_bias = l.w13_bias;
-    all.w2_bias = l.w2_bias;
-    b13 = Buffer(DType::F32, {1, rows13}, dev);
-    b2 = Buffer(DType::F32, {1, h}, dev);
-    src.w13_bias = b13;
-    src.w2_bias = b2;
-  }
+  make_biases(l, all, src, b13, b2, rows13);
   const Progress pr(progress, e_local, static_cast<double>(q13.view().nbytes() + q2.view().nbytes()),
                     quant_scheme_name(l.scheme));
   ExpertWeights dst;
@@ -216,16 +223,7 @@ void make_nvfp4_weights(Layer& l, bool progress) {
   src.w13_global_scale = g13;
   src.w2_global_scale = g2;
   Buffer b13, b2;
-  if (p.has_biases) {
-    l.w13_bias = Buffer(DType::F32, {e_local, rows13}, dev);
-    l.w2_bias = Buffer(DType::F32, {e_local, h}, dev);
-    all.w13_bias = l.w13_bias;
-    all.w2_bias = l.w2_bias;
-    b13 = Buffer(DType::F32, {1, rows13}, dev);
-    b2 = Buffer(DType::F32, {1, h}, dev);
-    src.w13_bias = b13;
-    src.w2_bias = b2;
-  }
+  make_biases(l, all, src, b13, b2, rows13);
   const Progress pr(progress, e_local, static_cast<double>(q13.view().nbytes() + q2.view().nbytes()), "nvfp4");
   ExpertWeights dst;
   for (int64_t e = 0; e < e_local; ++e) {
