@@ -220,17 +220,16 @@ struct Fp8Layer {
   }
 };
 
-Fp8Layer make_fp8_layer(QuantScheme scheme, int ep, uint64_t salt) {
-  std::mt19937_64 rng(test::seed(salt));
-  Fp8Layer L;
-  L.scheme = scheme;
-  L.ep = ep;
-  const int64_t M = ep * L.T;
+// The quantized layers' tokens: ep * T rows of H bf16 values (rank r's scaled by 1 + 0.37 r, so
+// the ranks' quantization scales differ), logits over E experts, routed top-k (Renormalize).
+template <class Layer>
+void make_tokens(Layer& L, std::mt19937_64& rng) {
+  const int64_t M = L.ep * L.T;
   L.hidden.reset(DType::BF16, {M, L.H});
   test::fill_normal(L.hidden, rng, 1.0f);
   for (int64_t i = 0; i < L.hidden.numel(); ++i) {
     const float f = 1.0f + 0.37f * static_cast<float>(i / (L.T * L.H));
-    auto& b = L.hidden.data<uint16_t>()[i];
+    auto& b = L.hidden.template data<uint16_t>()[i];
     b = float_to_bf16_bits(bf16_bits_to_float(b) * f);
   }
   L.logits.reset(DType::F32, {M, L.E});
@@ -241,6 +240,14 @@ Fp8Layer make_fp8_layer(QuantScheme scheme, int ep, uint64_t salt) {
   L.ids.reset(DType::I32, {M, L.k});
   L.wts.reset(DType::F32, {M, L.k});
   route(L.logits, {}, L.rp, L.ids, L.wts);
+}
+
+Fp8Layer make_fp8_layer(QuantScheme scheme, int ep, uint64_t salt) {
+  std::mt19937_64 rng(test::seed(salt));
+  Fp8Layer L;
+  L.scheme = scheme;
+  L.ep = ep;
+  make_tokens(L, rng);
   const auto w13 = test::block_varied(rng, L.E, 2 * L.I, L.H, 1.0f / std::sqrt(float(L.H)));
   const auto w2 = test::block_varied(rng, L.E, L.H, L.I, 1.0f / std::sqrt(float(L.I)));
   test::quantize_weights(w13, L.E, 2 * L.I, L.H, scheme, L.w13, L.s13);
@@ -449,22 +456,7 @@ Nvfp4Layer make_nvfp4_layer(int ep, uint64_t salt) {
   std::mt19937_64 rng(test::seed(salt));
   Nvfp4Layer L;
   L.ep = ep;
-  const int64_t M = ep * L.T;
-  L.hidden.reset(DType::BF16, {M, L.H});
-  test::fill_normal(L.hidden, rng, 1.0f);
-  for (int64_t i = 0; i < L.hidden.numel(); ++i) {
-    const float f = 1.0f + 0.37f * static_cast<float>(i / (L.T * L.H));
-    auto& b = L.hidden.data<uint16_t>()[i];
-    b = float_to_bf16_bits(bf16_bits_to_float(b) * f);
-  }
-  L.logits.reset(DType::F32, {M, L.E});
-  test::fill_normal(L.logits, rng, 1.0f);
-  L.rp.method = RoutingMethod::Renormalize;
-  L.rp.num_experts = L.E;
-  L.rp.top_k = L.k;
-  L.ids.reset(DType::I32, {M, L.k});
-  L.wts.reset(DType::F32, {M, L.k});
-  route(L.logits, {}, L.rp, L.ids, L.wts);
+  make_tokens(L, rng);
   L.m13.reset(DType::BF16, {L.E, 2 * L.I, L.H});
   L.m2.reset(DType::BF16, {L.E, L.H, L.I});
   test::fill_normal(L.m13, rng, 1.0f / std::sqrt(static_cast<float>(L.H)));
