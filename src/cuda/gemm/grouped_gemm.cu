@@ -4,7 +4,7 @@
 //
 // Instantiations (the build's size, kept small for 2-core CI): sm80 2 tiles x 2 stages
 // (GEMM1, GEMM2) = 4 kernels, sm90 2 tiles x 2 stages = 4 kernels (w4a16_grouped_gemm.cu:
-// 3 W4A16 tiles, the stage at run time = 3 kernels). Activation, gating, bias,
+// 4 W4A16 tiles, the stage at run time = 4 kernels). Activation, gating, bias,
 // LoRA, gather, the gate/up row map and split-K are run-time arguments, not template axes.
 #include "cuda/gemm/grouped_gemm.h"
 
@@ -350,9 +350,11 @@ GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
     // 2048 / 768: 159.2 vs 151.4 on the 64-K tile).
     const GemmConfig& wide = w4a16_decode_wide();
     const int wide_cols = desc.gated ? wide.block_n / 2 : wide.block_n;
-    const int64_t wide_tiles = static_cast<int64_t>(std::ceil(touched)) * ceil_div(desc.n, wide_cols);
-    if (props.sm_count > 0 && 2 * wide_tiles >= props.sm_count && k_tiles >= 10 &&
-        (props.max_smem_per_block == 0 || props.max_smem_per_block >= w4a16_decode_wide_smem_bytes())) {
+    const int64_t wide_tiles =
+        static_cast<int64_t>(std::ceil(touched)) * ceil_div(desc.n, wide_cols);
+    const bool wide_fits = props.max_smem_per_block == 0 ||
+                           props.max_smem_per_block >= w4a16_decode_wide_smem_bytes();
+    if (props.sm_count > 0 && 2 * wide_tiles >= props.sm_count && k_tiles >= 10 && wide_fits) {
       return wide;
     }
     if (props.sm_count > 0 && tiles > props.sm_count && k_tiles < 16) return w4a16_decode();

@@ -770,7 +770,9 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
             v[3] = f.w;
           }
 #pragma unroll
-          for (int e = 0; e < 4; ++e) sum[mi][ni][e] = z == 0 ? v[e] : __fadd_rn(sum[mi][ni][e], v[e]);
+          for (int e = 0; e < 4; ++e) {
+            sum[mi][ni][e] = z == 0 ? v[e] : __fadd_rn(sum[mi][ni][e], v[e]);
+          }
         }
     }
 #pragma unroll

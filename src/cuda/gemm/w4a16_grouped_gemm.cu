@@ -14,7 +14,6 @@ namespace modmoe::cuda::gemm {
 // Decode: 16 tokens x 128 weight rows, 6 stages of 4 KB packed weights + 0.5 KB scales + 2 KB
 // tokens (39 KB), 4 CTAs per SM: up to 24 weight tiles (~110 KB) in flight per SM, which the
 // copy rate of HBM3 over the load latency asks for (about 25 KB per SM at 3.35 TB/s and 1 us).
-// TODO(measure): stages and CTAs per SM were chosen on paper; no GPU run yet.
 // Kept selectable (MODMOE_GEMM_CONFIG=w4a16_16x128x64_s6) for A/B against the deep tile, and
 // the decode tile of devices whose shared memory cannot hold the deep one.
 // Measured on an H100 SXM (2026-11-27, docs/nvfp4.md "Measured"): decode at 15-43 % of the
@@ -24,13 +23,13 @@ using W4a16Decode = W4a16Tile<16, 128, 6, 4>;
 // Deep decode: 16 tokens x 128 weight rows, 8 stages of 256 of K (16 KB packed + 2 KB scales +
 // 8 KB tokens = 26 KB; 208 KB, one CTA per SM), 8 warps. 7 stages in flight = 126 KB of weights
 // and scales per SM, ~5.5x the 64-K tile's; a GEMM with fewer tiles than SMs / 2 splits K
-// (select_config). TODO(measure): not run on a GPU yet (bench/gpu_nvfp4_tune.sh).
+// (select_config). Measured on an H200: docs/nvfp4.md "Deep decode tile".
 using W4a16DecodeDeep = W4a16DeepTile<16, 128, 8, 8>;
-// Wide deep decode (select_config rule 2a; forced: MODMOE_GEMM_CONFIG=w4a16_16x256x256_s4):
-// 256 weight rows, 16 warps
-// (four per SM sub-partition, against two: the deep tile's decode ran at 2.0 instructions per
-// cycle with half its cycles issuing nothing), 4 stages of 44 KB (176 KB; 3 x 36 KB of weights
-// and scales in flight). No split-K.
+// Wide deep decode (select_config rule 2a; forced: MODMOE_GEMM_CONFIG=w4a16_16x256x256_s4): 256
+// weight rows, 16 warps (four per SM sub-partition, against two: the deep tile's decode ran at
+// 2.0 instructions per cycle with half its cycles issuing nothing), 4 stages of 44 KB (176 KB;
+// 3 x 36 KB of weights and scales in flight). No split-K. Measured: docs/nvfp4.md "The wide
+// deep tile and rule 2a".
 using W4a16DecodeWide = W4a16DeepTile<16, 256, 4, 16>;
 // Prefill: 64 tokens x 128 weight rows, 4 stages of 4.5 + 8 KB (51 KB), 2 CTAs per SM: each
 // decoded weight feeds 8 token fragments.
@@ -114,7 +113,9 @@ void launch_w4a16_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
   if (base == w4a16_decode_deep_config()) {
     return launch_tile<W4a16DecodeDeep, true>(desc, args, config.split_k, stream);
   }
-  if (config == w4a16_decode_config()) return launch_tile<W4a16Decode, false>(desc, args, 1, stream);
+  if (config == w4a16_decode_config()) {
+    return launch_tile<W4a16Decode, false>(desc, args, 1, stream);
+  }
   if (config == w4a16_decode_wide_config()) {
     return launch_tile<W4a16DecodeWide, true>(desc, args, 1, stream);
   }
