@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -36,6 +37,43 @@ class Views {
  private:
   bool gpu_;
   std::vector<std::unique_ptr<DeviceTensor>> keep_;
+};
+
+// A layer's weights (host views, as a suite's Problem holds them) copied to the GPU; view()
+// gives the whole layer, or the experts [first, first + count) as one EP rank holds them (every
+// tensor sliced along its leading expert dimension). Tensors left undefined stay undefined.
+class DeviceExpertWeights {
+ public:
+  explicit DeviceExpertWeights(const ExpertWeights& host) : base_(host) {
+    for (size_t i = 0; i < kMembers.size(); ++i) {
+      const TensorView& h = host.*kMembers[i];
+      if (!h.defined() || h.numel() == 0) continue;
+      const std::vector<int64_t> shape(h.shape.begin(), h.shape.begin() + h.ndim);
+      copies_[i] = std::make_unique<DeviceTensor>(h.dtype, shape);
+      MODMOE_CUDA_CHECK(
+          cudaMemcpy(copies_[i]->view().data, h.data, h.nbytes(), cudaMemcpyHostToDevice));
+    }
+  }
+  ExpertWeights view(int64_t first = 0, int64_t count = -1) const {
+    ExpertWeights w = base_;
+    for (size_t i = 0; i < kMembers.size(); ++i) {
+      if (!copies_[i]) continue;
+      TensorView v = copies_[i]->view();
+      const int64_t per = v.nbytes() / v.shape[0];
+      v.data = static_cast<char*>(v.data) + first * per;
+      if (count >= 0) v.shape[0] = count;
+      w.*kMembers[i] = v;
+    }
+    return w;
+  }
+
+ private:
+  static constexpr std::array<TensorView ExpertWeights::*, 8> kMembers = {
+      &ExpertWeights::w13,       &ExpertWeights::w2,       &ExpertWeights::w13_scale,
+      &ExpertWeights::w2_scale,  &ExpertWeights::w13_bias, &ExpertWeights::w2_bias,
+      &ExpertWeights::w13_global_scale, &ExpertWeights::w2_global_scale};
+  ExpertWeights base_;
+  std::array<std::unique_ptr<DeviceTensor>, 8> copies_;
 };
 
 // The sizes of a call, for its outputs.

@@ -489,35 +489,6 @@ INSTANTIATE_TEST_SUITE_P(Cases, GpuFp8Experts, ::testing::ValuesIn(cases()),
 
 class GpuFp8Stage : public test::GpuTest {};
 
-// A problem's prepared weights on the GPU; view() the whole layer, or the experts
-// [first, first + count) as one EP rank holds them.
-struct DeviceWeights {
-  explicit DeviceWeights(const Problem& p)
-      : base(p.prepared),
-        w13(DeviceTensor::from_host(p.p13)), w2(DeviceTensor::from_host(p.p2)),
-        s13(DeviceTensor::from_host(p.ps13)), s2(DeviceTensor::from_host(p.ps2)),
-        b13(DeviceTensor::from_host(p.pb13)), b2(DeviceTensor::from_host(p.pb2)) {}
-  ExpertWeights view(int64_t first = 0, int64_t count = -1) const {
-    auto rows = [&](const DeviceTensor& t) {
-      TensorView v = t.view();
-      const int64_t per = v.nbytes() / v.shape[0];
-      v.data = static_cast<char*>(v.data) + first * per;
-      if (count >= 0) v.shape[0] = count;
-      return v;
-    };
-    ExpertWeights w = base;
-    w.w13 = rows(w13);
-    w.w2 = rows(w2);
-    w.w13_scale = rows(s13);
-    w.w2_scale = rows(s2);
-    w.w13_bias = rows(b13);
-    w.w2_bias = rows(b2);
-    return w;
-  }
-  ExpertWeights base;
-  DeviceTensor w13, w2, s13, s2, b13, b2;
-};
-
 // The same call three times, and captured in a CUDA graph and replayed: the same bits.
 TEST_F(GpuFp8Stage, RepeatedAndGraphReplayBitwise) {
   Case c;
@@ -535,7 +506,7 @@ TEST_F(GpuFp8Stage, RepeatedAndGraphReplayBitwise) {
   const ExpertsOptions o = options_of(c);
   DeviceTensor x = DeviceTensor::from_host(p.x), xs = DeviceTensor::from_host(p.xs);
   DeviceTensor ids = DeviceTensor::from_host(p.ids), wts = DeviceTensor::from_host(p.wts);
-  const DeviceWeights dw(p);
+  const test::DeviceExpertWeights dw(p.prepared);
   const ExpertWeights w = dw.view();
   DeviceTensor out(DType::BF16, {c.M, c.H});
   ExpertsInputs in;
@@ -564,7 +535,7 @@ TEST_F(GpuFp8Stage, ModularEqualsMonolithicAndEpSlicesSum) {
     test::fill_normal(hidden, rng, 1.0f);
     test::fill_normal(logits, rng, 1.0f);
     DeviceTensor d_hidden = DeviceTensor::from_host(hidden), d_logits = DeviceTensor::from_host(logits);
-    const DeviceWeights dw(p);
+    const test::DeviceExpertWeights dw(p.prepared);
     const ExpertWeights w = dw.view();
     RoutingParams rp;
     rp.num_experts = c.E;

@@ -820,38 +820,6 @@ TEST_F(GpuNvfp4Quant, PrepareWeightsMatchesTheCpuBitwise) {
 
 class GpuNvfp4Stage : public test::GpuTest {};
 
-// A problem's weights on the GPU; view() the whole layer, or the experts [first, first +
-// count) as one EP rank holds them.
-struct DeviceWeights {
-  explicit DeviceWeights(const Problem& p)
-      : base(p.weights),
-        w13(DeviceTensor::from_host(p.p13)), w2(DeviceTensor::from_host(p.p2)),
-        s13(DeviceTensor::from_host(p.ps13)), s2(DeviceTensor::from_host(p.ps2)),
-        g13(DeviceTensor::from_host(p.pg13)), g2(DeviceTensor::from_host(p.pg2)),
-        b13(DeviceTensor::from_host(p.pb13)), b2(DeviceTensor::from_host(p.pb2)) {}
-  ExpertWeights view(int64_t first = 0, int64_t count = -1) const {
-    auto rows = [&](const DeviceTensor& t) {
-      TensorView v = t.view();
-      const int64_t per = v.nbytes() / v.shape[0];
-      v.data = static_cast<char*>(v.data) + first * per;
-      if (count >= 0) v.shape[0] = count;
-      return v;
-    };
-    ExpertWeights w = base;
-    w.w13 = rows(w13);
-    w.w2 = rows(w2);
-    w.w13_scale = rows(s13);
-    w.w2_scale = rows(s2);
-    w.w13_global_scale = rows(g13);
-    w.w2_global_scale = rows(g2);
-    if (base.w13_bias.defined()) w.w13_bias = rows(b13);
-    if (base.w2_bias.defined()) w.w2_bias = rows(b2);
-    return w;
-  }
-  ExpertWeights base;
-  DeviceTensor w13, w2, s13, s2, g13, g2, b13, b2;
-};
-
 // The same call three times, and captured in a CUDA graph and replayed: the same bits. The
 // deep decode tile with and without split-K (GEMM1 K = 1024: 4 k-tiles, split 2; the
 // arrival counters are zeroed by the work-list kernel inside the graph), then the prefill tile.
@@ -879,7 +847,7 @@ TEST_F(GpuNvfp4Stage, RepeatedAndGraphReplayBitwise) {
     const ExpertsOptions o = options_of(c);
     DeviceTensor x = DeviceTensor::from_host(p.x);
     DeviceTensor ids = DeviceTensor::from_host(p.ids), wts = DeviceTensor::from_host(p.wts);
-    const DeviceWeights dw(p);
+    const test::DeviceExpertWeights dw(p.weights);
     const ExpertWeights w = dw.view();
     DeviceTensor out(DType::BF16, {c.M, c.H});
     ExpertsInputs in;
@@ -907,7 +875,7 @@ TEST_F(GpuNvfp4Stage, ModularEqualsMonolithicAndEpSlicesSum) {
     test::fill_normal(logits, rng, 1.0f);
     DeviceTensor d_hidden = DeviceTensor::from_host(p.x);
     DeviceTensor d_logits = DeviceTensor::from_host(logits);
-    const DeviceWeights dw(p);
+    const test::DeviceExpertWeights dw(p.weights);
     const ExpertWeights w = dw.view();
     RoutingParams rp;
     rp.num_experts = c.E;
