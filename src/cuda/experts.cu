@@ -517,14 +517,16 @@ gemm::GemmConfig apply_overrides(const gemm::GemmDesc& d, gemm::GemmConfig c) {
     }
   }
   const char* split = std::getenv("MODMOE_GEMM_SPLIT_K");
-  gemm::GemmConfig split2 = c;  // does this tile split at all (sm90, the W4A16 deep tile)?
-  split2.split_k = 2;
-  split2.tail_m = 0;
-  const bool w4a16_deep = c.nvfp4 && gemm::is_compiled(split2);
-  if (split != nullptr && split[0] != '\0' && (c.arch == 90 || w4a16_deep)) {
-    const gemm::SplitKCapacity cap = gemm::split_k_capacity(d);
-    const int want = std::atoi(split);
-    c.split_k = c.block_m == 64 || w4a16_deep ? std::max(1, std::min(want, cap.max_split)) : 1;
+  if (split != nullptr && split[0] != '\0') {
+    gemm::GemmConfig split2 = c;  // does this tile split at all (sm90, the W4A16 deep tile)?
+    split2.split_k = 2;
+    split2.tail_m = 0;
+    const bool w4a16_deep = c.nvfp4 && gemm::is_compiled(split2);
+    if (c.arch == 90 || w4a16_deep) {
+      const gemm::SplitKCapacity cap = gemm::split_k_capacity(d);
+      const int want = std::atoi(split);
+      c.split_k = c.block_m == 64 || w4a16_deep ? std::max(1, std::min(want, cap.max_split)) : 1;
+    }
   }
   // Tail rows: select_config's rule 3 (kept for a forced config too), or the variable's choice.
   const char* tail = std::getenv("MODMOE_GEMM_TAIL");
