@@ -18,7 +18,9 @@
 //   S  [BN][4] e4m3    the row's 4 block scales of the stage, row r at r * 4
 //   X  [BM][64] bf16   token row t, 16-byte chunk c at t * 128 + ((c ^ (t & 7)) * 16); the XOR
 //                      spreads the 8 lanes of a 16-byte read phase (two token rows, chunks
-//                      2q or 2q + 1) over all 32 banks
+//                      2q or 2q + 1) over all 32 banks. Once landed, chunks 2q and 2q + 1 of a
+//                      token are rewritten in place into the B fragments of their scale block
+//                      (permute_token_pair, by the thread that copied them)
 // Epilogue staging reuses the pipeline memory: C [BM][BN + 8] bf16.
 //
 // The decode (per thread, per stage, per m16 fragment): lane (g = lane / 4, q = lane % 4)
@@ -38,7 +40,8 @@
 // MMA step s (0..3) of the stage pairs mma-k {2q, 2q+1, 2q+8, 2q+9} with K values
 // {16q + s, 16q + s + 4, 16q + 8 + s, 16q + 12 + s}: a permutation of K inside the stage, the
 // same for both operands, so the dot product is unchanged. The B (token) fragment follows it
-// with byte permutes of the token's 32 bytes [16q, 16q + 16).
+// with byte permutes of the token's 32 bytes [16q, 16q + 16), done once per stage by the
+// copying thread (permute_token_pair), not by every reading warp.
 //
 // GEMM1, gated: tile row 16f + g (g < 8) is the gate row of output column 8f + g and tile row
 // 16f + 8 + g its up row (GateUpMap decides where they live in w13; the prepared G = 8 layout
@@ -51,6 +54,7 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "core/activation_math.h"
 #include "core/nvfp4.h"
@@ -79,6 +83,20 @@ __device__ __forceinline__ uint4 lds_128(uint32_t addr) {
   return v;
 }
 
+// The value, kept in a register from here on: an empty volatile asm hides how it was computed,
+// so the compiler cannot rematerialize it (recompute it from its inputs) inside the main loop,
+// which it otherwise does with the per-thread shared-memory offsets and global pointers that
+// the kernels below compute once.
+__device__ __forceinline__ uint32_t pinned(uint32_t v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+template <class T>
+__device__ __forceinline__ const T* pinned(const T* p) {
+  asm volatile("" : "+l"(p));
+  return p;
+}
+
 // a * b on two bf16 lanes, one rounding (fma with -0: a * b + -0 = a * b, signed zeros kept).
 // Subnormal inputs are honoured (PTX: no .ftz for bf16).
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
@@ -87,44 +105,62 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   return d;
 }
 
-// One 32-bit word of packed weights (8 values), times K (bf16x2, both lanes equal) ->
-// p[j] = (value j, value j + 4) * scale * 2^-7 as bf16x2, j = 0..3 (nvfp4::e2m1_pair_bf16_bits).
-__device__ __forceinline__ void decode_word(uint32_t x, uint32_t k2, uint32_t (&p)[4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) p[j] = bf16x2_mul(nvfp4::e2m1_pair_bf16_bits(x, j), k2);
+// a * (b.lo, b.lo) (kHalf = 0) or a * (b.hi, b.hi) (kHalf = 1) on two bf16 lanes, as
+// bf16x2_mul; the broadcast is an operand swizzle of the multiply (no instruction of its own).
+template <int kHalf>
+__device__ __forceinline__ uint32_t bf16x2_mul_half(uint32_t a, uint32_t b) {
+  uint32_t d;
+  if constexpr (kHalf == 0) {
+    asm("{\n .reg .b16 lo, hi;\n .reg .b32 bb;\n mov.b32 {lo, hi}, %2;\n mov.b32 bb, {lo, lo};\n"
+        " fma.rn.bf16x2 %0, %1, bb, %3;\n}\n"
+        : "=r"(d)
+        : "r"(a), "r"(b), "r"(0x80008000u));
+  } else {
+    asm("{\n .reg .b16 lo, hi;\n .reg .b32 bb;\n mov.b32 {lo, hi}, %2;\n mov.b32 bb, {hi, hi};\n"
+        " fma.rn.bf16x2 %0, %1, bb, %3;\n}\n"
+        : "=r"(d)
+        : "r"(a), "r"(b), "r"(0x80008000u));
+  }
+  return d;
 }
 
-// Two e4m3 block scales -> K = bf16(float(s) * 2^119) of each, broadcast to both lanes:
-// k_lo = (K(s_lo), K(s_lo)), k_hi = (K(s_hi), K(s_hi)). Exact: e4m3 has 4 significant bits
-// and 448 * 2^119 < 2^128; NaN (0x7f) stays NaN, so its block decodes to NaN as in the oracle.
-// `pair` holds s_lo in bits 7:0 and s_hi in bits 15:8.
-__device__ __forceinline__ void scale_factors_pair(uint32_t pair, uint32_t& k_lo,
-                                                   uint32_t& k_hi) {
+// One 32-bit word of packed weights (8 values), times K = half kHalf of k (both lanes) ->
+// p[j] = (value j, value j + 4) * scale * 2^-7 as bf16x2, j = 0..3 (nvfp4::e2m1_pair_bf16_bits).
+template <int kHalf>
+__device__ __forceinline__ void decode_word(uint32_t x, uint32_t k, uint32_t (&p)[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) p[j] = bf16x2_mul_half<kHalf>(nvfp4::e2m1_pair_bf16_bits(x, j), k);
+}
+
+// Two e4m3 block scales -> k = (K(s_lo), K(s_hi)) as bf16x2, K = bf16(float(s) * 2^119).
+// Computed as bf16(float(s)) * bf16(2^119) in bf16: bf16(float(s)) is exact (e4m3 has 4
+// significant bits and exponents in [-9, 8]) and so is the product (448 * 2^119 < 2^128), so
+// the bits are those of bf16(float(s) * 2^119); NaN (0x7f) stays NaN, so its block decodes to
+// NaN as in the oracle. `pair` holds s_lo in bits 7:0 and s_hi in bits 15:8.
+__device__ __forceinline__ uint32_t scale_factors_pair(uint32_t pair) {
   const __half2_raw h =
       __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair & 0xFFFFu), __NV_E4M3);
   const float2 f = __half22float2(__half2(h));
-  const __nv_bfloat162 k = __floats2bfloat162_rn(__fmul_rn(f.x, nvfp4::kDecodeScaleBias),
-                                                     __fmul_rn(f.y, nvfp4::kDecodeScaleBias));
-  const uint32_t kb = *reinterpret_cast<const uint32_t*>(&k);
-  k_lo = __byte_perm(kb, 0, 0x1010);
-  k_hi = __byte_perm(kb, 0, 0x3232);
+  const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+  constexpr uint32_t kBias2 = 0x7B007B00u;  // (2^119, 2^119) = nvfp4::kDecodeScaleBias in bf16
+  static_assert(nvfp4::kDecodeScaleBias == 0x1p119f, "kBias2 is 2^119");
+  return bf16x2_mul(*reinterpret_cast<const uint32_t*>(&b), kBias2);
 }
 
-__device__ __forceinline__ void scale_factors(uint8_t s_lo, uint8_t s_hi, uint32_t& k_lo,
-                                              uint32_t& k_hi) {
-  scale_factors_pair(static_cast<uint32_t>(s_lo) | (static_cast<uint32_t>(s_hi) << 8), k_lo, k_hi);
+__device__ __forceinline__ uint32_t scale_factors(uint8_t s_lo, uint8_t s_hi) {
+  return scale_factors_pair(static_cast<uint32_t>(s_lo) | (static_cast<uint32_t>(s_hi) << 8));
 }
 
 // The A fragments of one m16 fragment for the 4 MMA steps of a 64-K sub-block (a0..a3 as
 // mma.sync numbers them): the lane's 8 packed bytes of row r8 (w_lo) and of row r8 + 8 (w_hi),
-// decoded with their rows' scale factors k_lo / k_hi.
-__device__ __forceinline__ void decode_fragment(uint2 w_lo, uint2 w_hi, uint32_t k_lo,
-                                                uint32_t k_hi, uint32_t (&af)[4][4]) {
+// decoded with their rows' scale factors k = (K of row r8, K of row r8 + 8).
+__device__ __forceinline__ void decode_fragment(uint2 w_lo, uint2 w_hi, uint32_t k,
+                                                uint32_t (&af)[4][4]) {
   uint32_t p_lo[4], q_lo[4], p_hi[4], q_hi[4];
-  decode_word(w_lo.x, k_lo, p_lo);  // K values 16q + {j, j + 4}
-  decode_word(w_lo.y, k_lo, q_lo);  // K values 16q + 8 + {j, j + 4}
-  decode_word(w_hi.x, k_hi, p_hi);
-  decode_word(w_hi.y, k_hi, q_hi);
+  decode_word<0>(w_lo.x, k, p_lo);  // K values 16q + {j, j + 4}
+  decode_word<0>(w_lo.y, k, q_lo);  // K values 16q + 8 + {j, j + 4}
+  decode_word<1>(w_hi.x, k, p_hi);
+  decode_word<1>(w_hi.y, k, q_hi);
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
     af[s][0] = p_lo[s];
@@ -134,20 +170,49 @@ __device__ __forceinline__ void decode_fragment(uint2 w_lo, uint2 w_hi, uint32_t
   }
 }
 
-// The B fragments of the 4 MMA steps for token t of an n8 fragment: its K values [16q, 16q + 16)
-// of the 64-K sub-block at x (rows of 128 bytes, 16-byte chunks swizzled by t % 8) as bf16
-// pairs v0..v7, permuted into the steps' K order.
-__device__ __forceinline__ void token_fragments(uint32_t x, int t, int qid, uint32_t (&bf)[4][2]) {
-  const uint4 v03 = lds_128(x + t * 128 + (((2 * qid) ^ (t & 7)) << 4));
-  const uint4 v47 = lds_128(x + t * 128 + (((2 * qid + 1) ^ (t & 7)) << 4));
-  bf[0][0] = __byte_perm(v03.x, v03.z, 0x5410);  // x[0], x[4]
-  bf[1][0] = __byte_perm(v03.x, v03.z, 0x7632);  // x[1], x[5]
-  bf[2][0] = __byte_perm(v03.y, v03.w, 0x5410);  // x[2], x[6]
-  bf[3][0] = __byte_perm(v03.y, v03.w, 0x7632);  // x[3], x[7]
-  bf[0][1] = __byte_perm(v47.x, v47.z, 0x5410);  // x[8], x[12]
-  bf[1][1] = __byte_perm(v47.x, v47.z, 0x7632);
-  bf[2][1] = __byte_perm(v47.y, v47.w, 0x5410);
-  bf[3][1] = __byte_perm(v47.y, v47.w, 0x7632);
+__device__ __forceinline__ void sts_128(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w));
+}
+
+// The token chunks of one scale block (bf16 values x0..x15 of K [16q, 16q + 16): x0..x7 at lo,
+// x8..x15 at hi), rewritten in place as the B fragments of the 4 MMA steps of that K range:
+// step s = (x_s, x_{s+4}), (x_{8+s}, x_{12+s}) (the K permutation of the decode), steps 0, 1 at
+// lo and 2, 3 at hi, each fragment two consecutive words, as mma.sync takes them. The thread
+// that copied both chunks does this once per stage, after its own cp.async group landed and
+// before the barrier that hands the stage to the consumers: once per chunk pair instead of
+// once per pair and reading warp, and the consumers load their fragments as they are.
+__device__ __forceinline__ void permute_token_pair(uint32_t lo, uint32_t hi) {
+  const uint4 a = lds_128(lo);  // (x0, x1), (x2, x3), (x4, x5), (x6, x7)
+  const uint4 b = lds_128(hi);  // (x8, x9), ..
+  sts_128(lo, make_uint4(__byte_perm(a.x, a.z, 0x5410), __byte_perm(b.x, b.z, 0x5410),
+                         __byte_perm(a.x, a.z, 0x7632), __byte_perm(b.x, b.z, 0x7632)));
+  sts_128(hi, make_uint4(__byte_perm(a.y, a.w, 0x5410), __byte_perm(b.y, b.w, 0x5410),
+                         __byte_perm(a.y, a.w, 0x7632), __byte_perm(b.y, b.w, 0x7632)));
+}
+
+// The B fragments of the 4 MMA steps for one token of an n8 fragment, from a chunk pair that
+// permute_token_pair has rewritten (lo: steps 0, 1; hi: steps 2, 3).
+__device__ __forceinline__ void token_fragments(uint32_t lo, uint32_t hi, uint32_t (&bf)[4][2]) {
+  const uint4 u = lds_128(lo);
+  const uint4 v = lds_128(hi);
+  bf[0][0] = u.x;
+  bf[0][1] = u.y;
+  bf[1][0] = u.z;
+  bf[1][1] = u.w;
+  bf[2][0] = v.x;
+  bf[2][1] = v.y;
+  bf[3][0] = v.z;
+  bf[3][1] = v.w;
+}
+
+// 16-byte async copy global -> shared, or 16 zero bytes where zero (the ignore-src operand: a
+// predicate, where a src_bytes register costs address arithmetic per copy).
+__device__ __forceinline__ void cp_async_16_or_zero(uint32_t dst, const void* src, bool zero) {
+  asm volatile(
+      "{\n .reg .pred z;\n setp.ne.b32 z, %2, 0;\n"
+      " cp.async.cg.shared.global [%0], [%1], 16, z;\n}\n" ::"r"(dst),
+      "l"(src), "r"(static_cast<int>(zero)));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -170,7 +235,6 @@ struct W4a16Tile {
   static constexpr int kSBytes = BN * 4;
   static constexpr int kXBytes = BM * 128;
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
-  static constexpr int kXIters = BM * 8 / kThreads;   // 16-byte token chunks per thread
   static constexpr int kWIters = BN * 2 / kThreads;   // 16-byte weight chunks per thread
   static constexpr int kSIters = BN / kThreads;       // 4-byte scale rows per thread
   static constexpr int kCPitch = BN + 8;              // bf16 per staged output row
@@ -338,62 +402,77 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const bool gated = gemm1 && p.gated;
 
   // ---- per-thread copy plan, fixed across the k-tiles ----
-  // Tokens: chunk tid % 8 (8 values) of token rows tid / 8 + 16 i.
-  const int x_chunk = tid % 8;
-  const __nv_bfloat16* x_src[Tile::kXIters];  // token row start, or null for a zero row
-  uint32_t x_dst[Tile::kXIters];
+  // Every source is a valid address. A weight row past n copies row 0 of the expert (its
+  // accumulators are never stored; no zero fill, so a copy is one 64-bit add per k-tile); a
+  // token row without a token is zero-filled (its output row may be stored: a gather entry
+  // of -1). Thread steps keep (row & 7) of the tokens fixed per thread: a thread's
+  // destinations are its first one plus constants.
+  // Tokens: chunk pairs (2c, 2c + 1) = one scale block (permute_token_pair), pair j % 4 of
+  // token row j / 4 for j = tid + kThreads i; threads past the BM * 4 pairs copy none.
+  constexpr int kXPairsAll = BM * 4;
+  constexpr int kXCopiers = kXPairsAll < kThreads ? kXPairsAll : kThreads;
+  constexpr int kXPairs = kXPairsAll / kXCopiers;  // per copying thread
+  static_assert(kXPairs * kXCopiers == kXPairsAll && (kXCopiers / 4) % 8 == 0,
+                "token pairs spread evenly, fixed swizzle term per thread");
+  const bool x_copier = tid < kXCopiers;
+  const int x_row0 = (tid % kXCopiers) / 4;
+  const int x_pair = tid % 4;
+  const __nv_bfloat16* x_src[kXPairs];  // the pair in k-tile 0 (row 0's: no token)
+  bool x_zero[kXPairs];
 #pragma unroll
-  for (int i = 0; i < Tile::kXIters; ++i) {
-    const int r = tid / 8 + i * (kThreads / 8);
-    const int32_t ar = s_a_row[r];
-    x_src[i] = ar >= 0 ? g.a + static_cast<int64_t>(ar) * g.lda : nullptr;
-    x_dst[i] = Tile::kWBytes + Tile::kSBytes + r * 128 + ((x_chunk ^ (r & 7)) << 4);
+  for (int i = 0; i < kXPairs; ++i) {
+    const int32_t ar = s_a_row[x_row0 + i * (kXCopiers / 4)];
+    x_src[i] = pinned(g.a + static_cast<int64_t>(ar >= 0 ? ar : 0) * g.lda + x_pair * 16);
+    x_zero[i] = ar < 0;
   }
+  // Chunk 2c (+ 1) of token t at t * 128 + (((2c (+ 1)) ^ (t & 7)) << 4).
+  const uint32_t x_lo0 = pinned(Tile::kWBytes + Tile::kSBytes + x_row0 * 128 +
+                                (((2 * x_pair) ^ (x_row0 & 7)) << 4));
+  const uint32_t x_hi0 = pinned(Tile::kWBytes + Tile::kSBytes + x_row0 * 128 +
+                                (((2 * x_pair + 1) ^ (x_row0 & 7)) << 4));
+  constexpr int kXStep = kXCopiers / 4 * 128;  // destination step of pair i
   // Weight row of tile row r (gated: gate / up rows of 8 columns in turn), or -1 past n.
   auto weight_row = [&](int r) { return w4a16_weight_row<BN>(p, gated, n_tile, r); };
   const uint8_t* w_expert =
       reinterpret_cast<const uint8_t*>(g.b) + static_cast<int64_t>(expert) * g.b_expert_stride;
   const uint8_t* s_expert = g.b_block_scale + static_cast<int64_t>(expert) * g.b_block_scale_expert;
-  // Packed weights: 16-byte chunk tid % 2 of tile rows tid / 2 + 64 i.
+  // Packed weights: 16-byte chunk tid % 2 of tile rows tid / 2 + (kThreads / 2) i.
   const int w_chunk = tid % 2;
   const uint8_t* w_src[Tile::kWIters];
-  uint32_t w_dst[Tile::kWIters];
 #pragma unroll
   for (int i = 0; i < Tile::kWIters; ++i) {
-    const int r = tid / 2 + i * (kThreads / 2);
-    const int64_t wr = weight_row(r);
-    w_src[i] = wr >= 0 ? w_expert + wr * g.ldb + w_chunk * 16 : nullptr;
-    w_dst[i] = r * 32 + w_chunk * 16;
+    const int64_t wr = weight_row(tid / 2 + i * (kThreads / 2));
+    w_src[i] = pinned(w_expert + (wr >= 0 ? wr : 0) * g.ldb + w_chunk * 16);
   }
-  // Block scales: the 4 scales (4 bytes) of tile rows tid + 128 i.
+  const uint32_t w_dst0 = pinned((tid / 2) * 32 + w_chunk * 16);
+  // Block scales: the 4 scales (4 bytes) of tile rows tid + kThreads i.
   const uint8_t* s_src[Tile::kSIters];
-  uint32_t s_dst[Tile::kSIters];
 #pragma unroll
   for (int i = 0; i < Tile::kSIters; ++i) {
-    const int r = tid + i * kThreads;
-    const int64_t wr = weight_row(r);
-    s_src[i] = wr >= 0 ? s_expert + wr * g.b_block_scale_ld : nullptr;
-    s_dst[i] = Tile::kWBytes + r * 4;
+    const int64_t wr = weight_row(tid + i * kThreads);
+    s_src[i] = pinned(s_expert + (wr >= 0 ? wr : 0) * g.b_block_scale_ld);
   }
+  const uint32_t s_dst0 = pinned(Tile::kWBytes + tid * 4);
 
   const uint32_t smem_base = smem_u32(smem);
   const int num_k_tiles = p.k / Tile::kBlockK;  // k % 64 == 0 (GemmDesc::validate)
   auto load_stage = [&](int slot, int k_tile) {
     const uint32_t stage = smem_base + slot * Tile::kStageBytes;
+    const uint32_t k = static_cast<uint32_t>(k_tile);
+    if (x_copier) {
 #pragma unroll
-    for (int i = 0; i < Tile::kXIters; ++i) {
-      const bool ok = x_src[i] != nullptr;
-      cp_async_16(stage + x_dst[i], ok ? x_src[i] + k_tile * 64 + x_chunk * 8 : g.a, ok ? 16 : 0);
+      for (int i = 0; i < kXPairs; ++i) {
+        cp_async_16_or_zero(stage + x_lo0 + i * kXStep, x_src[i] + k * 64, x_zero[i]);
+        cp_async_16_or_zero(stage + x_hi0 + i * kXStep, x_src[i] + k * 64 + 8, x_zero[i]);
+      }
     }
 #pragma unroll
     for (int i = 0; i < Tile::kWIters; ++i) {
-      const bool ok = w_src[i] != nullptr;
-      cp_async_16(stage + w_dst[i], ok ? w_src[i] + k_tile * 32 : w_expert, ok ? 16 : 0);
+      cp_async_16(stage + w_dst0 + i * (kThreads / 2) * 32, w_src[i] + k * 32, 16);
     }
 #pragma unroll
     for (int i = 0; i < Tile::kSIters; ++i) {
-      const bool ok = s_src[i] != nullptr;
-      cp_async_4(stage + s_dst[i], ok ? s_src[i] + k_tile * 4 : g.b_block_scale, ok ? 4 : 0);
+      cp_async_4(stage + s_dst0 + i * kThreads * 4, s_src[i] + k * 4, 4);
     }
   };
 
@@ -415,36 +494,49 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const int lane = tid % 32;
   const int gid = lane / 4;  // weight row (and +8) of a fragment; token of an n8 fragment
   const int qid = lane % 4;  // scale block of the stage; token pair of the accumulators
+  // Shared-memory offsets inside a stage slot, fixed across the k-tiles (fragment mi and the
+  // row + 8, token fragment ni: constant steps).
+  const int r_lo0 = warp * Tile::kWarpRows + gid;  // row lo of fragment 0
+  const uint32_t w_off = pinned(r_lo0 * 32 + qid * 8);  // + mi * 16 * 32 (+ 8 * 32: row hi)
+  const uint32_t s_off = pinned(Tile::kWBytes + r_lo0 * 4 + qid);  // + mi * 16 * 4 (+ 8 * 4)
+  // Token gid of n8 fragment ni, chunks 2q and 2q + 1 (t & 7 = gid): + ni * 8 * 128.
+  const uint32_t x_off_lo =
+      pinned(Tile::kWBytes + Tile::kSBytes + gid * 128 + (((2 * qid) ^ gid) << 4));
+  const uint32_t x_off_hi =
+      pinned(Tile::kWBytes + Tile::kSBytes + gid * 128 + (((2 * qid + 1) ^ gid) << 4));
 
   for (int kt = 0; kt < num_k_tiles; ++kt) {
     cp_async_wait<Tile::kStages - 2>();
+    const uint32_t sw = smem_base + (kt % Tile::kStages) * Tile::kStageBytes;
+    // This thread's token pairs of k-tile kt landed (its own group): into fragment order.
+    if (x_copier) {
+#pragma unroll
+      for (int i = 0; i < kXPairs; ++i) {
+        permute_token_pair(sw + x_lo0 + i * kXStep, sw + x_hi0 + i * kXStep);
+      }
+    }
     __syncthreads();  // k-tile kt visible to all; slot (kt - 1) % Stages free to refill
     const int next = kt + Tile::kStages - 1;
     if (next < num_k_tiles) load_stage(next % Tile::kStages, next);
     cp_async_commit();
 
-    const uint32_t sw = smem_base + (kt % Tile::kStages) * Tile::kStageBytes;
-    const uint32_t sx = sw + Tile::kWBytes + Tile::kSBytes;
-    const unsigned char* ss_ptr = smem + (kt % Tile::kStages) * Tile::kStageBytes + Tile::kWBytes;
+    const unsigned char* ss_ptr = smem + (sw - smem_base) + s_off;
 
     // Decode: af[mi][s] is the A fragment of MMA step s (a0..a3 as mma.sync numbers them).
     uint32_t af[Tile::kMmaM][4][4];
 #pragma unroll
     for (int mi = 0; mi < Tile::kMmaM; ++mi) {
-      const int r_lo = warp * Tile::kWarpRows + mi * 16 + gid;
-      const int r_hi = r_lo + 8;
-      const uint2 w_lo = lds_64(sw + r_lo * 32 + qid * 8);
-      const uint2 w_hi = lds_64(sw + r_hi * 32 + qid * 8);
-      uint32_t k_lo, k_hi;
-      scale_factors(ss_ptr[r_lo * 4 + qid], ss_ptr[r_hi * 4 + qid], k_lo, k_hi);
-      decode_fragment(w_lo, w_hi, k_lo, k_hi, af[mi]);
+      const uint2 w_lo = lds_64(sw + w_off + mi * 16 * 32);
+      const uint2 w_hi = lds_64(sw + w_off + mi * 16 * 32 + 8 * 32);
+      decode_fragment(w_lo, w_hi, scale_factors(ss_ptr[mi * 16 * 4], ss_ptr[mi * 16 * 4 + 8 * 4]),
+                      af[mi]);
     }
-    // Tokens: for each n8 fragment, token gid's K values [16q, 16q + 16) as v0..v7 (bf16
-    // pairs), permuted into the B fragments of the 4 steps, then the MMAs.
+    // Tokens: for each n8 fragment, token gid's K values [16q, 16q + 16) as the B fragments
+    // of the 4 steps, then the MMAs.
 #pragma unroll
     for (int ni = 0; ni < Tile::kMmaN; ++ni) {
       uint32_t bf[4][2];
-      token_fragments(sx, ni * 8 + gid, qid, bf);
+      token_fragments(sw + x_off_lo + ni * 8 * 128, sw + x_off_hi + ni * 8 * 128, bf);
 #pragma unroll
       for (int s = 0; s < 4; ++s)
 #pragma unroll
@@ -516,7 +608,6 @@ struct W4a16DeepTile {
   static constexpr int kStageBytes = kWBytes + kSBytes + kXBytes;
   static constexpr int kWIters = BN * 8 / kThreads;   // 16-byte weight chunks per thread
   static constexpr int kSIters = BN * 4 / kThreads;   // 4-byte scale words per thread
-  static constexpr int kXIters = BM * 32 / kThreads;  // 16-byte token chunks per thread
   static constexpr int kCPitch = BN + 8;
   static constexpr int kSmemBytes =
       kStages * kStageBytes > BM * kCPitch * 2 ? kStages * kStageBytes : BM * kCPitch * 2;
@@ -525,8 +616,7 @@ struct W4a16DeepTile {
   static constexpr int kSplitUnitFloats = BM * BN;
 
   static_assert(kWarpRows % 16 == 0 && kMmaM >= 1, "whole m16 fragments per warp");
-  static_assert(kWIters * kThreads == BN * 8 && kSIters * kThreads == BN * 4 &&
-                    kXIters * kThreads == BM * 32,
+  static_assert(kWIters * kThreads == BN * 8 && kSIters * kThreads == BN * 4,
                 "copies spread evenly over the threads");
   static_assert(kThreads % 32 == 0 && BM % 8 == 0 && BM <= kThreads, "token rows");
   static_assert(kStageBytes % 128 == 0, "stages stay 128-byte aligned");
@@ -572,43 +662,62 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const int num_local = (slice + 1) * num_k_tiles / split - kt_begin;
 
   // ---- per-thread copy plan, fixed across the k-tiles ----
-  // Tokens: chunk tid % 32 (8 values) of token rows tid / 32 + (kThreads / 32) i.
-  const int x_chunk = tid % 32;
-  const __nv_bfloat16* x_src[Tile::kXIters];  // the chunk in k-tile 0, or null: no token
-  uint32_t x_dst[Tile::kXIters];
+  // Weight sources are valid addresses for every row: a row past n copies row 0 of the expert
+  // (its accumulators are never stored; no zero fill, so a copy is one 64-bit add per k-tile).
+  // Thread steps keep (row & 7) (tokens) and (row & 3) (weights) fixed per thread: the
+  // destinations of a thread's copies are its first one plus constants.
+  // Tokens: chunk pairs (2c, 2c + 1) = one scale block (permute_token_pair): pair j % 16
+  // (sub-block (j % 16) / 4, block j % 4) of token row j / 16 for j = tid + kThreads i;
+  // threads past the BM * 16 pairs copy none. A row without a token is never copied (zeroed
+  // once below).
+  constexpr int kXPairsAll = BM * 16;
+  constexpr int kXCopiers = kXPairsAll < kThreads ? kXPairsAll : kThreads;
+  constexpr int kXPairs = kXPairsAll / kXCopiers;  // per copying thread
+  constexpr int kWRowStep = kThreads / 8;
+  constexpr int kSRowStep = kThreads / 4;
+  static_assert(kXPairs * kXCopiers == kXPairsAll && (kXCopiers / 16) % 8 == 0 &&
+                    kWRowStep % 4 == 0,
+                "token pairs spread evenly, fixed swizzle terms per thread");
+  const bool x_copier = tid < kXCopiers;
+  const int x_row0 = (tid % kXCopiers) / 16;
+  const int x_pair = tid % 16;
+  const __nv_bfloat16* x_src[kXPairs];  // the pair in k-tile 0 (row 0's: no token)
+  bool x_ok[kXPairs];
 #pragma unroll
-  for (int i = 0; i < Tile::kXIters; ++i) {
-    const int r = tid / 32 + i * (kThreads / 32);
-    const int32_t ar = s_a_row[r];
-    x_src[i] = ar >= 0 ? g.a + static_cast<int64_t>(ar) * g.lda + x_chunk * 8 : nullptr;
-    x_dst[i] = Tile::kWBytes + Tile::kSBytes + (x_chunk / 8) * Tile::kXSubBytes + r * 128 +
-               (((x_chunk % 8) ^ (r & 7)) << 4);
+  for (int i = 0; i < kXPairs; ++i) {
+    const int32_t ar = s_a_row[x_row0 + i * (kXCopiers / 16)];
+    x_ok[i] = x_copier && ar >= 0;
+    x_src[i] = pinned(g.a + static_cast<int64_t>(ar >= 0 ? ar : 0) * g.lda + x_pair * 16);
   }
+  // Chunk c of sub-block s of token t at s * kXSubBytes + t * 128 + ((c ^ (t & 7)) << 4).
+  const uint32_t x_lo0 =
+      pinned(Tile::kWBytes + Tile::kSBytes + (x_pair / 4) * Tile::kXSubBytes + x_row0 * 128 +
+             (((2 * (x_pair % 4)) ^ (x_row0 & 7)) << 4));
+  const uint32_t x_hi0 =
+      pinned(Tile::kWBytes + Tile::kSBytes + (x_pair / 4) * Tile::kXSubBytes + x_row0 * 128 +
+             (((2 * (x_pair % 4) + 1) ^ (x_row0 & 7)) << 4));
+  constexpr int kXStep = kXCopiers / 16 * 128;  // destination step of pair i
   const uint8_t* w_expert =
       reinterpret_cast<const uint8_t*>(g.b) + static_cast<int64_t>(expert) * g.b_expert_stride;
   const uint8_t* s_expert = g.b_block_scale + static_cast<int64_t>(expert) * g.b_block_scale_expert;
-  // Packed weights: 16-byte chunk tid % 8 of tile rows tid / 8 + (kThreads / 8) i.
+  // Packed weights: 16-byte chunk tid % 8 of tile rows tid / 8 + kWRowStep i.
   const int w_chunk = tid % 8;
-  const uint8_t* w_src[Tile::kWIters];  // null: a row past n (zero-filled)
-  uint32_t w_dst[Tile::kWIters];
+  const uint8_t* w_src[Tile::kWIters];
 #pragma unroll
   for (int i = 0; i < Tile::kWIters; ++i) {
-    const int r = tid / 8 + i * (kThreads / 8);
-    const int64_t wr = w4a16_weight_row<BN>(p, gated, n_tile, r);
-    w_src[i] = wr >= 0 ? w_expert + wr * g.ldb + w_chunk * 16 : nullptr;
-    w_dst[i] = r * 128 + ((w_chunk ^ ((r & 3) << 1)) << 4);
+    const int64_t wr = w4a16_weight_row<BN>(p, gated, n_tile, tid / 8 + i * kWRowStep);
+    w_src[i] = pinned(w_expert + (wr >= 0 ? wr : 0) * g.ldb + w_chunk * 16);
   }
-  // Block scales: 4-byte word tid % 4 (the scales of 64 of K) of tile rows tid / 4 + ... i.
+  const uint32_t w_dst0 = pinned((tid / 8) * 128 + ((w_chunk ^ (((tid / 8) & 3) << 1)) << 4));
+  // Block scales: 4-byte word tid % 4 (the scales of 64 of K) of tile rows tid / 4 + kSRowStep i.
   const int s_word = tid % 4;
   const uint8_t* s_src[Tile::kSIters];
-  uint32_t s_dst[Tile::kSIters];
 #pragma unroll
   for (int i = 0; i < Tile::kSIters; ++i) {
-    const int r = tid / 4 + i * (kThreads / 4);
-    const int64_t wr = w4a16_weight_row<BN>(p, gated, n_tile, r);
-    s_src[i] = wr >= 0 ? s_expert + wr * g.b_block_scale_ld + s_word * 4 : nullptr;
-    s_dst[i] = Tile::kWBytes + r * 16 + s_word * 4;
+    const int64_t wr = w4a16_weight_row<BN>(p, gated, n_tile, tid / 4 + i * kSRowStep);
+    s_src[i] = pinned(s_expert + (wr >= 0 ? wr : 0) * g.b_block_scale_ld + s_word * 4);
   }
+  const uint32_t s_dst0 = pinned(Tile::kWBytes + (tid / 4) * 16 + s_word * 4);
 
   // Token rows without a token: zero in every slot, once (st.shared; the first barrier of the
   // mainloop orders them before any read). cp.async never writes them.
@@ -625,28 +734,31 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 
   const uint32_t smem_base = smem_u32(smem);
   // A chunk is copied only where its K values exist (K % 64 == 0: a chunk is all in or all
-  // out); rows past n are zero-filled, as in the 64-K tile.
+  // out); the test is made once per k-tile for a full one (every chunk in).
   auto load_stage = [&](int slot, int k_tile) {
     const uint32_t stage = smem_base + slot * Tile::kStageBytes;
-    const int k0 = k_tile * BK;
+    const uint32_t k0 = static_cast<uint32_t>(k_tile) * BK;
+    const bool full = static_cast<int>(k0) + BK <= p.k;
+    const bool x_in = full || static_cast<int>(k0) + x_pair * 16 < p.k;
+    const bool w_in = full || static_cast<int>(k0) + w_chunk * 32 < p.k;
+    const bool s_in = full || static_cast<int>(k0) + s_word * 64 < p.k;
 #pragma unroll
-    for (int i = 0; i < Tile::kXIters; ++i) {
-      if (x_src[i] != nullptr && k0 + x_chunk * 8 < p.k) {
-        cp_async_16(stage + x_dst[i], x_src[i] + k0, 16);
+    for (int i = 0; i < kXPairs; ++i) {
+      if (x_ok[i] && x_in) {
+        cp_async_16(stage + x_lo0 + i * kXStep, x_src[i] + k0, 16);
+        cp_async_16(stage + x_hi0 + i * kXStep, x_src[i] + k0 + 8, 16);
       }
     }
-    if (k0 + w_chunk * 32 < p.k) {
+    if (w_in) {
 #pragma unroll
       for (int i = 0; i < Tile::kWIters; ++i) {
-        const bool ok = w_src[i] != nullptr;
-        cp_async_16(stage + w_dst[i], ok ? w_src[i] + k0 / 2 : w_expert, ok ? 16 : 0);
+        cp_async_16(stage + w_dst0 + i * kWRowStep * 128, w_src[i] + k0 / 2, 16);
       }
     }
-    if (k0 + s_word * 64 < p.k) {
+    if (s_in) {
 #pragma unroll
       for (int i = 0; i < Tile::kSIters; ++i) {
-        const bool ok = s_src[i] != nullptr;
-        cp_async_4(stage + s_dst[i], ok ? s_src[i] + k0 / 16 : g.b_block_scale, ok ? 4 : 0);
+        cp_async_4(stage + s_dst0 + i * kSRowStep * 16, s_src[i] + k0 / 16, 4);
       }
     }
   };
@@ -674,55 +786,89 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   auto w_offset = [&](int s) -> uint32_t {
     return ((((2 * s) + (qid >> 1)) ^ ((gid & 3) << 1)) << 4) + (qid & 1) * 8;
   };
+  // Shared-memory offsets inside a stage slot, fixed across the k-tiles; fragment mi, the row
+  // + 8, sub-block s of the tokens and token fragment ni are constant steps from them.
+  const int r_lo0 = warp * Tile::kWarpRows + gid;  // row lo of fragment 0
+  uint32_t w_off[Tile::kSubs];                     // + mi * 16 * 128 (+ 8 * 128: row hi)
+#pragma unroll
+  for (int s = 0; s < Tile::kSubs; ++s) w_off[s] = pinned(r_lo0 * 128 + w_offset(s));
+  const uint32_t s_off = pinned(Tile::kWBytes + r_lo0 * 16);  // + mi * 16 * 16 (+ 8 * 16)
+  // Token gid of n8 fragment ni (t & 7 = gid), chunks 2q and 2q + 1 of sub-block s:
+  // + s * kXSubBytes + ni * 8 * 128.
+  const uint32_t x_off_lo =
+      pinned(Tile::kWBytes + Tile::kSBytes + gid * 128 + (((2 * qid) ^ gid) << 4));
+  const uint32_t x_off_hi =
+      pinned(Tile::kWBytes + Tile::kSBytes + gid * 128 + (((2 * qid + 1) ^ gid) << 4));
   // Byte qid of the row-lo word (bits 7:0) and of the row-hi word (bits 15:8).
-  const uint32_t scale_sel = static_cast<uint32_t>(qid | ((qid + 4) << 4));
+  const uint32_t scale_sel = pinned(static_cast<uint32_t>(qid | ((qid + 4) << 4)));
 
-  for (int it = 0; it < num_local; ++it) {
-    cp_async_wait<Tile::kStages - 2>();
-    __syncthreads();  // k-tile it visible to all; slot (it - 1) % Stages free to refill
-    const int next = it + Tile::kStages - 1;
-    if (next < num_local) load_stage(next % Tile::kStages, kt_begin + next);
-    cp_async_commit();
-
-    const int slot = it % Tile::kStages;
-    const int k0 = (kt_begin + it) * BK;
-    const uint32_t sw = smem_base + slot * Tile::kStageBytes;
-    const uint32_t sx = sw + Tile::kWBytes + Tile::kSBytes;
-
+  // One k-tile from the slot at sw: kN n8 fragments computed (the tile's tokens fit in them,
+  // or kTail: the fragments past the tile's rows skipped at run time), kTail: the sub-blocks
+  // past K skipped. Three variants (a uniform choice per k-tile) so that the steady state
+  // tests neither per sub-block nor per fragment.
+  auto compute_k_tile = [&](uint32_t sw, int k0, auto n_frags, auto tail) {
+    constexpr int kN = decltype(n_frags)::value;
+    constexpr bool kTail = decltype(tail)::value;
     // The 16 block scales of each of the thread's rows (a broadcast over the 4 lanes of a row).
     uint4 sc_lo[Tile::kMmaM], sc_hi[Tile::kMmaM];
 #pragma unroll
     for (int mi = 0; mi < Tile::kMmaM; ++mi) {
-      const int r_lo = warp * Tile::kWarpRows + mi * 16 + gid;
-      sc_lo[mi] = lds_128(sw + Tile::kWBytes + r_lo * 16);
-      sc_hi[mi] = lds_128(sw + Tile::kWBytes + (r_lo + 8) * 16);
+      sc_lo[mi] = lds_128(sw + s_off + mi * 16 * 16);
+      sc_hi[mi] = lds_128(sw + s_off + mi * 16 * 16 + 8 * 16);
     }
 #pragma unroll
     for (int s = 0; s < Tile::kSubs; ++s) {
-      if (k0 + s * Tile::kSubK >= p.k) break;  // K tail: uniform over the CTA
+      if (kTail && k0 + s * Tile::kSubK >= p.k) break;  // K tail: uniform over the CTA
       // Decode: af[mi][step] as in the 64-K tile.
       uint32_t af[Tile::kMmaM][4][4];
 #pragma unroll
       for (int mi = 0; mi < Tile::kMmaM; ++mi) {
-        const int r_lo = warp * Tile::kWarpRows + mi * 16 + gid;
-        const uint2 w_lo = lds_64(sw + r_lo * 128 + w_offset(s));
-        const uint2 w_hi = lds_64(sw + (r_lo + 8) * 128 + w_offset(s));
-        uint32_t k_lo, k_hi;
-        scale_factors_pair(__byte_perm(u4_word(sc_lo[mi], s), u4_word(sc_hi[mi], s), scale_sel),
-                           k_lo, k_hi);
-        decode_fragment(w_lo, w_hi, k_lo, k_hi, af[mi]);
+        const uint2 w_lo = lds_64(sw + w_off[s] + mi * 16 * 128);
+        const uint2 w_hi = lds_64(sw + w_off[s] + mi * 16 * 128 + 8 * 128);
+        const uint32_t k = scale_factors_pair(
+            __byte_perm(u4_word(sc_lo[mi], s), u4_word(sc_hi[mi], s), scale_sel));
+        decode_fragment(w_lo, w_hi, k, af[mi]);
       }
-      const uint32_t sxs = sx + s * Tile::kXSubBytes;
 #pragma unroll
-      for (int ni = 0; ni < Tile::kMmaN; ++ni) {
-        if (ni * 8 >= rows) break;  // no token in this fragment (uniform)
+      for (int ni = 0; ni < kN; ++ni) {
+        if ((kTail || ni >= 2) && ni * 8 >= rows) break;  // no token in this fragment (uniform)
         uint32_t bf[4][2];
-        token_fragments(sxs, ni * 8 + gid, qid, bf);
+        token_fragments(sw + x_off_lo + s * Tile::kXSubBytes + ni * 8 * 128,
+                        sw + x_off_hi + s * Tile::kXSubBytes + ni * 8 * 128, bf);
 #pragma unroll
         for (int st = 0; st < 4; ++st)
 #pragma unroll
           for (int mi = 0; mi < Tile::kMmaM; ++mi) mma_bf16_16816(acc[mi][ni], af[mi][st], bf[st]);
       }
+    }
+  };
+  using One = std::integral_constant<int, 1>;
+  using All = std::integral_constant<int, Tile::kMmaN>;
+
+  for (int it = 0; it < num_local; ++it) {
+    cp_async_wait<Tile::kStages - 2>();
+    const uint32_t sw = smem_base + (it % Tile::kStages) * Tile::kStageBytes;
+    const int k0 = (kt_begin + it) * BK;
+    // This thread's token pairs of k-tile it landed (its own group): into fragment order.
+    // Rows without a token (zeroed by other threads before the first barrier) and pairs past
+    // K (not copied) are left alone.
+#pragma unroll
+    for (int i = 0; i < kXPairs; ++i) {
+      if (x_ok[i] && k0 + x_pair * 16 < p.k) {
+        permute_token_pair(sw + x_lo0 + i * kXStep, sw + x_hi0 + i * kXStep);
+      }
+    }
+    __syncthreads();  // k-tile it visible to all; slot (it - 1) % Stages free to refill
+    const int next = it + Tile::kStages - 1;
+    if (next < num_local) load_stage(next % Tile::kStages, kt_begin + next);
+    cp_async_commit();
+
+    if (k0 + BK > p.k) {
+      compute_k_tile(sw, k0, All{}, std::true_type{});
+    } else if (rows <= 8) {
+      compute_k_tile(sw, k0, One{}, std::false_type{});
+    } else {
+      compute_k_tile(sw, k0, All{}, std::false_type{});
     }
   }
   cp_async_wait<0>();
