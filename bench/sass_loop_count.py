@@ -7,10 +7,11 @@
 For each W4A16 kernel in the listing: the main loop is the backward branch whose body holds
 the most HMMAs (the k-tile loop; the decode and the MMAs are unrolled inside it). Its body,
 without the backward branches, is a DAG; every path from the loop head to that branch is
-summarised by (LDGSTS, HMUL2 + HFMA2, HMMA) and the shortest path of each summary is kept
-(a predicated instruction counts as issued). The steady-state iteration is the shortest path
-with the most LDGSTS (the next stage is loaded) and the most decode multiplies (a full
-k-tile, no K tail), and
+summarised by (LDGSTS, STS, HMUL2 + HFMA2, HMMA) and the shortest path of each summary is
+kept (a predicated instruction counts as issued). The steady-state iteration is the shortest
+path with the most LDGSTS (the next stage is loaded), then the most STS (the thread's token
+chunks are permuted in place), then the most decode multiplies (a full k-tile, no K tail),
+and
   - T > 8 column:  the most HMMAs (every n8 fragment of the tile computed);
   - T <= 8 column: the fewest HMMAs above zero (the deep tile computes one n8 fragment when
     the tile has <= 8 tokens; the 64-K tile always computes all, so both columns agree).
@@ -77,7 +78,7 @@ def main_loop(insns):
 
 
 def paths(insns, head, latch):
-    """{(ldgsts, decode multiplies, hmma): shortest path as a list of insns} over the loop
+    """{(ldgsts, sts, decode multiplies, hmma): shortest path as a list of insns} over the loop
     body from head to latch (forward branches only; a backward branch ends nothing but the
     latch, so an inner backward branch is treated as not taken)."""
     index = {pc: i for i, (pc, _, _, _) in enumerate(insns)}
@@ -85,8 +86,8 @@ def paths(insns, head, latch):
 
     def weight(insn):
         op = insn[2]
-        return (int(op.startswith("LDGSTS")), int(op.startswith(("HMUL2", "HFMA2"))),
-                int(op.startswith("HMMA")))
+        return (int(op.startswith("LDGSTS")), int(op.startswith("STS")),
+                int(op.startswith(("HMUL2", "HFMA2"))), int(op.startswith("HMMA")))
 
     # Reverse topological order: the body is laid out forward, so go from latch back to head.
     for i in range(latch, head - 1, -1):
@@ -121,8 +122,7 @@ def paths(insns, head, latch):
             n, j = best[i][k]
             if j is None:
                 break
-            w = (int(insn[2].startswith("LDGSTS")), int(insn[2].startswith(("HMUL2", "HFMA2"))),
-                 int(insn[2].startswith("HMMA")))
+            w = weight(insn)
             k = tuple(a - b for a, b in zip(k, w))
             i = j
         return out
@@ -133,10 +133,11 @@ def paths(insns, head, latch):
 def steady_state(summaries):
     """(T <= 8 key, T > 8 key) among the path summaries."""
     ldg = max(k[0] for k in summaries)
-    dec = max(k[1] for k in summaries if k[0] == ldg)
-    full = [k for k in summaries if k[0] == ldg and k[1] == dec]
-    small = min((k for k in full if k[2] > 0), key=lambda k: k[2])
-    large = max(full, key=lambda k: k[2])
+    sts = max(k[1] for k in summaries if k[0] == ldg)
+    dec = max(k[2] for k in summaries if k[:2] == (ldg, sts))
+    full = [k for k in summaries if k[:3] == (ldg, sts, dec)]
+    small = min((k for k in full if k[3] > 0), key=lambda k: k[3])
+    large = max(full, key=lambda k: k[3])
     return small, large
 
 
@@ -183,7 +184,8 @@ def main():
         for c, tag in zip(cols, ("T<=8", "T>8")):
             ldg = sum(v for k, v in c.items() if k.startswith("LDGSTS"))
             mma = sum(v for k, v in c.items() if k.startswith("HMMA"))
-            print(f"   check {tag}: LDGSTS {ldg}, HMMA {mma}")
+            sts = sum(v for k, v in c.items() if k.startswith("STS"))
+            print(f"   check {tag}: LDGSTS {ldg}, STS {sts}, HMMA {mma}")
     return 0
 
 
