@@ -454,10 +454,10 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   }
   const uint32_t s_dst0 = pinned(Tile::kWBytes + tid * 4);
 
-  const uint32_t smem_base = smem_u32(smem);
+  const uint32_t smem_base = pinned(smem_u32(smem));
+  const uint32_t smem_end = smem_base + Tile::kStages * Tile::kStageBytes;
   const int num_k_tiles = p.k / Tile::kBlockK;  // k % 64 == 0 (GemmDesc::validate)
-  auto load_stage = [&](int slot, int k_tile) {
-    const uint32_t stage = smem_base + slot * Tile::kStageBytes;
+  auto load_stage = [&](uint32_t stage, int k_tile) {
     const uint32_t k = static_cast<uint32_t>(k_tile);
     if (x_copier) {
 #pragma unroll
@@ -486,7 +486,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 
 #pragma unroll
   for (int s = 0; s < Tile::kStages - 1; ++s) {
-    if (s < num_k_tiles) load_stage(s, s);
+    if (s < num_k_tiles) load_stage(smem_base + s * Tile::kStageBytes, s);
     cp_async_commit();
   }
 
@@ -505,21 +505,10 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const uint32_t x_off_hi =
       pinned(Tile::kWBytes + Tile::kSBytes + gid * 128 + (((2 * qid + 1) ^ gid) << 4));
 
-  for (int kt = 0; kt < num_k_tiles; ++kt) {
-    cp_async_wait<Tile::kStages - 2>();
-    const uint32_t sw = smem_base + (kt % Tile::kStages) * Tile::kStageBytes;
-    // This thread's token pairs of k-tile kt landed (its own group): into fragment order.
-    if (x_copier) {
-#pragma unroll
-      for (int i = 0; i < kXPairs; ++i) {
-        permute_token_pair(sw + x_lo0 + i * kXStep, sw + x_hi0 + i * kXStep);
-      }
-    }
-    __syncthreads();  // k-tile kt visible to all; slot (kt - 1) % Stages free to refill
-    const int next = kt + Tile::kStages - 1;
-    if (next < num_k_tiles) load_stage(next % Tile::kStages, next);
-    cp_async_commit();
-
+  // One k-tile from the slot at sw: kN n8 fragments (kN = 1: the tile's rows fit in one; the
+  // accumulators of the others belong to no token and are never stored).
+  auto compute_k_tile = [&](uint32_t sw, auto n_frags) {
+    constexpr int kN = decltype(n_frags)::value;
     const unsigned char* ss_ptr = smem + (sw - smem_base) + s_off;
 
     // Decode: af[mi][s] is the A fragment of MMA step s (a0..a3 as mma.sync numbers them).
@@ -534,7 +523,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     // Tokens: for each n8 fragment, token gid's K values [16q, 16q + 16) as the B fragments
     // of the 4 steps, then the MMAs.
 #pragma unroll
-    for (int ni = 0; ni < Tile::kMmaN; ++ni) {
+    for (int ni = 0; ni < kN; ++ni) {
       uint32_t bf[4][2];
       token_fragments(sw + x_off_lo + ni * 8 * 128, sw + x_off_hi + ni * 8 * 128, bf);
 #pragma unroll
@@ -542,6 +531,31 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 #pragma unroll
         for (int mi = 0; mi < Tile::kMmaM; ++mi) mma_bf16_16816(acc[mi][ni], af[mi][s], bf[s]);
     }
+  };
+
+  uint32_t sw = smem_base;  // slot kt % Stages
+  uint32_t sw_free = smem_base + (Tile::kStages - 1) * Tile::kStageBytes;  // (kt - 1) % Stages
+  for (int kt = 0; kt < num_k_tiles; ++kt) {
+    cp_async_wait<Tile::kStages - 2>();
+    // This thread's token pairs of k-tile kt landed (its own group): into fragment order.
+    if (x_copier) {
+#pragma unroll
+      for (int i = 0; i < kXPairs; ++i) {
+        permute_token_pair(sw + x_lo0 + i * kXStep, sw + x_hi0 + i * kXStep);
+      }
+    }
+    __syncthreads();  // k-tile kt visible to all; slot (kt - 1) % Stages free to refill
+    const int next = kt + Tile::kStages - 1;
+    if (next < num_k_tiles) load_stage(sw_free, next);
+    cp_async_commit();
+
+    if (rows <= 8) {
+      compute_k_tile(sw, std::integral_constant<int, 1>{});
+    } else {
+      compute_k_tile(sw, std::integral_constant<int, Tile::kMmaN>{});
+    }
+    sw_free = sw;
+    sw = sw + Tile::kStageBytes == smem_end ? smem_base : sw + Tile::kStageBytes;
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline memory becomes the output staging tile
@@ -732,11 +746,11 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
         make_uint4(0u, 0u, 0u, 0u);
   }
 
-  const uint32_t smem_base = smem_u32(smem);
+  const uint32_t smem_base = pinned(smem_u32(smem));
+  const uint32_t smem_end = smem_base + Tile::kStages * Tile::kStageBytes;
   // A chunk is copied only where its K values exist (K % 64 == 0: a chunk is all in or all
   // out); the test is made once per k-tile for a full one (every chunk in).
-  auto load_stage = [&](int slot, int k_tile) {
-    const uint32_t stage = smem_base + slot * Tile::kStageBytes;
+  auto load_stage = [&](uint32_t stage, int k_tile) {
     const uint32_t k0 = static_cast<uint32_t>(k_tile) * BK;
     const bool full = static_cast<int>(k0) + BK <= p.k;
     const bool x_in = full || static_cast<int>(k0) + x_pair * 16 < p.k;
@@ -773,7 +787,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 
 #pragma unroll
   for (int s = 0; s < Tile::kStages - 1; ++s) {
-    if (s < num_local) load_stage(s, kt_begin + s);
+    if (s < num_local) load_stage(smem_base + s * Tile::kStageBytes, kt_begin + s);
     cp_async_commit();
   }
 
@@ -845,9 +859,10 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   using One = std::integral_constant<int, 1>;
   using All = std::integral_constant<int, Tile::kMmaN>;
 
+  uint32_t sw = smem_base;  // slot it % Stages
+  uint32_t sw_free = smem_base + (Tile::kStages - 1) * Tile::kStageBytes;  // (it - 1) % Stages
   for (int it = 0; it < num_local; ++it) {
     cp_async_wait<Tile::kStages - 2>();
-    const uint32_t sw = smem_base + (it % Tile::kStages) * Tile::kStageBytes;
     const int k0 = (kt_begin + it) * BK;
     // This thread's token pairs of k-tile it landed (its own group): into fragment order.
     // Rows without a token (zeroed by other threads before the first barrier) and pairs past
@@ -860,7 +875,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     }
     __syncthreads();  // k-tile it visible to all; slot (it - 1) % Stages free to refill
     const int next = it + Tile::kStages - 1;
-    if (next < num_local) load_stage(next % Tile::kStages, kt_begin + next);
+    if (next < num_local) load_stage(sw_free, kt_begin + next);
     cp_async_commit();
 
     if (k0 + BK > p.k) {
@@ -870,6 +885,8 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     } else {
       compute_k_tile(sw, k0, All{}, std::false_type{});
     }
+    sw_free = sw;
+    sw = sw + Tile::kStageBytes == smem_end ? smem_base : sw + Tile::kStageBytes;
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline memory becomes the output staging tile
