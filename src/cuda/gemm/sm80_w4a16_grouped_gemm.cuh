@@ -751,29 +751,34 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   // A chunk is copied only where its K values exist (K % 64 == 0: a chunk is all in or all
   // out); the test is made once per k-tile for a full one (every chunk in).
   auto load_stage = [&](uint32_t stage, int k_tile) {
-    const uint32_t k0 = static_cast<uint32_t>(k_tile) * BK;
-    const bool full = static_cast<int>(k0) + BK <= p.k;
-    const bool x_in = full || static_cast<int>(k0) + x_pair * 16 < p.k;
-    const bool w_in = full || static_cast<int>(k0) + w_chunk * 32 < p.k;
-    const bool s_in = full || static_cast<int>(k0) + s_word * 64 < p.k;
+    const uint32_t k = static_cast<uint32_t>(k_tile);
+    auto copy = [&](bool x_in, bool w_in, bool s_in) {
 #pragma unroll
-    for (int i = 0; i < kXPairs; ++i) {
-      if (x_ok[i] && x_in) {
-        cp_async_16(stage + x_lo0 + i * kXStep, x_src[i] + k0, 16);
-        cp_async_16(stage + x_hi0 + i * kXStep, x_src[i] + k0 + 8, 16);
+      for (int i = 0; i < kXPairs; ++i) {
+        if (x_ok[i] && x_in) {
+          const __nv_bfloat16* src = x_src[i] + k * BK;
+          cp_async_16(stage + x_lo0 + i * kXStep, src, 16);
+          cp_async_16(stage + x_hi0 + i * kXStep, src + 8, 16);
+        }
       }
-    }
-    if (w_in) {
+      if (w_in) {
 #pragma unroll
-      for (int i = 0; i < Tile::kWIters; ++i) {
-        cp_async_16(stage + w_dst0 + i * kWRowStep * 128, w_src[i] + k0 / 2, 16);
+        for (int i = 0; i < Tile::kWIters; ++i) {
+          cp_async_16(stage + w_dst0 + i * kWRowStep * 128, w_src[i] + k * (BK / 2), 16);
+        }
       }
-    }
-    if (s_in) {
+      if (s_in) {
 #pragma unroll
-      for (int i = 0; i < Tile::kSIters; ++i) {
-        cp_async_4(stage + s_dst0 + i * kSRowStep * 16, s_src[i] + k0 / 16, 4);
+        for (int i = 0; i < Tile::kSIters; ++i) {
+          cp_async_4(stage + s_dst0 + i * kSRowStep * 16, s_src[i] + k * (BK / 16), 4);
+        }
       }
+    };
+    const int k0 = k_tile * BK;
+    if (k0 + BK <= p.k) {
+      copy(true, true, true);
+    } else {
+      copy(k0 + x_pair * 16 < p.k, k0 + w_chunk * 32 < p.k, k0 + s_word * 64 < p.k);
     }
   };
 
