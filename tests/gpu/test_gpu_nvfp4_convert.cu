@@ -7,7 +7,11 @@
 //     it in software, an implementation independent of modmoe's;
 //   - the 16 codes decoded by CUDA (fp4 -> half) == nvfp4::e2m1_to_float on the device;
 //   - the quantization steps (global scale, block scale, one value, dequantize) on the device
-//     == on the host, on random and edge inputs.
+//     == on the host, on random and edge inputs;
+//   - the W4A16 kernels' scale factors (scale_factors_pair: bf16(s) * 2^119 in one bf16x2
+//     multiply) and their lane-broadcast decode multiply (bf16x2_mul_half), on all 2^16 scale
+//     pairs, bitwise against the formulation they replaced (fp32 multiply, then bf16; a
+//     byte-permute broadcast, then bf16x2_mul), NaN scales included.
 // A .cu file because it needs its own kernels; it skips cleanly without a GPU.
 #include <cuda_fp16.h>
 #include <cuda_fp4.h>
@@ -22,6 +26,7 @@
 
 #include "common/test_util.h"
 #include "core/nvfp4.h"
+#include "cuda/gemm/sm80_w4a16_grouped_gemm.cuh"
 #include "gpu_test_util.h"
 
 namespace modmoe {
@@ -68,6 +73,28 @@ __global__ void steps_kernel(const float* x, const float* a, const float* g, flo
   scale[i] = nvfp4::block_scale_e4m3(a[i], g[i]);
   code[i] = nvfp4::quantize_e2m1(x[i], nvfp4::block_divisor(scale[i], g[i]));
   deq[i] = nvfp4::dequantize(code[i], scale[i], g[i]);
+}
+
+// Per scale pair p (s_lo = p & 0xff, s_hi = p >> 8): the kernel's k = scale_factors_pair(p) and
+// the earlier formulation's (K(s_lo), K(s_hi)) with K = bf16(float(s) * 2^119) in fp32; and for
+// a word w of packed values, the decode multiplies of both lanes with each.
+__global__ void scale_factors_kernel(uint32_t* k_new, uint32_t* k_old, uint32_t* mul_new,
+                                     uint32_t* mul_old, uint32_t w) {
+  const uint32_t p = blockIdx.x * blockDim.x + threadIdx.x;  // 65536 threads
+  const uint32_t k = cuda::gemm::scale_factors_pair(p);
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(p), __NV_E4M3);
+  const float2 f = __half22float2(__half2(h));
+  const __nv_bfloat162 ko = __floats2bfloat162_rn(__fmul_rn(f.x, nvfp4::kDecodeScaleBias),
+                                                  __fmul_rn(f.y, nvfp4::kDecodeScaleBias));
+  const uint32_t kb = *reinterpret_cast<const uint32_t*>(&ko);
+  k_new[p] = k;
+  k_old[p] = kb;
+  const uint32_t x = nvfp4::e2m1_pair_bf16_bits(w ^ (p * 0x9E3779B9u), p & 3);
+  mul_new[2 * p] = cuda::gemm::bf16x2_mul_half<0>(x, k);
+  mul_new[2 * p + 1] = cuda::gemm::bf16x2_mul_half<1>(x, k);
+  mul_old[2 * p] = cuda::gemm::bf16x2_mul(x, __byte_perm(kb, 0, 0x1010));
+  mul_old[2 * p + 1] = cuda::gemm::bf16x2_mul(x, __byte_perm(kb, 0, 0x3232));
 }
 
 class GpuNvfp4Convert : public test::GpuTest {};
@@ -146,6 +173,49 @@ TEST_F(GpuNvfp4Convert, QuantizationStepsEqualHost) {
     ASSERT_TRUE(std::bit_cast<uint32_t>(dev) == std::bit_cast<uint32_t>(deq) ||
                 (std::isnan(dev) && std::isnan(deq)))
         << "code " << int(q) << ", scale " << int(sc) << ", g " << g[i];
+  }
+}
+
+TEST_F(GpuNvfp4Convert, KernelScaleFactorsEqualTheFp32Formula) {
+  constexpr int n = 1 << 16;
+  DeviceTensor k_new(DType::I32, {n}), k_old(DType::I32, {n}), mul_new(DType::I32, {2 * n}),
+      mul_old(DType::I32, {2 * n});
+  for (uint32_t w : {0x01234567u, 0x89abcdefu, 0xf7e6d5c4u}) {
+    scale_factors_kernel<<<n / 256, 256>>>(
+        reinterpret_cast<uint32_t*>(k_new.data<int32_t>()),
+        reinterpret_cast<uint32_t*>(k_old.data<int32_t>()),
+        reinterpret_cast<uint32_t*>(mul_new.data<int32_t>()),
+        reinterpret_cast<uint32_t*>(mul_old.data<int32_t>()), w);
+    MODMOE_CUDA_CHECK(cudaGetLastError());
+    const HostTensor hn = k_new.to_host(), ho = k_old.to_host(), mn = mul_new.to_host(),
+                     mo = mul_old.to_host();
+    // Both lanes the same bits, or both NaN (a NaN's payload is not part of the contract).
+    auto same = [](int32_t a, int32_t b) {
+      auto nan = [](uint32_t h) { return (h & 0x7f80u) == 0x7f80u && (h & 0x7fu) != 0; };
+      for (int lane = 0; lane < 2; ++lane) {
+        const uint32_t x = (static_cast<uint32_t>(a) >> (16 * lane)) & 0xffffu;
+        const uint32_t y = (static_cast<uint32_t>(b) >> (16 * lane)) & 0xffffu;
+        if (x != y && !(nan(x) && nan(y))) return false;
+      }
+      return true;
+    };
+    for (int p = 0; p < n; ++p) {
+      ASSERT_TRUE(same(hn.data<int32_t>()[p], ho.data<int32_t>()[p]))
+          << "scale pair 0x" << std::hex << p << ": 0x" << hn.data<int32_t>()[p] << " against 0x"
+          << ho.data<int32_t>()[p];
+      for (int h = 0; h < 2; ++h) {
+        ASSERT_TRUE(same(mn.data<int32_t>()[2 * p + h], mo.data<int32_t>()[2 * p + h]))
+            << "scale pair 0x" << std::hex << p << ", half " << h;
+      }
+      // And the value: K(s_lo) = float(s_lo) * 2^119 exactly (the bf16 is the fp32's top half).
+      const uint8_t s_lo = static_cast<uint8_t>(p & 0xff);
+      if ((s_lo & 0x7f) != 0x7f) {
+        const float k = fp8::e4m3_to_float(s_lo) * nvfp4::kDecodeScaleBias;
+        ASSERT_EQ(static_cast<uint32_t>(hn.data<int32_t>()[p]) & 0xffffu,
+                  std::bit_cast<uint32_t>(k) >> 16)
+            << "scale 0x" << std::hex << int(s_lo);
+      }
+    }
   }
 }
 
