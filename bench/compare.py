@@ -156,8 +156,17 @@ NO_BASELINE = {
 }
 
 
-def routing(t, e, k, gen, device):
-    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.int64)
+def routing(t, e, k, gen, device, zipf=False):
+    """k distinct experts per token: uniform, or Zipf-like (p ~ 1/rank over a shuffled expert
+    order), the distribution of `modmoe bench experts --skew` (apps/modmoe/bench_cell.cpp)."""
+    if zipf and t:
+        order = torch.randperm(e, generator=gen)
+        p = 1.0 / torch.arange(1, e + 1, dtype=torch.float64)
+        ids = order[torch.multinomial(p.expand(t, e), k, replacement=False, generator=gen)]
+    elif t:
+        ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    else:
+        ids = torch.zeros(0, k, dtype=torch.int64)
     w = torch.rand(t, k, generator=gen) + 0.1
     return ids.to(device), (w / w.sum(1, keepdim=True)).to(device)
 
@@ -184,8 +193,69 @@ def time_graph_us(fn, calls, reps=10):
     return sorted(times)[len(times) // 2]
 
 
-def bench_torch(models, tokens, device, dtype="bf16"):
-    """{"<model>/<T>/uniform": us} of the dtype's composition (bf16: exactly that; others:
+def grid_cells(tokens, skew):
+    """(T, zipf) cells: the --tokens grid, then with --skew the cells `modmoe bench experts
+    --skew` adds (zipf at 1024 and 4096, uniform at the odd counts 77 and 3000)."""
+    cells = [(t, False) for t in tokens]
+    if skew:
+        cells += [(1024, True), (4096, True), (77, False), (3000, False)]
+    return cells
+
+
+class ClockLog:
+    """Samples the GPU's SM / memory clocks, power and throttle reasons with nvidia-smi every
+    200 ms while the block runs; summary() gives their median, min and max (what clock the
+    timed cells ran at). Records the reason instead where nvidia-smi is missing."""
+
+    FIELDS = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active"
+
+    def __init__(self, name):
+        self.name, self.proc, self.path = name, None, f"/tmp/modmoe_clocks_{name}_{os.getpid()}.csv"
+
+    def __enter__(self):
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        try:
+            self.log = open(self.path, "w")
+            self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.FIELDS}",
+                                          "--format=csv,noheader,nounits", "-lms", "200", "-i", gpu],
+                                         stdout=self.log, stderr=subprocess.DEVNULL)
+        except OSError as ex:
+            self.error = f"{type(ex).__name__}: {ex}"
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.log.close()
+        return False
+
+    def summary(self):
+        if self.proc is None:
+            return {"error": getattr(self, "error", "not sampled")}
+        rows = []
+        with open(self.path) as f:
+            for line in f:
+                parts = [x.strip() for x in line.split(",")]
+                try:
+                    rows.append((float(parts[0]), float(parts[1]), float(parts[2]), float(parts[3]), parts[4]))
+                except (ValueError, IndexError):
+                    continue
+        if not rows:
+            return {"error": "no samples"}
+        out = {"samples": len(rows), "interval_ms": 200}
+        for j, key in enumerate(["sm_MHz", "mem_MHz", "power_W", "temp_C"]):
+            v = sorted(r[j] for r in rows)
+            out[key] = {"median": v[len(v) // 2], "min": v[0], "max": v[-1]}
+        reasons = {}
+        for r in rows:
+            reasons[r[4]] = reasons.get(r[4], 0) + 1
+        out["throttle_reasons_bitmask_counts"] = reasons
+        return out
+
+
+def bench_torch(models, tokens, device, dtype="bf16", skew=False):
+    """{"<model>/<T>/<uniform|zipf>": us} of the dtype's composition (bf16: exactly that; others:
     plus "dtype", "op", and per-cell "token0_rel_l2"; "error" / "errors" where it failed)."""
     out = {}
     quantized = dtype != "bf16"
@@ -209,12 +279,12 @@ def bench_torch(models, tokens, device, dtype="bf16"):
         w13 = (torch.randn(e, 2 * i, h, device=device) / h**0.5).to(torch.bfloat16)
         w2 = (torch.randn(e, h, i, device=device) / i**0.5).to(torch.bfloat16)
         layer = LAYERS[dtype](w13, w2, e)
-        for t in tokens:
-            key = f"{name}/{t}/uniform"
+        for t, zipf in grid_cells(tokens, skew):
+            key = f"{name}/{t}/{'zipf' if zipf else 'uniform'}"
             rot = int(min(8, max(2, 256e6 / max(t * h * 4, 1))))
             batches = []
             for _ in range(rot):
-                ids, w = routing(t, e, k, gen, device)
+                ids, w = routing(t, e, k, gen, device, zipf)
                 x = (0.1 * torch.randn(t, h, device=device)).to(torch.bfloat16)
                 batches.append(layer.batch(x, ids, w))
             try:
@@ -242,7 +312,7 @@ def bench_torch(models, tokens, device, dtype="bf16"):
             out[key] = us
             if quantized:
                 out["token0_rel_l2"][key] = err
-            print(f"torch_gm {name:13s} T={t:6d} {us:10.1f} us  (token-0 rel L2 {err:.1e})", flush=True)
+            print(f"torch_gm {name:13s} T={t:6d} {'zipf' if zipf else '':4s} {us:10.1f} us  (token-0 rel L2 {err:.1e})", flush=True)
         del w13, w2, layer
         torch.cuda.empty_cache()
     return out
@@ -305,12 +375,15 @@ def main():
     args = ap.parse_args()
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
+    clocks = {"torch": ClockLog("torch"), "modmoe": ClockLog("modmoe")}
     if args.dtype == "bf16":
-        base = bench_torch(models, tokens, "cuda")
+        with clocks["torch"]:
+            base = bench_torch(models, tokens, "cuda", skew=args.skew)
         base_name = "torch_gm_baseline.json"
     else:
         try:
-            base = bench_torch(models, tokens, "cuda", args.dtype)
+            with clocks["torch"]:
+                base = bench_torch(models, tokens, "cuda", args.dtype, args.skew)
         except Exception as ex:  # noqa: BLE001 -- the modmoe numbers are measured regardless
             base = {"dtype": args.dtype, "error": f"{type(ex).__name__}: {ex}"}
             print("torch baseline failed:", base["error"], flush=True)
@@ -330,7 +403,8 @@ def main():
            "--torch-baseline", base_path] + (["--out", args.out] if args.out else []) + (["--skew"] if args.skew else []) \
         + (["--ab", args.ab] if args.ab else []) + (["--dtype", args.dtype] if args.dtype != "bf16" else [])
     print("running", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with clocks["modmoe"]:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     print(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         sys.exit(proc.returncode)
@@ -338,12 +412,15 @@ def main():
     if written:
         with open(written[-1]) as f:
             result = json.load(f)
+        result["clocks_during_runs"] = {k: c.summary() for k, c in clocks.items()}
+        for k, c in result["clocks_during_runs"].items():
+            print(f"clocks during the {k} run:", json.dumps(c))
         if peer is not None:
             from flashinfer_peer import merge
             for line in merge(result, peer):
                 print(line)
-            with open(written[-1], "w") as f:
-                json.dump(result, f, indent=1)
+        with open(written[-1], "w") as f:
+            json.dump(result, f, indent=1)
         plot(result, args.plots or os.path.dirname(written[-1]))
 
 
