@@ -16,7 +16,11 @@ import torch.nn.functional as F
 def _import():
     """(cute_dsl_fused_moe_bf16, autotune, interleave_up_gate_sm90, version), or raises."""
     import flashinfer
-    from flashinfer import autotune, cute_dsl_fused_moe_bf16
+    from flashinfer import autotune
+    # From its own module: flashinfer/__init__.py imports the CuTe-DSL MoE family inside
+    # contextlib.suppress(ImportError), so the top-level name is simply missing when any of
+    # them fails to import (0.7.2.post1 on the H200 machine); this import raises the cause.
+    from flashinfer.fused_moe.cute_dsl.sm90_fused_moe import cute_dsl_fused_moe_bf16
     from flashinfer.fused_moe.cute_dsl.sm90_contiguous_gather_grouped_gemm_act_fusion import (
         interleave_up_gate_sm90,
     )
@@ -32,7 +36,10 @@ def bench_flashinfer(models, tokens, device, model_shapes, routing, time_graph_u
     try:
         fused_moe, autotune, interleave, version = _import()
     except Exception as ex:  # noqa: BLE001 -- a missing peer must not stop modmoe
+        import traceback
         out["error"] = f"FlashInfer CuTe-DSL SM90 MoE not importable: {type(ex).__name__}: {ex}"
+        out["traceback"] = traceback.format_exc()
+        print(out["traceback"], flush=True)
         print("flashinfer peer:", out["error"], flush=True)
         return out
     out["version"] = version

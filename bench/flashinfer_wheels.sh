@@ -31,7 +31,7 @@ case ${1:-} in
       --platform manylinux2014_x86_64 --platform any -d "$tmp" "${PINS[@]}"
     mkdir -p "$out"
     rm -f "$out"/part_*
-    tar cf - -C "$tmp" . | split -b 60M - "$out/part_"
+    tar cf - -C "$tmp" . | split -b 55M - "$out/part_"
     rm -rf "$tmp"
     ls -l "$out"
     ;;
