@@ -24,10 +24,13 @@ flashinfer_cute_dsl_{default,deterministic}_us and speedup_vs_flashinfer_*, or t
 did not run under "flashinfer_peer".
 """
 import argparse
+import datetime
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -204,10 +207,12 @@ def grid_cells(tokens, skew):
 
 class ClockLog:
     """Samples the GPU's SM / memory clocks, power and throttle reasons with nvidia-smi every
-    200 ms while the block runs; summary() gives their median, min and max (what clock the
-    timed cells ran at). Records the reason instead where nvidia-smi is missing."""
+    100 ms while the block runs. summary() gives their median, min and max over the run;
+    window(t0, t1) the same over the samples of a wall-clock window that drew at least 60 % of
+    the window's peak power (the timed part of a cell, not its set-up). Records the reason
+    instead where nvidia-smi is missing."""
 
-    FIELDS = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active"
+    FIELDS = "timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active"
 
     def __init__(self, name):
         self.name, self.proc, self.path = name, None, f"/tmp/modmoe_clocks_{name}_{os.getpid()}.csv"
@@ -217,7 +222,7 @@ class ClockLog:
         try:
             self.log = open(self.path, "w")
             self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.FIELDS}",
-                                          "--format=csv,noheader,nounits", "-lms", "200", "-i", gpu],
+                                          "--format=csv,noheader,nounits", "-lms", "100", "-i", gpu],
                                          stdout=self.log, stderr=subprocess.DEVNULL)
         except OSError as ex:
             self.error = f"{type(ex).__name__}: {ex}"
@@ -230,28 +235,79 @@ class ClockLog:
             self.log.close()
         return False
 
-    def summary(self):
+    def rows(self):
+        """[(unix time, sm MHz, mem MHz, power W, temp C, reasons)]"""
+        out = []
         if self.proc is None:
-            return {"error": getattr(self, "error", "not sampled")}
-        rows = []
+            return out
         with open(self.path) as f:
             for line in f:
                 parts = [x.strip() for x in line.split(",")]
                 try:
-                    rows.append((float(parts[0]), float(parts[1]), float(parts[2]), float(parts[3]), parts[4]))
+                    t = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                    out.append((t, float(parts[1]), float(parts[2]), float(parts[3]), float(parts[4]), parts[5]))
                 except (ValueError, IndexError):
                     continue
-        if not rows:
-            return {"error": "no samples"}
-        out = {"samples": len(rows), "interval_ms": 200}
-        for j, key in enumerate(["sm_MHz", "mem_MHz", "power_W", "temp_C"]):
+        return out
+
+    @staticmethod
+    def stats(rows):
+        out = {"samples": len(rows), "interval_ms": 100}
+        for j, key in enumerate(["sm_MHz", "mem_MHz", "power_W", "temp_C"], start=1):
             v = sorted(r[j] for r in rows)
             out[key] = {"median": v[len(v) // 2], "min": v[0], "max": v[-1]}
         reasons = {}
         for r in rows:
-            reasons[r[4]] = reasons.get(r[4], 0) + 1
+            reasons[r[5]] = reasons.get(r[5], 0) + 1
         out["throttle_reasons_bitmask_counts"] = reasons
         return out
+
+    def summary(self):
+        if self.proc is None:
+            return {"error": getattr(self, "error", "not sampled")}
+        rows = self.rows()
+        return self.stats(rows) if rows else {"error": "no samples"}
+
+    def window(self, t0, t1):
+        rows = [r for r in self.rows() if t0 <= r[0] <= t1]
+        if not rows:
+            return None
+        peak = max(r[3] for r in rows)
+        return self.stats([r for r in rows if r[3] >= 0.6 * peak])
+
+
+def run_timestamped(cmd):
+    """Runs cmd, echoing its output; returns (returncode, output, [(unix time, line)])."""
+    lines = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        lines.append((time.time(), line.rstrip("\n")))
+        print(line, end="", flush=True)
+    proc.wait()
+    return proc.returncode, "\n".join(l for _, l in lines), lines
+
+
+def clocks_per_cell(result, log, lines, t_start):
+    """Per cell of result: the clock, power and throttle reasons under load between the bench's
+    previous output line and the cell's own (its set-up, check and timed replays); the ceiling
+    measurement's window (start to the 'measured now' line) under result["ceilings_clocks"]."""
+    cell_re = re.compile(r"^(\S+)\s+(uniform|zipf)\s+(\d+)\s")
+    prev = t_start
+    windows = {}
+    for t, line in lines:
+        m = cell_re.match(line)
+        if "measured now" in line:
+            result["ceilings_clocks"] = log.window(t_start, t)
+        if m:
+            windows[f"{m.group(1)}/{m.group(2)}/{m.group(3)}"] = (prev, t)
+        prev = t
+    for c in result.get("cells", []):
+        w = windows.get(f'{c["model"]}/{c["routing"]}/{c["tokens"]}')
+        st = log.window(*w) if w else None
+        if st:
+            c["sm_MHz_under_load"] = st["sm_MHz"]["median"]
+            c["power_W_under_load"] = st["power_W"]["median"]
+            c["throttle_reasons_under_load"] = st["throttle_reasons_bitmask_counts"]
 
 
 def bench_torch(models, tokens, device, dtype="bf16", skew=False):
@@ -403,16 +459,22 @@ def main():
            "--torch-baseline", base_path] + (["--out", args.out] if args.out else []) + (["--skew"] if args.skew else []) \
         + (["--ab", args.ab] if args.ab else []) + (["--dtype", args.dtype] if args.dtype != "bf16" else [])
     print("running", " ".join(cmd), flush=True)
+    t_start = time.time()
     with clocks["modmoe"]:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    print(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        sys.exit(proc.returncode)
-    written = [l.split(" ", 1)[1] for l in proc.stdout.splitlines() if l.startswith("wrote ")]
+        returncode, output, lines = run_timestamped(cmd)
+    if returncode != 0:
+        sys.exit(returncode)
+    written = [l.split(" ", 1)[1] for l in output.splitlines() if l.startswith("wrote ")]
     if written:
         with open(written[-1]) as f:
             result = json.load(f)
         result["clocks_during_runs"] = {k: c.summary() for k, c in clocks.items()}
+        clocks_per_cell(result, clocks["modmoe"], lines, t_start)
+        print("clocks under load (SM MHz, W) per cell; the ceilings:", json.dumps(result.get("ceilings_clocks")))
+        for c in result.get("cells", []):
+            if "sm_MHz_under_load" in c:
+                print(f'  {c["model"]:13s} {c["routing"]:7s} {c["tokens"]:6d} {c["sm_MHz_under_load"]:7.0f} MHz '
+                      f'{c["power_W_under_load"]:6.0f} W  {c["throttle_reasons_under_load"]}')
         for k, c in result["clocks_during_runs"].items():
             print(f"clocks during the {k} run:", json.dumps(c))
         if peer is not None:
