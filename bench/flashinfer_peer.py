@@ -15,6 +15,15 @@ import torch.nn.functional as F
 
 def _import():
     """(cute_dsl_fused_moe_bf16, autotune, interleave_up_gate_sm90, version), or raises."""
+    import os
+    import site
+    import sys
+    # nvidia-cutlass-dsl puts its `cutlass` package on sys.path with a .pth file, which Python
+    # only reads in site directories, not in PYTHONPATH folders such as the --target install
+    # of bench/flashinfer_wheels.sh: read it there too, or FlashInfer finds no CuTe DSL.
+    for path in list(sys.path):
+        if os.path.isfile(os.path.join(path, "nvidia_cutlass_dsl_packages.pth")):
+            site.addsitedir(path)
     import flashinfer
     from flashinfer import autotune
     # From its own module: flashinfer/__init__.py imports the CuTe-DSL MoE family inside

@@ -47,7 +47,9 @@ case ${1:-} in
     cat "$cache"/part_* | tar xf - -C "$tmp"
     python3 -m pip install -q --no-index --no-deps --target "$target" "$tmp"/*.whl
     rm -rf "$tmp"
-    PYTHONPATH="$target" python3 -c 'import flashinfer; print("flashinfer", flashinfer.__version__)'
+    # The CuTe DSL's `cutlass` package is put on sys.path by a .pth file, which Python reads
+    # in site directories only: addsitedir here (bench/flashinfer_peer.py does the same).
+    PYTHONPATH="$target" python3 -c 'import site, sys; site.addsitedir(sys.argv[1]); import cutlass.cute, flashinfer; print("flashinfer", flashinfer.__version__, "cutlass-dsl ok")' "$target"
     ;;
   *)
     echo "usage: $0 download DIR | stash PART | install TARGET" >&2
