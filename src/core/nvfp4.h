@@ -148,4 +148,24 @@ MODMOE_HD constexpr uint32_t e2m1_pair_bf16_bits(uint32_t word, int j) {
 inline constexpr float kDecodeScaleBias = 0x1p119f;
 inline constexpr float kDecodeUnscale = 128.0f;
 
+// ---- the wgmma W4A16 kernel's decode (src/cuda/gemm/sm90_wgmma_grouped_gemm.cuh) ----
+
+// wgmma reads its B operand (the tokens) from shared memory in natural K order, so the A
+// (weight) fragment must be in natural K order too: register a0 of lane (g, q) at k16 step s is
+// values 16s + 2q and 16s + 2q + 1 of a row, i.e. the two nibbles of packed byte 8s + q (a2:
+// byte 8s + q + 4). Given `pair` with such a byte x in bits 7:0 and a second one y in bits 15:8
+// (bits 31:16 are ignored), this returns a word whose nibbles 0 / 4 are x's low / high nibble and
+// nibbles 2 / 6 are y's: e2m1_pair_bf16_bits(word, 0) then decodes x to the bf16 pair
+// (value 2i, value 2i + 1) and e2m1_pair_bf16_bits(word, 2) decodes y. Bits 12-15, 20-23 and
+// 28-31 of the result are not read by those two calls (they hold other nibbles). 2 operations.
+MODMOE_HD constexpr uint32_t e2m1_byte_pairs_spread(uint32_t pair) {
+  return (pair & 0xFFFFu) | (pair << 12);
+}
+
+// Byte q (0..3) of x in bits 7:0 and byte q of y in bits 15:8: what the kernel's
+// __byte_perm(x, y, q | (q + 4) << 4) gives in its low 16 bits (the host spelling, for tests).
+MODMOE_HD constexpr uint32_t select_byte_pair(uint32_t x, uint32_t y, int q) {
+  return ((x >> (8 * q)) & 0xFFu) | (((y >> (8 * q)) & 0xFFu) << 8);
+}
+
 }  // namespace modmoe::nvfp4

@@ -499,6 +499,12 @@ void set_nvfp4_scales(gemm::GemmArgs& g, const TensorView& block_scale,
 //                              allows; 1: off);
 //   MODMOE_GEMM_TAIL=0|1       tail rows (GemmConfig::tail_m) on the sm90 kernels off / on
 //                              (unset: select_config's rule 3);
+//   MODMOE_W4A16_WGMMA=0|1     NVFP4 prefill on Hopper: the wgmma W4A16 tile
+//                              (w4a16_wgmma_256x128x64_s5) where select_config's rule 0 picks
+//                              it (unset or 1), or never by default (0: the mma.sync tiles);
+//                              naming it in MODMOE_GEMM_CONFIG forces it either way, and fails
+//                              with an error where it cannot run (gated weights not
+//                              GateUpInterleaved G = 8, unaligned);
 //   MODMOE_FUSED_PERMUTE=0|1   the one-block permute_prepare_kernel off / on wherever it fits
 //                              (unset: up to kBlockPermuteDefaultItems entries), instead of
 //                              the chunked permute kernels and the work-list kernel.
@@ -507,6 +513,16 @@ gemm::GemmConfig apply_overrides(const gemm::GemmDesc& d, gemm::GemmConfig c) {
   const char* name = std::getenv("MODMOE_GEMM_CONFIG");
   if (name != nullptr && name[0] != '\0') {
     for (const gemm::GemmConfig& k : gemm::compiled_configs()) {
+      // NOTE: the other tiles fall back silently where they cannot run (a forced bf16 tile
+      // meets the FP8 GEMMs of a call too); the wgmma W4A16 tile names one NVFP4 kernel, and a
+      // test or A/B that forces it must not measure another.
+      MODMOE_CHECK(!(k.nvfp4 && k.arch == 90 && d.nvfp4 && k.to_string() == name &&
+                     !gemm::config_runs(d, k)),
+                   "MODMOE_GEMM_CONFIG=", name, " cannot run this NVFP4 ",
+                   d.stage == gemm::GemmStage::Gemm1 ? "GEMM1" : "GEMM2",
+                   ": the wgmma W4A16 tile needs 16-byte aligned operands and, gated, weights in "
+                   "the GateUpInterleaved layout with G = 8 (prepare_weights, interleave_rows = "
+                   "8); the w4a16_* tiles read every layout");
       if (k.to_string() == name && gemm::config_runs(d, k)) {
         gemm::GemmConfig base = c;
         base.split_k = 1;
@@ -638,6 +654,10 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   const bool sm80_only = force != nullptr && std::strcmp(force, "sm80") == 0;
   d1.allow_sm90 = !sm80_only;
   d2.allow_sm90 = !sm80_only;
+  const char* wgmma = std::getenv("MODMOE_W4A16_WGMMA");
+  const bool wgmma_off = wgmma != nullptr && std::strcmp(wgmma, "0") == 0;
+  d1.allow_w4a16_wgmma = !wgmma_off;
+  d2.allow_w4a16_wgmma = !wgmma_off;
   d1.validate();
   d2.validate();
   const gemm::GemmConfig c1 = apply_overrides(d1, gemm::select_config(d1, props));

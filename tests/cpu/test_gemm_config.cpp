@@ -191,9 +191,11 @@ TEST(GemmConfig, Fp8ProblemsGetTheFp8Tiles) {
 // NVFP4 problems (desc.nvfp4, W4A16) get the W4A16 tiles on every sm_80+ device: at decode
 // sizes a 16-token one (the deep 256-K tile where its shared memory fits, else the 64-K tile),
 // split-K only on the deep tile, within the capacity, and only when the expected tiles fill
-// fewer than half the SMs; no other problem gets them, and no other tile runs NVFP4.
+// fewer than half the SMs; from 128 rows per touched group on a Hopper the wgmma tile (where
+// the problem allows it and desc.allow_w4a16_wgmma), else the 64-token mma.sync tile; no other
+// problem gets them, and no other tile runs NVFP4.
 TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
-  int checked = 0, decode = 0, deep = 0, split = 0, prefill = 0;
+  int checked = 0, decode = 0, deep = 0, split = 0, prefill = 0, wgmma = 0;
   for (const DeviceProps& props : {hopper(), ampere()}) {
     for (int stage = 0; stage < 2; ++stage) {
       for (int64_t rows : {1, 2, 7, 16, 64, 100, 1000, 8192, 65536}) {
@@ -222,8 +224,36 @@ TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
             ASSERT_TRUE(cuda::gemm::is_compiled(c)) << c.to_string();
             EXPECT_TRUE(cuda::gemm::config_runs(d, c)) << c.to_string();
             EXPECT_TRUE(c.nvfp4) << c.to_string();
-            EXPECT_EQ(c.tail_m, 0);
             EXPECT_EQ(c, cuda::gemm::select_config(d, props)) << "not a pure function";
+            // The wgmma tile: Hopper only, >= 128 rows per touched group (E >= rows: 1).
+            GemmDesc off = d;
+            off.allow_w4a16_wgmma = false;
+            const GemmConfig c_off = cuda::gemm::select_config(off, props);
+            EXPECT_FALSE(c_off.arch == 90) << c_off.to_string();
+            GemmDesc canon = d;
+            canon.gate_up_group = -1;  // a gated layout other than G = 8
+            if (canon.gated) {
+              EXPECT_FALSE(canon.sm90_w4a16_supported());
+              EXPECT_EQ(cuda::gemm::select_config(canon, props).arch, 80);
+            }
+            GemmDesc sm80 = d;
+            sm80.allow_sm90 = false;  // MODMOE_GEMM_CONFIG=sm80
+            EXPECT_EQ(cuda::gemm::select_config(sm80, props).arch, 80);
+            if (c.arch == 90) {
+              ++wgmma;
+              EXPECT_EQ(c.to_string().rfind("w4a16_wgmma_256x128x64_s5", 0), 0u) << c.to_string();
+              EXPECT_EQ(props.cc_major, 9);
+              EXPECT_GE(rows, 128);
+              EXPECT_TRUE(d.sm90_w4a16_supported());
+              EXPECT_EQ(c.split_k, 1);
+              EXPECT_TRUE(c.tail_m == 0 || c.tail_m == cuda::gemm::sm90_tail_rows(c));
+              EXPECT_EQ(cuda::gemm::sm90_tail_rows(c), 32);
+              EXPECT_EQ(c_off.to_string(), "w4a16_64x128x64_s4") << "the mma.sync prefill tile";
+              ++checked;
+              continue;
+            }
+            EXPECT_EQ(c, c_off) << "the switch changes the wgmma choice only";
+            EXPECT_EQ(c.tail_m, 0);
             const bool is_deep = c.block_k == 256;
             (c.block_m == 16 ? decode : prefill) += 1;
             deep += is_deep;
@@ -266,10 +296,12 @@ TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
   }
   EXPECT_GT(deep, 0);
   EXPECT_GT(split, 0);
-  std::printf("checked %d NVFP4 descs (%d decode tile, %d of them deep, %d split, %d prefill)\n",
-              checked, decode, deep, split, prefill);
+  std::printf("checked %d NVFP4 descs (%d decode tile, %d of them deep, %d split, %d prefill, "
+              "%d wgmma)\n",
+              checked, decode, deep, split, prefill, wgmma);
   EXPECT_GT(decode, 0);
   EXPECT_GT(prefill, 0);
+  EXPECT_GT(wgmma, 0);
   DeviceProps old = ampere();
   old.cc_major = 7;
   GemmDesc d;
@@ -323,8 +355,9 @@ TEST(GemmConfig, UncompiledConfigsAreRecognised) {
     EXPECT_TRUE(cuda::gemm::is_compiled(c)) << c.to_string();
     GemmConfig s = c;
     s.split_k = 2;
-    // sm90, and the W4A16 deep tile (not its wide variant)
-    const bool splits = c.arch == 90 || (c.nvfp4 && c.block_k == 256 && c.block_n == 128);
+    // sm90 (not the wgmma W4A16 tile), and the W4A16 deep tile (not its wide variant)
+    const bool splits =
+        (c.arch == 90 && !c.nvfp4) || (c.nvfp4 && c.block_k == 256 && c.block_n == 128);
     EXPECT_EQ(cuda::gemm::is_compiled(s), splits) << s.to_string();
     s.split_k = cuda::gemm::max_split_k() + 1;
     EXPECT_FALSE(cuda::gemm::is_compiled(s)) << s.to_string();
@@ -440,9 +473,16 @@ TEST(GemmConfig, AnchorGridChoices) {
       EXPECT_EQ(c1.split_k, 1) << m.name << " T=" << t;
       EXPECT_EQ(c2.split_k, mixtral_t1 ? 2 : 1) << m.name << " T=" << t;
       if (t == 4096) {
-        EXPECT_EQ(c1.to_string(), "w4a16_64x128x64_s4");
-        EXPECT_EQ(c2.to_string(), "w4a16_64x128x64_s4");
+        // >= 128 rows per expert everywhere (gpt-oss: 128): the wgmma tile, with tail rows
+        // (<= 2048 rows per expert); the mma.sync one with MODMOE_W4A16_WGMMA=0.
+        EXPECT_EQ(c1.to_string(), "w4a16_wgmma_256x128x64_s5_t32") << m.name;
+        EXPECT_EQ(c2.to_string(), "w4a16_wgmma_256x128x64_s5_t32") << m.name;
+        GemmDesc o1 = d1;
+        o1.allow_w4a16_wgmma = false;
+        EXPECT_EQ(cuda::gemm::select_config(o1, hopper()).to_string(), "w4a16_64x128x64_s4");
+        EXPECT_EQ(cuda::gemm::select_config(d1, ampere()).to_string(), "w4a16_64x128x64_s4");
       }
+      if (t == 128) EXPECT_NE(c1.arch, 90) << m.name << ": < 128 rows per expert";
     }
   }
   // An EP slice with one expert touched at T = 1 (DeepSeek-V3 at EP 8: 32 of 256 experts, 8

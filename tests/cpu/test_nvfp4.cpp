@@ -252,6 +252,52 @@ TEST(Nvfp4Scale, KernelDecodeIsExact) {
   }
 }
 
+// The wgmma W4A16 kernel's A fragment (src/cuda/gemm/sm90_wgmma_grouped_gemm.cuh,
+// sm90_mainloop_w4a16 with w4a16_decode.cuh's decode_natural_pairs), replayed on the host: for
+// every lane quad position q and k16 step s of a 64-K stage, the four bf16 pairs are the row's
+// values in natural K order (16s + 2q, + 1 and 16s + 2q + 8, + 9), each e2m1 * 2^-126 exactly,
+// whatever the other bytes of the words hold. Every byte value is tried in both positions.
+TEST(Nvfp4Scale, WgmmaFragmentIsInNaturalKOrder) {
+  std::mt19937_64 rng(test::seed(215));
+  auto bf16_value = [](uint32_t half) { return double(bf16_bits_to_float(uint16_t(half))); };
+  // value k of the 32-byte row: nibble k % 2 of byte k / 2 (element 2i in the low nibble)
+  auto value_of = [](const uint8_t* row, int k) {
+    return double(kE2m1[(row[k / 2] >> (4 * (k % 2))) & 0xf]);
+  };
+  int checked = 0;
+  for (int rep = 0; rep < 256; ++rep) {
+    uint8_t row[32];
+    for (uint8_t& b : row) b = static_cast<uint8_t>(rng());
+    for (int s = 0; s < 4; ++s) {
+      for (int q = 0; q < 4; ++q) {
+        // Bytes 8s + q and 8s + q + 4 take every value over the repetitions.
+        row[8 * s + q] = static_cast<uint8_t>(rep);
+        row[8 * s + q + 4] = static_cast<uint8_t>(255 - rep);
+        uint32_t w[8];
+        std::memcpy(w, row, sizeof(w));  // little endian: byte i of the row is byte i % 4 of w[i / 4]
+        const uint32_t x = w[2 * s], y = w[2 * s + 1];
+        // The kernel: __byte_perm(x, y, q | (q + 4) << 4); its high bytes are not read.
+        const uint32_t pair = nvfp4::select_byte_pair(x, y, q) | (static_cast<uint32_t>(rng()) << 16);
+        const uint32_t spread = nvfp4::e2m1_byte_pairs_spread(pair);
+        const uint32_t r_k = nvfp4::e2m1_pair_bf16_bits(spread, 0);
+        const uint32_t r_k8 = nvfp4::e2m1_pair_bf16_bits(spread, 2);
+        const int k0 = 16 * s + 2 * q;
+        ASSERT_EQ(bf16_value(r_k & 0xffffu), std::ldexp(value_of(row, k0), -126)) << s << q;
+        ASSERT_EQ(bf16_value(r_k >> 16), std::ldexp(value_of(row, k0 + 1), -126)) << s << q;
+        ASSERT_EQ(bf16_value(r_k8 & 0xffffu), std::ldexp(value_of(row, k0 + 8), -126)) << s << q;
+        ASSERT_EQ(bf16_value(r_k8 >> 16), std::ldexp(value_of(row, k0 + 9), -126)) << s << q;
+        // Signs (0x8 is -0): bit 15 of each half is the nibble's bit 3.
+        ASSERT_EQ((r_k >> 15) & 1u, uint32_t(row[8 * s + q] >> 3) & 1u);
+        ASSERT_EQ(r_k >> 31, uint32_t(row[8 * s + q] >> 7));
+        ASSERT_EQ((r_k8 >> 15) & 1u, uint32_t(row[8 * s + q + 4] >> 3) & 1u);
+        ASSERT_EQ(r_k8 >> 31, uint32_t(row[8 * s + q + 4] >> 7));
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, 256 * 16);
+}
+
 TEST(Nvfp4Scale, GlobalScaleFormula) {
   // amax / (6 * 448), one IEEE division; 1e-10 floor; NaN stays NaN.
   EXPECT_EQ(nvfp4::global_scale_from_amax(2688.0f), 1.0f);

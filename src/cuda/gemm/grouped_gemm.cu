@@ -3,9 +3,11 @@
 // sm90_grouped_gemm.cu).
 //
 // Instantiations (the build's size, kept small for 2-core CI): sm80 2 tiles x 2 stages
-// (GEMM1, GEMM2) = 4 kernels, sm90 2 tiles x 2 stages = 4 kernels (w4a16_grouped_gemm.cu:
-// 4 W4A16 tiles, the stage at run time = 4 kernels). Activation, gating, bias,
-// LoRA, gather, the gate/up row map and split-K are run-time arguments, not template axes.
+// (GEMM1, GEMM2) = 4 kernels, sm90 bf16 2 tiles x 2 stages + FP8 2 tiles x 2 stages = 8 kernels
+// (sm90_grouped_gemm.cu), W4A16 4 tiles with the stage at run time = 4 kernels
+// (w4a16_grouped_gemm.cu), the wgmma W4A16 tile x 2 stages = 2 kernels
+// (sm90_w4a16_grouped_gemm.cu): 18 in all. Activation, gating, bias, LoRA, gather, the gate/up
+// row map and split-K are run-time arguments, not template axes.
 #include "cuda/gemm/grouped_gemm.h"
 
 #include <algorithm>
@@ -33,6 +35,9 @@ GemmConfig w4a16_prefill_config();
 size_t w4a16_decode_deep_smem_bytes();
 size_t w4a16_decode_wide_smem_bytes();
 int w4a16_split_unit_floats();
+GemmConfig sm90_w4a16_config();  // sm90_w4a16_grouped_gemm.cu
+size_t sm90_w4a16_smem_bytes();
+int sm90_w4a16_tail_rows();
 
 namespace {
 
@@ -43,7 +48,7 @@ using TileLarge = Sm80Tile<128, 128, 4, 2, 4, 2>;
 // (decode, many experts), half the padded rows of the large tile and twice the CTAs.
 using TileSmall = Sm80Tile<64, 128, 4, 2, 2, 3>;
 
-constexpr int kNumConfigs = 10;
+constexpr int kNumConfigs = 11;
 constexpr int kMaxSplitK = 8;
 // NOTE: the order is the switch order of launch_grouped_gemm (sm80) and of select_config.
 const std::array<GemmConfig, kNumConfigs>& configs() {
@@ -51,7 +56,7 @@ const std::array<GemmConfig, kNumConfigs>& configs() {
       TileLarge::config(),  TileSmall::config(),         sm90_narrow_config(),
       sm90_wide_config(),   sm90_fp8_narrow_config(),    sm90_fp8_mid_config(),
       w4a16_decode_config(), w4a16_prefill_config(), w4a16_decode_deep_config(),
-      w4a16_decode_wide_config()};
+      w4a16_decode_wide_config(), sm90_w4a16_config()};
   return c;
 }
 const GemmConfig& sm90_narrow() { return configs()[2]; }
@@ -62,6 +67,8 @@ const GemmConfig& w4a16_decode() { return configs()[6]; }
 const GemmConfig& w4a16_prefill() { return configs()[7]; }
 const GemmConfig& w4a16_decode_deep() { return configs()[8]; }
 const GemmConfig& w4a16_decode_wide() { return configs()[9]; }
+const GemmConfig& w4a16_wgmma() { return configs()[10]; }
+bool is_w4a16_wgmma(const GemmConfig& c) { return c.nvfp4 && c.arch == 90; }
 bool is_w4a16_deep(const GemmConfig& c) {
   GemmConfig base = c;
   base.split_k = 1;
@@ -168,6 +175,13 @@ void GemmDesc::validate() const {
                ": expected a multiple of 64 (a W4A16 stage holds 4 scale blocks of 16)");
 }
 
+bool GemmDesc::sm90_w4a16_supported() const {
+  // TMA reads the packed weights (16-byte aligned rows: k % 64 == 0 makes them 32-byte rows),
+  // the tokens as the bf16 sm90 kernel does; gated GEMM1 pairs rows r and r + 8 (G = 8).
+  if (!nvfp4 || fp8 || !aligned16 || n < 8 || k < 64 || k % 64 != 0) return false;
+  return !gated || gate_up_group == 8;
+}
+
 bool GemmDesc::sm90_supported() const {
   if (!aligned16 || n < 8 || k < 8 || nvfp4) return false;
   if (fp8 && (k % 128 != 0 || b_rows() % 128 != 0)) return false;
@@ -178,8 +192,10 @@ bool GemmDesc::sm90_supported() const {
 std::string GemmConfig::to_string() const {
   std::ostringstream os;
   if (nvfp4) {
-    os << "w4a16_" << block_m << "x" << block_n << "x" << block_k << "_s" << stages;
+    os << (arch == 90 ? "w4a16_wgmma_" : "w4a16_") << block_m << "x" << block_n << "x"
+       << block_k << "_s" << stages;
     if (split_k > 1) os << "_k" << split_k;
+    if (tail_m > 0) os << "_t" << tail_m;
     return os.str();
   }
   if (arch == 90) {
@@ -203,8 +219,8 @@ bool is_compiled(const GemmConfig& config) {
   base.tail_m = 0;
   if (std::find(configs().begin(), configs().end(), base) == configs().end()) return false;
   const bool split_ok = config.split_k == 1 ||
-                        ((config.arch == 90 || is_w4a16_deep(config)) && config.split_k >= 1 &&
-                         config.split_k <= kMaxSplitK);
+                        (((config.arch == 90 && !config.nvfp4) || is_w4a16_deep(config)) &&
+                         config.split_k >= 1 && config.split_k <= kMaxSplitK);
   const bool tail_ok = config.tail_m == 0 ||
                        (config.arch == 90 && config.split_k == 1 &&
                         config.tail_m == sm90_tail_rows(base));
@@ -316,6 +332,21 @@ GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
     const double touched = std::min<double>(expected_touched(rows, desc.num_experts),
                                             std::max<int64_t>(rows, 1));
     const double rows_per_group = static_cast<double>(rows) / touched;
+    // Rule 0: on Hopper, from 128 rows per touched group (prefill) the wgmma tile (256 tokens x
+    // 128 weight rows, NVFP4 decoded into wgmma's A registers once per 256 tokens), where the
+    // problem allows it (aligned; gated GEMM1 in GateUpInterleaved G = 8) and
+    // MODMOE_W4A16_WGMMA is not 0 (desc.allow_w4a16_wgmma). The mma.sync prefill tile below
+    // runs at ~233 TFLOP/s (docs/nvfp4.md "Measured": 0.41-0.55x bf16 at T = 4096).
+    // TODO(measure): the threshold (128) and the tile are set on paper; the kernel has not run
+    // on a GPU yet. Tail rows as the bf16 sm90 tiles (select_sm90, rule 3).
+    if (rows_per_group >= 128.0 && props.cc_major == 9 && props.cc_minor == 0 &&
+        desc.allow_sm90 && desc.allow_w4a16_wgmma && desc.sm90_w4a16_supported() &&
+        (props.max_smem_per_block == 0 ||
+         props.max_smem_per_block >= sm90_w4a16_smem_bytes())) {
+      GemmConfig c = w4a16_wgmma();
+      c.tail_m = rows_per_group <= 2048.0 ? sm90_w4a16_tail_rows() : 0;
+      return c;
+    }
     if (rows_per_group > 16.0) return w4a16_prefill();
     // Rule 2: the deep decode tile (256 of K per stage, 8 stages, 8 warps: 126 KB of weights
     // and scales in flight per CTA against ~22 KB) where its 208 KB of shared memory fit; the
@@ -457,6 +488,9 @@ bool is_fp8_config(const GemmConfig& c) { return c.arch == 90 && c.block_k == 12
 
 bool config_runs(const GemmDesc& desc, const GemmConfig& config) {
   if (!is_compiled(config)) return false;
+  if (is_w4a16_wgmma(config)) {
+    return desc.nvfp4 && desc.allow_sm90 && desc.sm90_w4a16_supported();
+  }
   if (desc.nvfp4 || config.nvfp4) return desc.nvfp4 && config.nvfp4;
   if (config.arch != 90) return !desc.fp8;
   return desc.allow_sm90 && desc.sm90_supported() && is_fp8_config(config) == desc.fp8;
@@ -469,6 +503,7 @@ void launch_grouped_gemm(const GemmDesc& desc, const GemmConfig& config, const G
                config.to_string(), " cannot run this problem (",
                desc.fp8 ? "FP8" : (desc.nvfp4 ? "NVFP4" : "bf16"), ", sm90 ",
                desc.sm90_supported() ? "supported" : "not supported", ")");
+  if (is_w4a16_wgmma(config)) return launch_sm90_w4a16_grouped_gemm(desc, config, args, stream);
   if (config.arch == 90 && is_compiled(config)) {
     return launch_sm90_grouped_gemm(desc, config, args, stream);
   }

@@ -4,7 +4,9 @@
 //   sm90  TMA + wgmma, warp-specialized and persistent (sm90_wgmma_grouped_gemm.cuh): Hopper,
 //         weights as the wgmma A operand ("swap AB"), split-K for decode.
 //   w4a16 mma.sync + cp.async (sm80_w4a16_grouped_gemm.cuh): NVFP4 weights decoded to bf16 in
-//         registers, bf16 activations (docs/nvfp4.md); any sm_80+ GPU the build targets.
+//         registers, bf16 activations (docs/nvfp4.md); any sm_80+ GPU the build targets. Its
+//         prefill tile on Hopper: the sm90 kernel with NVFP4 weights decoded into wgmma's A
+//         registers (Sm90W4a16Tile, sm90_w4a16_grouped_gemm.cu).
 //
 //   GemmDesc    the problem (sizes, which GEMM, activation), with validate()
 //   GemmConfig  one compiled tile shape (sizes, stages, warps), with to_string()
@@ -79,6 +81,10 @@ struct GemmDesc {
   // scales per 16 of K and an fp32 global scale per expert (GemmArgs::b_block_scale,
   // b_global_scale); the w4a16 kernels only. Needs k % 64 == 0 (one stage = 4 scale blocks).
   bool nvfp4 = false;
+  // NVFP4 only: select_config may pick the wgmma W4A16 tile (sm90 W4A16) at prefill sizes.
+  // The experts stage sets it from MODMOE_W4A16_WGMMA (unset or 1: on, 0: off); a forced
+  // config (MODMOE_GEMM_CONFIG) does not look at it.
+  bool allow_w4a16_wgmma = true;
   // Rows of B (per expert) that the GEMM reads: 2n gated, else n.
   int64_t b_rows() const { return gated ? 2 * n : n; }
   // Upper bound of the number of (expert, m-tile) pairs, from sizes alone:
@@ -86,6 +92,9 @@ struct GemmDesc {
   int64_t max_m_tiles(int block_m) const;
   // Whether the sm90 kernel can run this problem (the device is not looked at).
   bool sm90_supported() const;
+  // Whether the wgmma W4A16 tile can run this NVFP4 problem (the device is not looked at):
+  // aligned, and gated GEMM1 with GateUpInterleaved G = 8 (as sm90_supported).
+  bool sm90_w4a16_supported() const;
   void validate() const;
 };
 
@@ -108,12 +117,14 @@ struct GemmConfig {
   int tail_m = 0;
   // The W4A16 kernels (sm80_w4a16_grouped_gemm.cuh): block_m tokens x block_n weight rows,
   // block_k = 64 (W4a16Tile) or 256 (the deep decode tile, W4a16DeepTile), warps_n warps over
-  // the weight rows; arch 80.
+  // the weight rows; arch 80. With arch 90: the wgmma W4A16 tile (sm90_wgmma_grouped_gemm.cuh,
+  // Sm90W4a16Tile; warps_m consumer warpgroups, tail_m as the sm90 tiles, no split-K).
   bool nvfp4 = false;
 
   int threads() const { return arch == 90 ? 128 * (warps_m + warps_n) : 32 * warps_m * warps_n; }
   // "128x128x32_s4_w2x4", "sm90_64x128x64_s8", "..._k4" (split-K), "..._t32" (tail rows),
-  // "w4a16_16x128x64_s6", "w4a16_16x128x256_s8_k2" (NVFP4, split-K)
+  // "w4a16_16x128x64_s6", "w4a16_16x128x256_s8_k2" (NVFP4, split-K),
+  // "w4a16_wgmma_256x128x64_s5", "..._t32" (NVFP4 on wgmma, tail rows)
   std::string to_string() const;
   bool operator==(const GemmConfig&) const = default;
 };
@@ -265,5 +276,9 @@ void launch_sm90_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
 // W4A16 launcher (w4a16_grouped_gemm.cu); launch_grouped_gemm calls it for nvfp4 configs.
 void launch_w4a16_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
                                const GemmArgs& args, cudaStream_t stream);
+// wgmma W4A16 launcher (sm90_w4a16_grouped_gemm.cu); launch_grouped_gemm calls it for nvfp4
+// configs with arch 90.
+void launch_sm90_w4a16_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
+                                    const GemmArgs& args, cudaStream_t stream);
 
 }  // namespace modmoe::cuda::gemm

@@ -37,7 +37,10 @@ GemmConfig sm90_narrow_config() { return Sm90Narrow::config(); }
 GemmConfig sm90_wide_config() { return Sm90Wide::config(); }
 GemmConfig sm90_fp8_narrow_config() { return Sm90Fp8Narrow::config(); }
 GemmConfig sm90_fp8_mid_config() { return Sm90Fp8Mid::config(); }
+int sm90_w4a16_tail_rows();  // sm90_w4a16_grouped_gemm.cu
+
 int sm90_tail_rows(const GemmConfig& config) {
+  if (config.nvfp4) return config.arch == 90 ? sm90_w4a16_tail_rows() : 0;
   if (is_fp8_config(config)) return 0;
   return config.block_m == Sm90Wide::kBlockM ? Sm90Wide::kTail : Sm90Narrow::kTail;
 }
@@ -108,6 +111,37 @@ CUtensorMap token_map(const GemmDesc& desc, const GemmArgs& args, int box_rows) 
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+CUtensorMap sm90_token_map(const GemmDesc& desc, const GemmArgs& args, int box_rows) {
+  return token_map(desc, args, box_rows);
+}
+
+// NVFP4 packed weights of all experts: dims (k / 2 bytes, b_rows, E_local), strides (ldb,
+// b_expert_stride) in bytes (multiples of 16: k % 64 == 0 and the caller's checks), box
+// (box_bytes, 128, 1), no swizzle (the consumers read rows of box_bytes with ld.shared), zero
+// fill outside (rows past b_rows decode to 0).
+CUtensorMap sm90_packed_weight_map(const GemmDesc& desc, const GemmArgs& args, int box_bytes) {
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(desc.k / 2),
+                              static_cast<cuuint64_t>(desc.b_rows()),
+                              static_cast<cuuint64_t>(desc.num_experts)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(args.ldb),
+                                 static_cast<cuuint64_t>(args.b_expert_stride)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_bytes), 128, 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = encode_tiled()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<__nv_bfloat16*>(args.b), dims, strides,
+      box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  MODMOE_CHECK(r == CUDA_SUCCESS, "sm90 W4A16 grouped GEMM: cuTensorMapEncodeTiled failed (",
+               int(r), ") for packed weights of ", desc.num_experts, " x ", desc.b_rows(), " x ",
+               desc.k / 2, " bytes, strides ", args.ldb, ", ", args.b_expert_stride);
+  return map;
+}
+
+namespace {
 
 template <class Tile, bool kGemm1>
 void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs& args,

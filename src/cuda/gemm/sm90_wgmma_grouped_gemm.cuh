@@ -67,6 +67,7 @@
 #include "cuda/device/sm90_ptx.cuh"
 #include "cuda/device/sm90_wgmma.cuh"
 #include "cuda/gemm/grouped_gemm.h"
+#include "cuda/gemm/w4a16_decode.cuh"
 
 namespace modmoe::cuda::gemm {
 
@@ -77,11 +78,13 @@ namespace modmoe::cuda::gemm {
 template <int BlockM, int Stages, int StagingTokens, bool Fp8 = false>
 struct Sm90Tile {
   static constexpr bool kFp8 = Fp8;
+  static constexpr bool kNvfp4 = false;
   static constexpr int kElemBytes = Fp8 ? 1 : 2;
   static constexpr int kRowBytes = 128;   // one 128-byte swizzle row per operand row and k-block
   static constexpr int kBlockM = BlockM;  // tokens per tile (without the tail rows)
   static constexpr int kBlockN = 128;     // weight rows per tile
   static constexpr int kBlockK = kRowBytes / kElemBytes;  // 64 bf16 or 128 e4m3
+  static constexpr int kWCoordK = kBlockK;  // the weight map's dim-0 coordinate per k-block
   static constexpr int kKSteps = 4;       // wgmma k-steps per k-block (32 bytes of K each)
   static constexpr int kStages = Stages;
   static constexpr int kThreads = 384;
@@ -118,6 +121,72 @@ struct Sm90Tile {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
 
   static GemmConfig config() { return {BlockM, kBlockN, kBlockK, Stages, 2, 1, 90, 1}; }
+};
+
+// The W4A16 variant (NVFP4 weights, bf16 tokens; docs/nvfp4.md "Hopper wgmma kernel"): the
+// token side is Sm90Tile's bf16 one (kBlockK = 64, 128-byte swizzled rows, tail rows); the weight
+// side of a stage is the packed tile [128 rows][32 bytes] (TMA, no swizzle) and its block scales
+// [128 rows][4] e4m3 (cp.async by the producer warpgroup, one row per thread). The consumers
+// decode A into registers (wgmma with A from registers, B from shared memory). No split-K.
+// Shared memory (dynamic, 1024-byte aligned):
+//   X      [kStages][kMaxRows][64] bf16  kMaxRows * 128 B per stage, 128-byte swizzle
+//   W      [kStages][128][32] uint8      4 KB per stage: row r at r * 32 (bytes = K / 2)
+//   S      [kStages][128][4] e4m3        512 B per stage: row r's 4 block scales at r * 4
+//   stage  [2][kStagingTokens][72] bf16  epilogue staging, one per consumer warpgroup
+//   xsrc   [kMaxRows] uint64             producer (gather): address of each token row, 0 none
+//   bars   full[kStages], empty[kStages] uint64; flag int32
+template <int BlockM, int Stages, int StagingTokens>
+struct Sm90W4a16Tile {
+  static constexpr bool kFp8 = false;
+  static constexpr bool kNvfp4 = true;
+  static constexpr int kElemBytes = 2;    // tokens
+  static constexpr int kRowBytes = 128;   // token row bytes per k-block
+  static constexpr int kBlockM = BlockM;  // tokens per tile (without the tail rows)
+  static constexpr int kBlockN = 128;     // weight rows per tile
+  static constexpr int kBlockK = 64;      // 4 scale blocks, 32 packed bytes per weight row
+  static constexpr int kWCoordK = kBlockK / 2;  // the packed map's dim 0 counts bytes
+  static constexpr int kKSteps = 4;
+  static constexpr int kStages = Stages;
+  static constexpr int kThreads = 384;
+  static constexpr int kNStep = 32;
+  static constexpr int kTail = kNStep;
+  static constexpr int kMaxRows = BlockM + kTail;
+  static constexpr int kNumVariants = BlockM / kNStep;
+  static constexpr int kAccRegs = BlockM / 2;
+  static constexpr int kTailRegs = kTail / 2;
+  static constexpr int kWRowBytes = kBlockK / 2;
+  static constexpr int kWStageBytes = kBlockN * kWRowBytes;
+  static constexpr int kSStageBytes = kBlockN * (kBlockK / 16);
+  static constexpr int kXStageBytes = kMaxRows * kRowBytes;
+  static constexpr int kStagingTokens = StagingTokens;
+  static constexpr int kStagingPitch = 144;
+  static constexpr int kStagingBytes = kStagingTokens * kStagingPitch;
+  static constexpr int kXOffset = 0;
+  static constexpr int kWOffset = kXOffset + kStages * kXStageBytes;
+  static constexpr int kSOffset = kWOffset + kStages * kWStageBytes;
+  static constexpr int kStagingOffset = kSOffset + kStages * kSStageBytes;
+  static constexpr int kXRowOffset = kStagingOffset + 2 * kStagingBytes;
+  // FP8 names the kernel's producer refers to (unused: no per-row token scales).
+  static constexpr int kScaleOffset = kXRowOffset + kMaxRows * 8;
+  static constexpr int kScaleStageFloats = 0;
+  static constexpr int kScaleRowOffset = kScaleOffset;
+  static constexpr int kBarOffset = kScaleRowOffset;
+  static constexpr int kFlagOffset = kBarOffset + 2 * kStages * 8;
+  static constexpr int kSmemBytes = kFlagOffset + 16 + 1024;
+
+  static_assert(kXStageBytes % 1024 == 0, "X stages must stay 1024-byte aligned");
+  static_assert((kBlockM * kRowBytes) % 1024 == 0, "tail rows must start 1024-byte aligned");
+  static_assert(kWOffset % 128 == 0 && kWStageBytes % 128 == 0, "TMA destinations");
+  static_assert(BlockM % kNStep == 0, "N variants");
+  static_assert(kStagingTokens % 16 == 0 && BlockM % kStagingTokens == 0, "staging rounds");
+  static_assert(kBarOffset % 8 == 0, "mbarriers are 8-byte aligned");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
+
+  static GemmConfig config() {
+    GemmConfig c{BlockM, kBlockN, kBlockK, Stages, 2, 1, 90, 1};
+    c.nvfp4 = true;
+    return c;
+  }
 };
 
 struct Sm90Params {
@@ -228,6 +297,78 @@ __device__ __forceinline__ void sm90_mainloop(float (&acc)[Tile::kAccRegs],
   if (lane == 0) sm90::mbar_arrive(empty + 8 * ((it - 1) % Tile::kStages));
 }
 
+// The W4A16 main loop of one tile (Sm90W4a16Tile) at wgmma width N (kTail: plus the kTail-wide
+// MMA of the tail rows into acc_tail), A from registers. Per stage each thread reads the 32
+// packed bytes and the 4 block scales of its two rows (r8 and r8 + 8 of its warp's 16: the
+// wgmma A fragment rows), then per k16 step kk decodes its fragment in natural K order (a0 / a1:
+// byte 8 kk + q of rows r8 / r8 + 8, a2 / a3: byte 8 kk + q + 4; nvfp4::e2m1_byte_pairs_spread)
+// with the rows' scale factors of block kk, and issues the wgmma: w' * 2^-7 exactly, as in the
+// mma.sync kernel (the epilogue multiplies by 128 * global).
+// NOTE: wgmma reads its A registers asynchronously. Two fragment buffers: step kk writes
+// af[kk % 2] while step kk - 1's wgmma may still read af[(kk - 1) % 2]; the wgmma_wait<1> after
+// each commit completes every group but the newest, so the buffer written next (read two steps
+// back) is free. wgmma_fence before each wgmma orders the fresh register writes before it.
+template <class Tile, int N, bool kTail>
+__device__ __forceinline__ void sm90_mainloop_w4a16(float (&acc)[Tile::kAccRegs],
+                                                    float (&acc_tail)[Tile::kTailRegs],
+                                                    uint32_t smem, int cwg, int lane,
+                                                    int kb_begin, int kb_end, int it,
+                                                    bool x_tma) {
+  const uint32_t full = smem + Tile::kBarOffset;
+  const uint32_t empty = full + Tile::kStages * 8;
+  const int warp = (threadIdx.x >> 5) & 3;
+  const int r_lo = cwg * 64 + warp * 16 + (lane >> 2);  // tile row of a0 / a2; a1 / a3: + 8
+  const int q = lane & 3;
+  const uint32_t sel = static_cast<uint32_t>(q | ((q + 4) << 4));
+  uint32_t af[2][4];
+  for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
+    const int s = it % Tile::kStages;
+    sm90::mbar_wait(full + 8 * s, (it / Tile::kStages) & 1);
+    // NOTE: gathered token rows were written by cp.async (generic proxy); wgmma reads them
+    // through the async proxy. The weights and scales are read here with ld.shared.
+    if (!x_tma) sm90::fence_proxy_async_smem();
+    const uint32_t ws = smem + Tile::kWOffset + s * Tile::kWStageBytes;
+    const uint4 lo0 = lds_128(ws + r_lo * Tile::kWRowBytes);
+    const uint4 lo1 = lds_128(ws + r_lo * Tile::kWRowBytes + 16);
+    const uint4 hi0 = lds_128(ws + (r_lo + 8) * Tile::kWRowBytes);
+    const uint4 hi1 = lds_128(ws + (r_lo + 8) * Tile::kWRowBytes + 16);
+    const uint32_t ss = smem + Tile::kSOffset + s * Tile::kSStageBytes;
+    const uint32_t sc_lo = lds_32(ss + r_lo * 4);
+    const uint32_t sc_hi = lds_32(ss + (r_lo + 8) * 4);
+    const uint32_t xs = smem + Tile::kXOffset + s * Tile::kXStageBytes;
+    const uint64_t db = sm90::smem_desc_sw128(xs);
+    // Rows kBlockM.. of the stage: 1024-byte aligned, so the same swizzle phase.
+    const uint64_t dt = sm90::smem_desc_sw128(xs + Tile::kBlockM * Tile::kRowBytes);
+#pragma unroll
+    for (int kk = 0; kk < Tile::kKSteps; ++kk) {
+      uint32_t(&a)[4] = af[kk & 1];
+      // words 2 kk and 2 kk + 1 of each row's 32 bytes: packed bytes [8 kk, 8 kk + 8)
+      const uint32_t x_lo = kk == 0 ? lo0.x : kk == 1 ? lo0.z : kk == 2 ? lo1.x : lo1.z;
+      const uint32_t y_lo = kk == 0 ? lo0.y : kk == 1 ? lo0.w : kk == 2 ? lo1.y : lo1.w;
+      const uint32_t x_hi = kk == 0 ? hi0.x : kk == 1 ? hi0.z : kk == 2 ? hi1.x : hi1.z;
+      const uint32_t y_hi = kk == 0 ? hi0.y : kk == 1 ? hi0.w : kk == 2 ? hi1.y : hi1.w;
+      // scale factors of block kk of rows r_lo (low lane) and r_lo + 8 (high lane)
+      const uint32_t k = scale_factors_pair(__byte_perm(sc_lo, sc_hi, kk | ((kk + 4) << 4)));
+      decode_natural_pairs<0>(x_lo, y_lo, sel, k, a[0], a[2]);
+      decode_natural_pairs<1>(x_hi, y_hi, sel, k, a[1], a[3]);
+      const int scale_d = (kb > kb_begin || kk > 0) ? 1 : 0;
+      sm90::wgmma_fence();
+      sm90::WgmmaRegA<N>::mma(acc, a, db + 2 * kk, scale_d);
+      if constexpr (kTail) sm90::WgmmaRegA<Tile::kTail>::mma(acc_tail, a, dt + 2 * kk, scale_d);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<1>();
+      // After step 0's wait every wgmma of the previous k-block is complete: its stage is free.
+      if (kk == 0 && kb > kb_begin && lane == 0) {
+        sm90::mbar_arrive(empty + 8 * ((it - 1) % Tile::kStages));
+      }
+    }
+  }
+  sm90::wgmma_wait<0>();
+  sm90::fence_regs(acc);
+  if constexpr (kTail) sm90::fence_regs(acc_tail);
+  if (lane == 0) sm90::mbar_arrive(empty + 8 * ((it - 1) % Tile::kStages));
+}
+
 // Runs the main loop of variant v (compile-time recursion over V): N = (v + 1) * kNStep for
 // v < kNumVariants, the tail variant (kBlockM + kTail rows) for v = kNumVariants.
 template <class Tile, int V>
@@ -238,12 +379,20 @@ __device__ __forceinline__ void sm90_mainloop_variant(int v, float (&acc)[Tile::
                                                       bool x_tma) {
   if constexpr (V < Tile::kNumVariants) {
     if (v == V) {
-      sm90_mainloop<Tile, (V + 1) * Tile::kNStep, false>(acc, acc_tail, smem, cwg, lane,
-                                                         kb_begin, kb_end, it, x_tma);
+      if constexpr (Tile::kNvfp4) {
+        sm90_mainloop_w4a16<Tile, (V + 1) * Tile::kNStep, false>(acc, acc_tail, smem, cwg, lane,
+                                                                 kb_begin, kb_end, it, x_tma);
+      } else {
+        sm90_mainloop<Tile, (V + 1) * Tile::kNStep, false>(acc, acc_tail, smem, cwg, lane,
+                                                           kb_begin, kb_end, it, x_tma);
+      }
     } else {
       sm90_mainloop_variant<Tile, V + 1>(v, acc, acc_tail, smem, cwg, lane, kb_begin, kb_end,
                                          it, x_tma);
     }
+  } else if constexpr (Tile::kNvfp4) {
+    sm90_mainloop_w4a16<Tile, Tile::kBlockM, true>(acc, acc_tail, smem, cwg, lane, kb_begin,
+                                                   kb_end, it, x_tma);
   } else {
     sm90_mainloop<Tile, Tile::kBlockM, true>(acc, acc_tail, smem, cwg, lane, kb_begin, kb_end,
                                              it, x_tma);
@@ -366,6 +515,10 @@ struct Sm90Epilogue {
   int cwg, warp, lane;
   uint32_t staging;  // this warpgroup's staging tile (shared address)
   const uint8_t* staging_ptr;
+  // W4A16 (Tile::kNvfp4) only: every accumulator is multiplied by it first, one fp32 multiply
+  // (128 * global: the decode gave w' * 2^-7, and a power of two commutes with rounding, so
+  // this is the oracle's dot(x, w') * global bitwise).
+  float acc_scale = 1.0f;
 };
 
 // The epilogue in fp32 (docs/HELPERS.md "Numerics"): + bias, + LoRA (GEMM1), the activation,
@@ -433,6 +586,10 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2], const S
           for (int k = 0; k < 2; ++k) {
             float gate = acc[4 * jj + k];
             float up = acc[4 * jj + 2 + k];
+            if constexpr (Tile::kNvfp4) {
+              gate = __fmul_rn(gate, e.acc_scale);  // never fused with the bias add below
+              up = __fmul_rn(up, e.acc_scale);
+            }
             if (bias != nullptr) {
               gate += bias_lo;
               up += bias_hi;
@@ -451,6 +608,7 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2], const S
           for (int k = 0; k < 4; ++k) {
             const bool hi = k >= 2;
             float x = acc[4 * jj + k];
+            if constexpr (Tile::kNvfp4) x = __fmul_rn(x, e.acc_scale);
             if (bias != nullptr) x += hi ? bias_hi : bias_lo;
             if constexpr (!std::is_same_v<Act, ActIdentity>) {
               const int t = 8 * jj + 2 * quad + (k & 1);
@@ -526,6 +684,23 @@ __device__ __forceinline__ void sm90_epilogue_dispatch(float (&acc)[kTokens / 2]
   }
 }
 
+// W4A16 producer: producer thread ptid copies the 4 block scales (64 of K, 4 bytes: the linear
+// [rows, K/16] layout with K % 64 == 0) of tile row ptid for k-block kb into stage s; rows past
+// the expert's b_rows are zero-filled (their weights are TMA's zero fill).
+template <class Tile>
+__device__ __forceinline__ void sm90_w4a16_copy_scales(const Sm90Params& p,
+                                                       const Sm90TileCoord& c, uint32_t smem,
+                                                       int s, int kb, int ptid) {
+  const GemmArgs& g = p.args;
+  const int row = c.n_tile * Tile::kBlockN + ptid;
+  const bool ok = row < p.b_rows;
+  const uint8_t* src = g.b_block_scale + static_cast<int64_t>(c.expert) * g.b_block_scale_expert +
+                       static_cast<int64_t>(row) * g.b_block_scale_ld + 4 * kb;
+  sm90::cp_async_4(smem + Tile::kSOffset + s * Tile::kSStageBytes + 4 * ptid,
+                   ok ? static_cast<const void*>(src) : static_cast<const void*>(g.b_block_scale),
+                   ok ? 4 : 0);
+}
+
 template <class Tile, bool kGemm1>
 __global__ void __launch_bounds__(Tile::kThreads, 1)
     sm90_grouped_gemm_kernel(const __grid_constant__ Sm90Params p) {
@@ -546,7 +721,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < Tile::kStages; ++s) {
-      sm90::mbar_init(full + 8 * s, p.x_tma ? 1 : 129);
+      // W4A16: every producer thread copies block scales (cp.async), so always 129.
+      sm90::mbar_init(full + 8 * s, p.x_tma && !Tile::kNvfp4 ? 1 : 129);
       sm90::mbar_init(empty + 8 * s, 8);
     }
     sm90::fence_barrier_init();
@@ -567,8 +743,9 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     sm90::setmaxnreg_dec<40>();
     const int ptid = threadIdx.x;
     if (!Tile::kFp8 && p.x_tma) {
-      // Contiguous token rows: thread 0 issues every copy of the stage.
-      if (ptid != 0) return;
+      // Contiguous token rows: thread 0 issues every TMA copy of the stage (W4A16: every
+      // thread also copies its weight row's block scales, sm90_w4a16_copy_scales).
+      if (!Tile::kNvfp4 && ptid != 0) return;
       int it = 0;
       for (int unit = blockIdx.x; unit < total_units; unit += gridDim.x) {
         const Sm90TileCoord c = sm90_decode_unit<Tile>(p, unit);
@@ -579,18 +756,26 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
           const int s = it % Tile::kStages;
           const uint32_t bar_full = full + 8 * s;
           sm90::mbar_wait(empty + 8 * s, ((it / Tile::kStages) & 1) ^ 1);
-          sm90::mbar_arrive_expect_tx(bar_full, Tile::kWStageBytes + n_used * Tile::kRowBytes);
-          sm90::tma_load_3d(smem + Tile::kWOffset + s * Tile::kWStageBytes, &p.tmap_w, bar_full,
-                            kb * Tile::kBlockK, c.n_tile * Tile::kBlockN, c.expert);
-          // Rows past the group's end (the next group's, or zeros past the row space) land in
-          // token columns the epilogue never stores.
-          const uint32_t xs = smem + Tile::kXOffset + s * Tile::kXStageBytes;
-          for (int r0 = 0; r0 < n_used; r0 += Tile::kNStep) {
-            sm90::tma_load_2d(xs + r0 * Tile::kRowBytes, &p.tmap_x, bar_full, kb * Tile::kBlockK,
-                              c.row0 + r0);
+          if (ptid == 0) {
+            sm90::mbar_arrive_expect_tx(bar_full,
+                                        Tile::kWStageBytes + n_used * Tile::kRowBytes);
+            sm90::tma_load_3d(smem + Tile::kWOffset + s * Tile::kWStageBytes, &p.tmap_w,
+                              bar_full, kb * Tile::kWCoordK, c.n_tile * Tile::kBlockN, c.expert);
+            // Rows past the group's end (the next group's, or zeros past the row space) land
+            // in token columns the epilogue never stores.
+            const uint32_t xs = smem + Tile::kXOffset + s * Tile::kXStageBytes;
+            for (int r0 = 0; r0 < n_used; r0 += Tile::kNStep) {
+              sm90::tma_load_2d(xs + r0 * Tile::kRowBytes, &p.tmap_x, bar_full,
+                                kb * Tile::kBlockK, c.row0 + r0);
+            }
+          }
+          if constexpr (Tile::kNvfp4) {
+            sm90_w4a16_copy_scales<Tile>(p, c, smem, s, kb, ptid);
+            sm90::cp_async_mbar_arrive_noinc(bar_full);
           }
         }
       }
+      if constexpr (Tile::kNvfp4) sm90::cp_async_wait_all();
       return;
     }
     // Gathered token rows: every producer thread copies 16-byte chunk `chunk` of rows
@@ -636,7 +821,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
         if (ptid == 0) {
           sm90::mbar_arrive_expect_tx(bar_full, Tile::kWStageBytes);
           sm90::tma_load_3d(smem + Tile::kWOffset + s * Tile::kWStageBytes, &p.tmap_w, bar_full,
-                            kb * Tile::kBlockK, c.n_tile * Tile::kBlockN, c.expert);
+                            kb * Tile::kWCoordK, c.n_tile * Tile::kBlockN, c.expert);
         }
         const int k_elem = kb * Tile::kBlockK + chunk * (16 / Tile::kElemBytes);
         // K % 8 == 0 (bf16) or K % 128 == 0 (FP8): a chunk is all in or all out
@@ -672,6 +857,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
             sm90::cp_async_4(sd + 4 * r, gp, src != 0 ? 4 : 0);
           }
         }
+        if constexpr (Tile::kNvfp4) sm90_w4a16_copy_scales<Tile>(p, c, smem, s, kb, ptid);
         sm90::cp_async_mbar_arrive_noinc(bar_full);
       }
     }
@@ -755,21 +941,34 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
       }
     }
 
+    // W4A16: the epilogue multiplies each accumulator by 128 * global (sm90_epilogue).
+    // NOTE: not in place here: ptxas serializes the wgmma pipeline (C7515) when non-wgmma
+    // instructions define the accumulator registers between tiles.
+    const float acc_scale =
+        Tile::kNvfp4 ? __fmul_rn(__ldg(g.b_global_scale + c.expert), nvfp4::kDecodeUnscale) : 1.0f;
+
     // ---- epilogue: the kBlockM columns, then the tail rows' columns if the tile has them ----
     const Sm90Epilogue e{p, c, n_used < Tile::kBlockM ? n_used : Tile::kBlockM, cwg, warp, lane,
-                         staging, staging_ptr};
+                         staging, staging_ptr, acc_scale};
     sm90_epilogue_dispatch<Tile, Tile::kBlockM, kGemm1>(acc, e);
     if constexpr (!Tile::kFp8) {
       if (n_used > Tile::kBlockM) {
         Sm90TileCoord ct = c;
         ct.row0 += Tile::kBlockM;
         ct.rows -= Tile::kBlockM;
-        const Sm90Epilogue et{p, ct, Tile::kTail, cwg, warp, lane, staging, staging_ptr};
+        const Sm90Epilogue et{p, ct, Tile::kTail, cwg, warp, lane, staging, staging_ptr,
+                              acc_scale};
         sm90_epilogue_dispatch<Tile, Tile::kTail, kGemm1>(acc_tail, et);
       }
     }
   }
 #endif
 }
+
+// Host: the tensor maps of sm90_grouped_gemm.cu that the W4A16 launcher shares.
+// Token rows [max_rows, k] bf16, box (64, box_rows), 128-byte swizzle.
+CUtensorMap sm90_token_map(const GemmDesc& desc, const GemmArgs& args, int box_rows);
+// Packed NVFP4 weights [E_local, b_rows, k / 2] bytes, box (box_bytes, 128, 1), no swizzle.
+CUtensorMap sm90_packed_weight_map(const GemmDesc& desc, const GemmArgs& args, int box_bytes);
 
 }  // namespace modmoe::cuda::gemm
