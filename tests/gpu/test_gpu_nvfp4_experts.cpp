@@ -18,7 +18,11 @@
 //   - repeated runs and a CUDA graph replay bitwise (split-K too); fused_moe == route -> experts
 //     bitwise; EP slices summed == the single call;
 //   - the deep decode tile without split-K == the 64-K decode tile, bit for bit (the same MMAs
-//     in the same order per accumulator, sm80_w4a16_grouped_gemm.cuh).
+//     in the same order per accumulator, sm80_w4a16_grouped_gemm.cuh);
+//   - the wgmma W4A16 prefill tile (sm90_wgmma_grouped_gemm.cuh, Sm90W4a16Tile; sm_90 only)
+//     forced: the oracle cases above for its paths (gather / TMA token rows, tail rows, K and n
+//     tails, empty experts, every activation, LoRA, bias), against the mma.sync prefill tile,
+//     repeated and graph replay bitwise, and an error where it cannot run.
 // Outputs are poisoned before every run; inputs are fresh random draws (never all zero).
 // Without a GPU the suite skips. MODMOE_GPU_TEST_DRYRUN=1 runs the MatchesTheOracle cases on
 // such a machine with the CPU oracle on both sides, to check the harness itself.
@@ -53,6 +57,21 @@ constexpr const char* kDeepTile = "w4a16_16x128x256_s8";  // the decode tile on 
 constexpr const char* kDecode64Tile = "w4a16_16x128x64_s6";
 constexpr const char* kWideTile = "w4a16_16x256x256_s4";  // 256 rows, 16 warps (opt-in)
 constexpr const char* kPrefillTile = "w4a16_64x128x64_s4";
+// The wgmma W4A16 tile (sm_90a only: Hopper prefill from 128 rows per expert).
+constexpr const char* kWgmmaTile = "w4a16_wgmma_256x128x64_s5";
+
+bool is_wgmma_name(const char* name) { return std::strncmp(name, "w4a16_wgmma_", 12) == 0; }
+
+// Whether device 0 is an sm_90 (the wgmma tile's only target).
+bool device_is_sm90() {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
 
 using test::ScopedEnv;
 
@@ -85,6 +104,7 @@ struct Case {
   GateUpOrder order = GateUpOrder::GateUp;
   const char* force = "";  // MODMOE_GEMM_CONFIG
   const char* split = "";  // MODMOE_GEMM_SPLIT_K (clamped to each GEMM's capacity)
+  const char* tail = "";   // MODMOE_GEMM_TAIL (tail rows of the sm90 tiles, wgmma W4A16 too)
 };
 
 // NVFP4 weights [E, R, C] (C values per row): packed codes [E, R, C/2], block scales
@@ -375,6 +395,11 @@ TEST_P(GpuNvfp4Experts, MatchesTheOracle) {
   if (c.force[0] != '\0') force = std::make_unique<ScopedEnv>("MODMOE_GEMM_CONFIG", c.force);
   std::unique_ptr<ScopedEnv> split;
   if (c.split[0] != '\0') split = std::make_unique<ScopedEnv>("MODMOE_GEMM_SPLIT_K", c.split);
+  std::unique_ptr<ScopedEnv> tail;
+  if (c.tail[0] != '\0') tail = std::make_unique<ScopedEnv>("MODMOE_GEMM_TAIL", c.tail);
+  if (is_wgmma_name(c.force) && !dry_run() && !device_is_sm90()) {
+    GTEST_SKIP() << c.force << " runs on sm_90 only";
+  }
   const Problem p = make_problem(c, 9000 + std::hash<std::string>{}(c.name) % 1000);
   const Outputs ref = run_experts(p, false);
   const Outputs gpu = run_experts(p, true);
@@ -627,6 +652,119 @@ std::vector<Case> cases() {
   r.lora = true;
   r.M = 40;
   add(r);
+
+  // The wgmma W4A16 tile (256 tokens x 128 weight rows, A decoded into registers; sm_90 only,
+  // skipped elsewhere), forced on both GEMMs. GEMM1 of the standard format gathers its token
+  // rows (cp.async), GEMM2 and the batched format load them by TMA.
+  Case w;
+  w.small_int = true;
+  w.force = kWgmmaTile;
+  w.name = "int_wgmma_prefill";  // ~192 rows per expert: one tile, N variants below 256
+  w.M = 384;
+  w.E = 4;
+  w.k = 2;
+  add(w);
+  w.name = "int_wgmma_prefill_unfinalized";
+  w.finalize = false;
+  add(w);
+  w = Case{};
+  w.small_int = true;
+  w.force = kWgmmaTile;
+  w.name = "int_wgmma_tail_rows";  // ~272 rows per expert: one tile of 256 + up to 32 tail rows
+  w.M = 272;
+  w.E = 2;
+  w.k = 2;
+  w.tail = "1";
+  add(w);
+  w.name = "int_wgmma_no_tail_rows";  // the same rows without: a second, nearly empty tile
+  w.tail = "0";
+  add(w);
+  w = Case{};
+  w.small_int = true;
+  w.force = kWgmmaTile;
+  w.name = "int_wgmma_many_experts_empty";  // 64 experts, <= 48 rows: most experts have none
+  w.M = 24;
+  w.E = 64;
+  w.k = 2;
+  add(w);
+  w = Case{};
+  w.small_int = true;
+  w.force = kWgmmaTile;
+  w.name = "int_wgmma_k_n_tails_odd_t";  // K = 1344 / 1088 (21 / 17 k-blocks of 64),
+  w.M = 333;                             // GEMM2 n = 1344 (10.5 tiles), an odd token count
+  w.E = 4;
+  w.k = 2;
+  w.H = 1344;
+  w.I = 1088;
+  w.tail = "1";
+  add(w);
+  w = Case{};
+  w.small_int = true;
+  w.force = kWgmmaTile;
+  w.name = "int_wgmma_short_k";  // GEMM2 K = 64: one k-block, fewer than the 5 stages
+  w.M = 300;
+  w.E = 2;
+  w.I = 64;
+  add(w);
+  w = Case{};
+  w.small_int = true;
+  w.force = kWgmmaTile;
+  w.name = "int_wgmma_batched";  // token rows by TMA in both GEMMs
+  w.batched = true;
+  w.M = 300;
+  w.E = 4;
+  add(w);
+  w = Case{};
+  w.small_int = true;
+  w.force = kWgmmaTile;
+  w.name = "int_wgmma_lora";
+  w.lora = true;
+  w.M = 200;
+  add(w);
+  w.name = "int_wgmma_no_bias";
+  w.lora = false;
+  w.bias = false;
+  add(w);
+  w.name = "int_wgmma_interleave8_upgate";  // G = 8 with UpGate order: still rows g, g + 8
+  w.bias = true;
+  w.order = GateUpOrder::UpGate;
+  add(w);
+  for (Activation act : {Activation::SwigluOai, Activation::Geglu, Activation::Relu2}) {
+    w = Case{};
+    w.small_int = true;
+    w.force = kWgmmaTile;
+    w.act = act;
+    w.M = 260;
+    w.name = std::string("int_wgmma_") + (act == Activation::SwigluOai ? "swiglu_oai"
+                                          : act == Activation::Geglu   ? "geglu"
+                                                                       : "relu2");
+    add(w);
+  }
+  w = Case{};
+  w.force = kWgmmaTile;
+  w.name = "rand_wgmma_prefill";
+  w.M = 512;
+  w.E = 8;
+  w.k = 2;
+  w.H = 1024;
+  w.I = 768;
+  w.tail = "1";
+  add(w);
+  w.name = "rand_wgmma_ep4_rank1";
+  w.ep_size = 4;
+  w.ep_rank = 1;
+  w.E = 4;
+  add(w);
+  // Not forced: what select_config picks for 512 rows per expert (the wgmma tile on a Hopper
+  // unless MODMOE_W4A16_WGMMA=0, the mma.sync prefill tile elsewhere).
+  w = Case{};
+  w.name = "rand_prefill_selected";
+  w.M = 1024;
+  w.E = 4;
+  w.k = 2;
+  w.H = 512;
+  w.I = 512;
+  add(w);
   return v;
 }
 
@@ -827,12 +965,17 @@ TEST_F(GpuNvfp4Stage, RepeatedAndGraphReplayBitwise) {
   struct Variant {
     int64_t M;
     const char* split;
+    const char* force;
   };
-  for (const Variant& v : {Variant{9, ""}, Variant{9, "2"}, Variant{200, ""}}) {
+  for (const Variant& v : {Variant{9, "", ""}, Variant{9, "2", ""}, Variant{200, "", ""},
+                           Variant{333, "", kWgmmaTile}}) {
     const int64_t M = v.M;
+    if (is_wgmma_name(v.force) && !device_is_sm90()) continue;  // sm_90 only
     std::unique_ptr<ScopedEnv> split;
     if (v.split[0] != '\0') split = std::make_unique<ScopedEnv>("MODMOE_GEMM_SPLIT_K", v.split);
-    SCOPED_TRACE(std::string("split ") + v.split);
+    std::unique_ptr<ScopedEnv> force;
+    if (v.force[0] != '\0') force = std::make_unique<ScopedEnv>("MODMOE_GEMM_CONFIG", v.force);
+    SCOPED_TRACE(std::string("split ") + v.split + " config " + v.force);
     Case c;
     c.name = "determinism";
     c.M = M;
@@ -978,6 +1121,63 @@ TEST_F(GpuNvfp4Stage, DeepTileEqualsThe64KTileBitwise) {
       EXPECT_LE(e, 4e-3) << what;
     }
   }
+}
+
+// The wgmma W4A16 tile against the mma.sync prefill tile on random inputs (the same weights
+// decoded to the same bf16 values; only the fp32 summation order differs): within the
+// oracle's bound, and each deterministic (two calls, the same bits). Prepared G = 8 weights,
+// tail rows on and off, GEMM1 K = 1344 / GEMM2 K = 1088.
+TEST_F(GpuNvfp4Stage, WgmmaTileAgreesWithTheMmaSyncTile) {
+  if (!device_is_sm90()) GTEST_SKIP() << kWgmmaTile << " runs on sm_90 only";
+  for (const char* tail : {"0", "1"}) {
+    const ScopedEnv t("MODMOE_GEMM_TAIL", tail);
+    Case c;
+    c.name = "wgmma_vs_mma_sync";
+    c.M = 777;
+    c.E = 8;
+    c.k = 3;
+    c.H = 1344;
+    c.I = 1088;
+    c.finalize = false;  // gemm2_out: the GEMM2 rows themselves
+    const Problem p = make_problem(c, 9975);
+    Outputs wg, wg2, ms;
+    {
+      const ScopedEnv env("MODMOE_GEMM_CONFIG", kWgmmaTile);
+      wg = run_experts(p, true);
+      wg2 = run_experts(p, true, 2);
+    }
+    {
+      const ScopedEnv env("MODMOE_GEMM_CONFIG", kPrefillTile);
+      ms = run_experts(p, true);
+    }
+    const int64_t valid = ms.offsets.data<int64_t>()[p.E_local];
+    auto rows = [&](const HostTensor& x) { return first_rows(x, valid); };
+    EXPECT_EQ(bitwise_fraction(rows(wg.act), rows(wg2.act)), 1.0) << "GEMM1 twice, tail " << tail;
+    EXPECT_EQ(bitwise_fraction(rows(wg.g2), rows(wg2.g2)), 1.0) << "GEMM2 twice, tail " << tail;
+    const double e1 = test::rel_l2(rows(wg.act), rows(ms.act));
+    const double e2 = test::rel_l2(rows(wg.g2), rows(ms.g2));
+    std::printf("wgmma vs mma.sync (tail %s): GEMM1 rel L2 %.3g, GEMM2 %.3g, %lld rows\n", tail,
+                e1, e2, static_cast<long long>(valid));
+    EXPECT_LE(e1, 2e-3) << "tail " << tail;
+    EXPECT_LE(e2, 4e-3) << "tail " << tail;
+  }
+}
+
+// Forcing the wgmma W4A16 tile where it cannot run (gated weights not GateUpInterleaved with
+// G = 8) fails with an error naming the layout, instead of silently running another tile.
+TEST_F(GpuNvfp4Stage, ForcedWgmmaTileOnAnotherLayoutFails) {
+  Case c;
+  c.name = "forced_wgmma_canonical";
+  c.small_int = true;
+  c.M = 300;
+  c.interleave = 0;
+  const Problem p = make_problem(c, 9991);
+  const ScopedEnv env("MODMOE_GEMM_CONFIG", kWgmmaTile);
+  EXPECT_MODMOE_ERROR(run_experts(p, true), "MODMOE_GEMM_CONFIG=w4a16_wgmma_256x128x64_s5",
+                      "GateUpInterleaved layout with G = 8");
+  c.interleave = 16;
+  const Problem p16 = make_problem(c, 9992);
+  EXPECT_MODMOE_ERROR(run_experts(p16, true), "cannot run this NVFP4 GEMM1");
 }
 
 // The config hook: an NVFP4 problem never takes a bf16 or FP8 tile, even when forced.
