@@ -348,6 +348,81 @@ TEST(GemmConfig, Nvfp4SplitCapacityOfTheGpuTestCases) {
   }
 }
 
+// The wgmma W4A16 tile: its name (what MODMOE_GEMM_CONFIG takes), what it can run (NVFP4
+// only; aligned; gated only with GateUpInterleaved G = 8; not with MODMOE_GEMM_CONFIG=sm80),
+// tail rows of 32 and no split-K.
+TEST(GemmConfig, W4a16WgmmaTileNameAndSupport) {
+  const GemmConfig* tile = nullptr;
+  for (const GemmConfig& c : cuda::gemm::compiled_configs()) {
+    if (c.nvfp4 && c.arch == 90) {
+      EXPECT_EQ(tile, nullptr) << "one wgmma W4A16 tile";
+      tile = &c;
+    }
+  }
+  ASSERT_NE(tile, nullptr);
+  EXPECT_EQ(tile->to_string(), "w4a16_wgmma_256x128x64_s5");
+  EXPECT_EQ(tile->threads(), 384);
+  GemmConfig t = *tile;
+  t.tail_m = cuda::gemm::sm90_tail_rows(t);
+  EXPECT_EQ(t.tail_m, 32);
+  EXPECT_EQ(t.to_string(), "w4a16_wgmma_256x128x64_s5_t32");
+  EXPECT_TRUE(cuda::gemm::is_compiled(t));
+  t.split_k = 2;
+  EXPECT_FALSE(cuda::gemm::is_compiled(t)) << "no split-K";
+  EXPECT_FALSE(cuda::gemm::is_fp8_config(*tile));
+
+  GemmDesc d = gemm_desc(true, 8, 8, 2, 4096, 4096, 14336, 8);
+  d.nvfp4 = true;
+  d.validate();
+  EXPECT_TRUE(d.sm90_w4a16_supported());
+  EXPECT_TRUE(cuda::gemm::config_runs(d, *tile));
+  GemmDesc g2 = gemm_desc(false, 8, 8, 2, 4096, 4096, 14336, 8);
+  g2.nvfp4 = true;
+  EXPECT_TRUE(g2.sm90_w4a16_supported()) << "GEMM2: no gate/up layout";
+  GemmDesc relu2 = d;
+  relu2.gated = false;
+  relu2.gate_up_group = 0;
+  EXPECT_TRUE(cuda::gemm::config_runs(relu2, *tile)) << "non-gated GEMM1";
+  GemmDesc x = d;
+  x.gate_up_group = -1;  // canonical, or G != 8
+  EXPECT_FALSE(x.sm90_w4a16_supported());
+  EXPECT_FALSE(cuda::gemm::config_runs(x, *tile));
+  x = d;
+  x.aligned16 = false;
+  EXPECT_FALSE(cuda::gemm::config_runs(x, *tile));
+  x = d;
+  x.allow_sm90 = false;  // MODMOE_GEMM_CONFIG=sm80
+  EXPECT_FALSE(cuda::gemm::config_runs(x, *tile));
+  x = d;
+  x.allow_w4a16_wgmma = false;  // only the default choice; a forced tile still runs
+  EXPECT_TRUE(cuda::gemm::config_runs(x, *tile));
+  x = d;
+  x.nvfp4 = false;  // bf16
+  EXPECT_FALSE(x.sm90_w4a16_supported());
+  EXPECT_FALSE(cuda::gemm::config_runs(x, *tile));
+  x.fp8 = true;
+  EXPECT_FALSE(cuda::gemm::config_runs(x, *tile));
+  // Selection: Hopper only; a device whose opt-in shared memory is smaller keeps mma.sync.
+  EXPECT_EQ(cuda::gemm::select_config(d, hopper()).to_string(), "w4a16_wgmma_256x128x64_s5_t32");
+  DeviceProps small = hopper();
+  small.max_smem_per_block = 200 * 1024;
+  EXPECT_EQ(cuda::gemm::select_config(d, small).to_string(), "w4a16_64x128x64_s4");
+  DeviceProps blackwell = hopper();
+  blackwell.cc_major = 10;
+  EXPECT_EQ(cuda::gemm::select_config(d, blackwell).to_string(), "w4a16_64x128x64_s4");
+  // Rule 0's threshold: 128 rows per touched expert (8 experts: 1024 rows in all).
+  GemmDesc edge = gemm_desc(true, 8, 8, 1, 1024, 4096, 14336, 8);
+  edge.nvfp4 = true;
+  EXPECT_EQ(cuda::gemm::select_config(edge, hopper()).arch, 90);
+  edge = gemm_desc(true, 8, 8, 1, 1000, 4096, 14336, 8);
+  edge.nvfp4 = true;
+  EXPECT_EQ(cuda::gemm::select_config(edge, hopper()).to_string(), "w4a16_64x128x64_s4");
+  // Past 2048 rows per expert no tail rows (as the bf16 sm90 tiles).
+  GemmDesc big = gemm_desc(true, 8, 8, 2, 16384, 4096, 14336, 8);
+  big.nvfp4 = true;
+  EXPECT_EQ(cuda::gemm::select_config(big, hopper()).to_string(), "w4a16_wgmma_256x128x64_s5");
+}
+
 TEST(GemmConfig, UncompiledConfigsAreRecognised) {
   GemmConfig bad{96, 96, 32, 3, 2, 2};
   EXPECT_FALSE(cuda::gemm::is_compiled(bad));
