@@ -335,6 +335,10 @@ __device__ __forceinline__ void sm90_mainloop_w4a16(float (&acc)[Tile::kAccRegs]
     const uint32_t ss = smem + Tile::kSOffset + s * Tile::kSStageBytes;
     const uint32_t sc_lo = lds_32(ss + r_lo * 4);
     const uint32_t sc_hi = lds_32(ss + (r_lo + 8) * 4);
+    // Every lane read the stage's weights and scales above; lane 0 alone releases the stage
+    // (at the next k-block's first step): this __syncwarp orders all lanes' reads before that
+    // release (racecheck flagged the scales' cp.async rewrite without it).
+    __syncwarp();
     const uint32_t xs = smem + Tile::kXOffset + s * Tile::kXStageBytes;
     const uint64_t db = sm90::smem_desc_sw128(xs);
     // Rows kBlockM.. of the stage: 1024-byte aligned, so the same swizzle phase.
