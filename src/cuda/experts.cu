@@ -501,7 +501,8 @@ void set_nvfp4_scales(gemm::GemmArgs& g, const TensorView& block_scale,
 //                              (unset: select_config's rule 3);
 //   MODMOE_W4A16_WGMMA=0|1     NVFP4 prefill on Hopper: the wgmma W4A16 tile
 //                              (w4a16_wgmma_256x128x64_s5) where select_config's rule 0 picks
-//                              it (unset or 1), or never by default (0: the mma.sync tiles);
+//                              it (1), or never by default (unset or 0: the mma.sync tiles;
+//                              opt-in until racecheck runs clean on it, docs/nvfp4.md);
 //                              naming it in MODMOE_GEMM_CONFIG forces it either way, and fails
 //                              with an error where it cannot run (gated weights not
 //                              GateUpInterleaved G = 8, unaligned);
@@ -654,10 +655,12 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   const bool sm80_only = force != nullptr && std::strcmp(force, "sm80") == 0;
   d1.allow_sm90 = !sm80_only;
   d2.allow_sm90 = !sm80_only;
+  // Opt-in (docs/nvfp4.md, "Hopper wgmma kernel": racecheck reports hazards on its block
+  // scales that the tests and the bench do not show; on by default once it runs clean).
   const char* wgmma = std::getenv("MODMOE_W4A16_WGMMA");
-  const bool wgmma_off = wgmma != nullptr && std::strcmp(wgmma, "0") == 0;
-  d1.allow_w4a16_wgmma = !wgmma_off;
-  d2.allow_w4a16_wgmma = !wgmma_off;
+  const bool wgmma_on = wgmma != nullptr && std::strcmp(wgmma, "1") == 0;
+  d1.allow_w4a16_wgmma = wgmma_on;
+  d2.allow_w4a16_wgmma = wgmma_on;
   d1.validate();
   d2.validate();
   const gemm::GemmConfig c1 = apply_overrides(d1, gemm::select_config(d1, props));
