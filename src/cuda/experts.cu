@@ -29,6 +29,7 @@
 
 #include "backend.h"
 #include "cuda/device/cuda_check.h"
+#include "cuda/device/launch.h"
 #include "cuda/device/sm90_ptx.cuh"
 #include "cuda/gemm/grouped_gemm.h"
 #include "cuda/permute/permute_block.cuh"
@@ -398,18 +399,7 @@ __global__ void __launch_bounds__(kBlockPermuteThreads)
 template <class... KArgs, class... Args>
 void launch_pdl(void (*kernel)(KArgs...), dim3 grid, unsigned block, size_t smem,
                 cudaStream_t stream, const Args&... args) {
-  cudaLaunchConfig_t lc{};
-  lc.gridDim = grid;
-  lc.blockDim = dim3(block);
-  lc.dynamicSmemBytes = smem;
-  lc.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  lc.attrs = attr;
-  lc.numAttrs = gemm::use_stage_pdl() ? 1 : 0;
-  MODMOE_CUDA_CHECK(cudaLaunchKernelEx(&lc, kernel, args...));
-  MODMOE_LAUNCH_CHECK(stream);
+  launch_kernel(kernel, grid, block, smem, stream, gemm::use_stage_pdl(), args...);
 }
 
 // Batched: gemm2_out [E_local, max_m, H] rows past expert e's count are written as zero.

@@ -15,6 +15,7 @@
 
 #include "backend.h"
 #include "cuda/device/cuda_check.h"
+#include "cuda/device/launch.h"
 #include "cuda/device/sm90_ptx.cuh"
 #include "cuda/gemm/grouped_gemm.h"
 
@@ -105,17 +106,8 @@ void finalize(const TensorView& gemm2_out, const TensorView& expert_weights,
   const int threads =
       static_cast<int>(chunks >= kMaxThreads ? kMaxThreads : (chunks + 31) / 32 * 32);
   MODMOE_CHECK(M <= INT32_MAX, "cuda::finalize: num_tokens = ", M, ": expected < 2^31");
-  cudaLaunchConfig_t lc{};
-  lc.gridDim = dim3(static_cast<unsigned>(M));
-  lc.blockDim = dim3(static_cast<unsigned>(threads));
-  lc.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  lc.attrs = attr;
-  lc.numAttrs = gemm::use_stage_pdl() ? 1 : 0;
-  MODMOE_CUDA_CHECK(cudaLaunchKernelEx(&lc, vec8 ? finalize_kernel<8> : finalize_kernel<1>, args));
-  MODMOE_LAUNCH_CHECK(stream);
+  launch_kernel(vec8 ? finalize_kernel<8> : finalize_kernel<1>, dim3(static_cast<unsigned>(M)),
+                static_cast<unsigned>(threads), 0, stream, gemm::use_stage_pdl(), args);
 }
 
 }  // namespace modmoe::cuda

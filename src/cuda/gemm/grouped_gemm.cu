@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "cuda/device/cuda_check.h"
+#include "cuda/device/launch.h"
 #include "cuda/gemm/sm80_mma_grouped_gemm.cuh"
 
 namespace modmoe::cuda::gemm {
@@ -92,15 +93,10 @@ template <class Tile, bool kGemm1>
 void launch_tile(const GemmDesc& desc, const GemmArgs& args, cudaStream_t stream) {
   const auto kernel = sm80_grouped_gemm_kernel<Tile, kGemm1>;
   // The opt-in above 48 KB of dynamic shared memory, once per device and kernel.
-  static std::atomic<uint64_t> configured_devices{0};
+  static DynamicSmemOptIn smem_opt_in;
   int device = 0;
   MODMOE_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = uint64_t{1} << (device % 64);
-  if ((configured_devices.load(std::memory_order_acquire) & bit) == 0) {
-    MODMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           Tile::kSmemBytes));
-    configured_devices.fetch_or(bit, std::memory_order_acq_rel);
-  }
+  smem_opt_in.ensure(kernel, device, Tile::kSmemBytes);
 
   const int out_cols_per_tile = desc.gated ? Tile::kBlockN / 2 : Tile::kBlockN;
   const int64_t m_tiles = desc.max_m_tiles(Tile::kBlockM);

@@ -8,10 +8,10 @@
 // tiles).
 #include <cuda.h>
 
-#include <atomic>
 #include <mutex>
 
 #include "cuda/device/cuda_check.h"
+#include "cuda/device/launch.h"
 #include "cuda/gemm/grouped_gemm.h"
 #include "cuda/gemm/sm90_wgmma_grouped_gemm.cuh"
 
@@ -147,15 +147,10 @@ template <class Tile, bool kGemm1>
 void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs& args,
                  cudaStream_t stream) {
   const auto kernel = sm90_grouped_gemm_kernel<Tile, kGemm1>;
-  static std::atomic<uint64_t> configured_devices{0};
+  static DynamicSmemOptIn smem_opt_in;
   int device = 0;
   MODMOE_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = uint64_t{1} << (device % 64);
-  if ((configured_devices.load(std::memory_order_acquire) & bit) == 0) {
-    MODMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           Tile::kSmemBytes));
-    configured_devices.fetch_or(bit, std::memory_order_acq_rel);
-  }
+  smem_opt_in.ensure(kernel, device, Tile::kSmemBytes);
   const DeviceProps props = DeviceProps::query(device);
 
   const int64_t n_tiles = ceil_div(desc.b_rows(), Tile::kBlockN);
@@ -199,18 +194,7 @@ void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs&
 
   const int sms = props.sm_count > 0 ? props.sm_count : 132;
   const unsigned grid = static_cast<unsigned>(units < sms ? units : sms);
-  cudaLaunchConfig_t lc{};
-  lc.gridDim = dim3(grid);
-  lc.blockDim = dim3(Tile::kThreads);
-  lc.dynamicSmemBytes = Tile::kSmemBytes;
-  lc.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  lc.attrs = attr;
-  lc.numAttrs = use_pdl() ? 1 : 0;
-  MODMOE_CUDA_CHECK(cudaLaunchKernelEx(&lc, kernel, params));
-  MODMOE_LAUNCH_CHECK(stream);
+  launch_kernel(kernel, dim3(grid), Tile::kThreads, Tile::kSmemBytes, stream, use_pdl(), params);
 }
 
 template <class Tile>

@@ -28,6 +28,7 @@
 
 #include "backend.h"
 #include "cuda/device/cuda_check.h"
+#include "cuda/device/launch.h"
 #include "cuda/device/sm90_ptx.cuh"
 #include "cuda/gemm/grouped_gemm.h"
 #include "cuda/permute/permute_block.cuh"
@@ -162,20 +163,11 @@ __global__ void __launch_bounds__(kBlockPermuteThreads) permute_block_kernel(con
 
 // Launches kernel<<<grid, block, smem, stream>>>(args), with programmatic dependent launch
 // where the experts stage uses it (gemm::use_pdl()).
+// Launches with PDL when MODMOE_STAGE_PDL=1 (gemm::use_stage_pdl), checked.
 template <class Kernel, class Args>
 void launch_pdl(Kernel kernel, unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
                 const Args& args) {
-  cudaLaunchConfig_t lc{};
-  lc.gridDim = dim3(grid);
-  lc.blockDim = dim3(block);
-  lc.dynamicSmemBytes = smem;
-  lc.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  lc.attrs = attr;
-  lc.numAttrs = gemm::use_stage_pdl() ? 1 : 0;
-  MODMOE_CUDA_CHECK(cudaLaunchKernelEx(&lc, kernel, args));
+  launch_kernel(kernel, dim3(grid), block, smem, stream, gemm::use_stage_pdl(), args);
 }
 
 }  // namespace
@@ -231,18 +223,14 @@ void permute(const TensorView& topk_ids, bool packed, const ExpertMap& map,
                              a.num_local_experts, a.packed};
     launch_pdl(permute_block_kernel, 1, kBlockPermuteThreads,
                sizeof(int32_t) * E_local * kBlockPermuteWarps, stream, b);
-    MODMOE_LAUNCH_CHECK(stream);
     return;
   }
   if (a.num_chunks > 0) {
     launch_pdl(permute_count_kernel, a.num_chunks, kCountThreads, cursor_bytes, stream, a);
-    MODMOE_LAUNCH_CHECK(stream);
   }
   launch_pdl(permute_scan_kernel, 1, kScanThreads, 0, stream, a);
-  MODMOE_LAUNCH_CHECK(stream);
   if (a.num_chunks > 0) {
     launch_pdl(permute_scatter_kernel, a.num_chunks, 32, cursor_bytes, stream, a);
-    MODMOE_LAUNCH_CHECK(stream);
   }
 }
 
