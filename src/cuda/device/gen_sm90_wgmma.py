@@ -39,6 +39,18 @@ struct WgmmaRegA;
 """
 
 
+def acc_operand_lines(regs):
+    """The asm string lines that open the accumulator list: "{" and %0 .. %regs-1, wrapped over
+    several string pieces of 16 (the caller closes the list)."""
+    toks = [f"%{i}" for i in range(regs)]
+    pieces = [", ".join(toks[i:i + 16]) for i in range(0, regs, 16)]
+    out = ['        "{"']
+    for k, p in enumerate(pieces):
+        sep = ", " if k + 1 < len(pieces) else ""
+        out.append(f'        "{p}{sep}"')
+    return out
+
+
 def shape(n, fp8=False):
     regs = n // 2
     dlist = ", ".join(f"%{i}" for i in range(regs))
@@ -55,14 +67,7 @@ def shape(n, fp8=False):
     lines.append(f'        "setp.ne.b32 p, %{isc}, 0;\\n"')
     kind = "k32.f32.e4m3.e4m3" if fp8 else "k16.f32.bf16.bf16"
     lines.append(f'        "wgmma.mma_async.sync.aligned.m64n{n}{kind} "')
-    # wrap the register list over several string pieces
-    toks = [f"%{i}" for i in range(regs)]
-    chunk = 16
-    pieces = [", ".join(toks[i:i + chunk]) for i in range(0, regs, chunk)]
-    lines.append('        "{"')
-    for k, p in enumerate(pieces):
-        sep = ", " if k + 1 < len(pieces) else ""
-        lines.append(f'        "{p}{sep}"')
+    lines += acc_operand_lines(regs)
     tail = "p, 1, 1;" if fp8 else "p, 1, 1, 0, 0;"
     lines.append(f'        "}}, %{ia}, %{ib}, {tail}\\n}}\\n"')
     # outputs, wrapped
@@ -88,13 +93,7 @@ def shape_rega(n):
     lines.append('        "{\\n.reg .pred p;\\n"')
     lines.append(f'        "setp.ne.b32 p, %{isc}, 0;\\n"')
     lines.append(f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 "')
-    toks = [f"%{i}" for i in range(regs)]
-    chunk = 16
-    pieces = [", ".join(toks[i:i + chunk]) for i in range(0, regs, chunk)]
-    lines.append('        "{"')
-    for k, p in enumerate(pieces):
-        sep = ", " if k + 1 < len(pieces) else ""
-        lines.append(f'        "{p}{sep}"')
+    lines += acc_operand_lines(regs)
     alist = ", ".join(f"%{i}" for i in ia)
     lines.append(f'        "}}, {{{alist}}}, %{ib}, p, 1, 1, 0;\\n}}\\n"')
     out_toks = [f'"+f"(d[{i}])' for i in range(regs)]

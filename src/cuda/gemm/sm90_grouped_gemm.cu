@@ -182,15 +182,7 @@ void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs&
   // by cp.async, which copies their scales with them.
   params.x_tma = args.a_gather == nullptr && !Tile::kFp8 ? 1 : 0;
   if (params.x_tma) params.tmap_x = token_map(desc, args, Tile::kNStep);
-  params.args = args;
-  params.num_experts = desc.num_experts;
-  params.n = static_cast<int>(desc.n);
-  params.k = static_cast<int>(desc.k);
-  params.b_rows = static_cast<int>(desc.b_rows());
-  params.n_tiles = static_cast<int>(n_tiles);
-  params.split_k = config.split_k;
-  params.gated = desc.gated ? 1 : 0;
-  params.tail = config.tail_m > 0 ? 1 : 0;
+  sm90_fill_params(params, desc, config, args, n_tiles);
 
   const int sms = props.sm_count > 0 ? props.sm_count : 132;
   const unsigned grid = static_cast<unsigned>(units < sms ? units : sms);

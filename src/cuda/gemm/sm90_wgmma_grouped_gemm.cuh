@@ -204,6 +204,21 @@ struct Sm90Params {
   int tail;  // the last row tile of an expert holds up to kBlockM + kTail rows (row_tiles())
 };
 
+// Host: the fields of Sm90Params that every sm90 tile fills alike (the tensor maps and x_tma
+// are the launcher's).
+inline void sm90_fill_params(Sm90Params& p, const GemmDesc& desc, const GemmConfig& config,
+                             const GemmArgs& args, int64_t n_tiles) {
+  p.args = args;
+  p.num_experts = desc.num_experts;
+  p.n = static_cast<int>(desc.n);
+  p.k = static_cast<int>(desc.k);
+  p.b_rows = static_cast<int>(desc.b_rows());
+  p.n_tiles = static_cast<int>(n_tiles);
+  p.split_k = config.split_k;
+  p.gated = desc.gated ? 1 : 0;
+  p.tail = config.tail_m > 0 ? 1 : 0;
+}
+
 // Split-K fragments: [unit][2][256][4] fp32 (n <= 16 tokens: j = 0, 1 of the accumulator).
 constexpr int kSplitUnitFloats = 2 * 256 * 4;
 
