@@ -161,9 +161,8 @@ __global__ void __launch_bounds__(kBlockPermuteThreads) permute_block_kernel(con
   block_permute(a, block_hist, scan_storage, total);
 }
 
-// Launches kernel<<<grid, block, smem, stream>>>(args), with programmatic dependent launch
-// where the experts stage uses it (gemm::use_pdl()).
-// Launches with PDL when MODMOE_STAGE_PDL=1 (gemm::use_stage_pdl), checked.
+// Launches kernel<<<grid, block, smem, stream>>>(args), checked, with programmatic dependent
+// launch when the stage's other kernels use it (MODMOE_STAGE_PDL=1, gemm::use_stage_pdl).
 template <class Kernel, class Args>
 void launch_pdl(Kernel kernel, unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
                 const Args& args) {
