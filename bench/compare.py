@@ -236,7 +236,9 @@ class ClockLog:
         return False
 
     def rows(self):
-        """[(unix time, sm MHz, mem MHz, power W, temp C, reasons)]"""
+        """[(unix time, sm MHz, mem MHz, power W, temp C, reasons)], parsed once after the run."""
+        if getattr(self, "_rows", None) is not None:
+            return self._rows
         out = []
         if self.proc is None:
             return out
@@ -248,6 +250,8 @@ class ClockLog:
                     out.append((t, float(parts[1]), float(parts[2]), float(parts[3]), float(parts[4]), parts[5]))
                 except (ValueError, IndexError):
                     continue
+        if self.proc.poll() is not None:  # the sampler has stopped: the file is final
+            self._rows = out
         return out
 
     @staticmethod

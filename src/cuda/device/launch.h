@@ -16,13 +16,17 @@ namespace modmoe::cuda {
 // kernel has its own mask.
 class DynamicSmemOptIn {
  public:
+  // Opts the kernel in on the current device; returns that device.
   template <class Kernel>
-  void ensure(Kernel kernel, int device, size_t bytes) {
+  int ensure(Kernel kernel, size_t bytes) {
+    int device = 0;
+    MODMOE_CUDA_CHECK(cudaGetDevice(&device));
     const uint64_t bit = uint64_t{1} << (device % 64);
-    if ((devices_.load(std::memory_order_acquire) & bit) != 0) return;
+    if ((devices_.load(std::memory_order_acquire) & bit) != 0) return device;
     MODMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(bytes)));
     devices_.fetch_or(bit, std::memory_order_acq_rel);
+    return device;
   }
 
  private:

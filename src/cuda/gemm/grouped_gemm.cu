@@ -93,9 +93,7 @@ void launch_tile(const GemmDesc& desc, const GemmArgs& args, cudaStream_t stream
   const auto kernel = sm80_grouped_gemm_kernel<Tile, kGemm1>;
   // The opt-in above 48 KB of dynamic shared memory, once per device and kernel.
   static DynamicSmemOptIn smem_opt_in;
-  int device = 0;
-  MODMOE_CUDA_CHECK(cudaGetDevice(&device));
-  smem_opt_in.ensure(kernel, device, Tile::kSmemBytes);
+  smem_opt_in.ensure(kernel, Tile::kSmemBytes);
 
   const int out_cols_per_tile = desc.gated ? Tile::kBlockN / 2 : Tile::kBlockN;
   const int64_t m_tiles = desc.max_m_tiles(Tile::kBlockM);

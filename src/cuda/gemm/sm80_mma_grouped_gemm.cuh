@@ -173,6 +173,24 @@ __device__ __forceinline__ int64_t gate_up_row(const GateUpMap& m, int64_t i, bo
   return (i / m.group) * 2 * m.group + i % m.group + (up ? m.up_offset : m.gate_offset);
 }
 
+// The epilogue's coalesced 16-byte stores of the staged tile sc [BM][kCPitch] bf16: rows
+// r < rows to C row row0 + r, columns col0 + [0, out_cols) below n.
+template <class Tile>
+__device__ __forceinline__ void store_staged_tile(const __nv_bfloat16* sc, const GemmArgs& g,
+                                                  int n, int row0, int rows, int64_t col0,
+                                                  int out_cols, int tid) {
+  const int chunks_per_row = out_cols / 8;
+  for (int idx = tid; idx < Tile::kBlockM * chunks_per_row; idx += Tile::kThreads) {
+    const int r = idx / chunks_per_row;
+    const int c = idx % chunks_per_row;
+    const int64_t col = col0 + c * 8;
+    if (r < rows && col < n) {
+      *reinterpret_cast<uint4*>(g.c + static_cast<int64_t>(row0 + r) * g.ldc + col) =
+          *reinterpret_cast<const uint4*>(sc + r * Tile::kCPitch + c * 8);
+    }
+  }
+}
+
 template <class Tile, bool kGemm1>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     sm80_grouped_gemm_kernel(const __grid_constant__ Sm80Params p) {
@@ -409,17 +427,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   }
   __syncthreads();
 
-  // ---- coalesced 16-byte stores of the valid rows and columns ----
-  const int chunks_per_row = out_cols / 8;
-  for (int idx = tid; idx < BM * chunks_per_row; idx += kThreads) {
-    const int r = idx / chunks_per_row;
-    const int c = idx % chunks_per_row;
-    const int64_t col = col0 + c * 8;
-    if (r < rows && col < p.n) {
-      *reinterpret_cast<uint4*>(g.c + static_cast<int64_t>(row0 + r) * g.ldc + col) =
-          *reinterpret_cast<const uint4*>(sc + r * Tile::kCPitch + c * 8);
-    }
-  }
+  store_staged_tile<Tile>(sc, g, p.n, row0, rows, col0, out_cols, tid);
 }
 
 }  // namespace modmoe::cuda::gemm

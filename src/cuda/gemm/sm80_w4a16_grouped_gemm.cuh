@@ -198,9 +198,7 @@ __device__ __forceinline__ void w4a16_epilogue(const Sm80Params& p,
                                                const float (&acc)[Tile::kMmaM][Tile::kMmaN][4],
                                                unsigned char* smem, const int32_t* s_lora_row,
                                                int expert, int n_tile, int row0, int rows) {
-  constexpr int BM = Tile::kBlockM;
   constexpr int BN = Tile::kBlockN;
-  constexpr int kThreads = Tile::kThreads;
   const GemmArgs& g = p.args;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -283,17 +281,7 @@ __device__ __forceinline__ void w4a16_epilogue(const Sm80Params& p,
   }
   __syncthreads();
 
-  // ---- coalesced 16-byte stores of the valid rows and columns ----
-  const int chunks_per_row = out_cols / 8;
-  for (int idx = tid; idx < BM * chunks_per_row; idx += kThreads) {
-    const int r = idx / chunks_per_row;
-    const int c = idx % chunks_per_row;
-    const int64_t col = col0 + c * 8;
-    if (r < rows && col < p.n) {
-      *reinterpret_cast<uint4*>(g.c + static_cast<int64_t>(row0 + r) * g.ldc + col) =
-          *reinterpret_cast<const uint4*>(sc + r * Tile::kCPitch + c * 8);
-    }
-  }
+  store_staged_tile<Tile>(sc, g, p.n, row0, rows, col0, out_cols, tid);
 }
 
 template <class Tile>

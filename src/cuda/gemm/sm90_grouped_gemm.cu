@@ -148,9 +148,7 @@ void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs&
                  cudaStream_t stream) {
   const auto kernel = sm90_grouped_gemm_kernel<Tile, kGemm1>;
   static DynamicSmemOptIn smem_opt_in;
-  int device = 0;
-  MODMOE_CUDA_CHECK(cudaGetDevice(&device));
-  smem_opt_in.ensure(kernel, device, Tile::kSmemBytes);
+  const int device = smem_opt_in.ensure(kernel, Tile::kSmemBytes);
   const DeviceProps props = DeviceProps::query(device);
 
   const int64_t n_tiles = ceil_div(desc.b_rows(), Tile::kBlockN);

@@ -34,9 +34,7 @@ void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs&
                  cudaStream_t stream) {
   const auto kernel = sm90_grouped_gemm_kernel<Tile, kGemm1>;
   static DynamicSmemOptIn smem_opt_in;
-  int device = 0;
-  MODMOE_CUDA_CHECK(cudaGetDevice(&device));
-  smem_opt_in.ensure(kernel, device, Tile::kSmemBytes);
+  const int device = smem_opt_in.ensure(kernel, Tile::kSmemBytes);
   const DeviceProps props = DeviceProps::query(device);
   MODMOE_CHECK(props.cc_major == 9 && props.cc_minor == 0, "sm90 W4A16 grouped GEMM: ",
                config.to_string(), " runs on sm_90 (Hopper) only; device ", device, " is sm_",
