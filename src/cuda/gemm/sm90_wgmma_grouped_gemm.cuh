@@ -171,7 +171,12 @@ struct Sm90W4a16Tile {
   static constexpr int kScaleStageFloats = 0;
   static constexpr int kScaleRowOffset = kScaleOffset;
   static constexpr int kBarOffset = kScaleRowOffset;
-  static constexpr int kFlagOffset = kBarOffset + 2 * kStages * 8;
+  // bars: full[kStages], empty[kStages] (the tokens, read by wgmma: lane 0 of each consumer
+  // warp once its wgmma of the stage completed), and a_empty[kStages] (the packed weights and
+  // block scales, read by ld.shared: every consumer thread right after its own reads, 256
+  // arrivals). The producers rewrite a stage's weights and scales after both.
+  static constexpr int kAEmptyOffset = kBarOffset + 2 * kStages * 8;
+  static constexpr int kFlagOffset = kAEmptyOffset + kStages * 8;
   static constexpr int kSmemBytes = kFlagOffset + 16 + 1024;
 
   static_assert(kXStageBytes % 1024 == 0, "X stages must stay 1024-byte aligned");
@@ -350,10 +355,10 @@ __device__ __forceinline__ void sm90_mainloop_w4a16(float (&acc)[Tile::kAccRegs]
     const uint32_t ss = smem + Tile::kSOffset + s * Tile::kSStageBytes;
     const uint32_t sc_lo = lds_32(ss + r_lo * 4);
     const uint32_t sc_hi = lds_32(ss + (r_lo + 8) * 4);
-    // Every lane read the stage's weights and scales above; lane 0 alone releases the stage
-    // (at the next k-block's first step): this __syncwarp orders all lanes' reads before that
-    // release (racecheck flagged the scales' cp.async rewrite without it).
-    __syncwarp();
+    // This thread's reads of the stage's weights and scales are done (the arrive releases
+    // them): the producers may rewrite those once all 256 consumer threads arrived here and
+    // the tokens' stage is free too (empty, below).
+    sm90::mbar_arrive(smem + Tile::kAEmptyOffset + 8 * s);
     const uint32_t xs = smem + Tile::kXOffset + s * Tile::kXStageBytes;
     const uint64_t db = sm90::smem_desc_sw128(xs);
     // Rows kBlockM.. of the stage: 1024-byte aligned, so the same swizzle phase.
@@ -743,6 +748,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
       // W4A16: every producer thread copies block scales (cp.async), so always 129.
       sm90::mbar_init(full + 8 * s, p.x_tma && !Tile::kNvfp4 ? 1 : 129);
       sm90::mbar_init(empty + 8 * s, 8);
+      if constexpr (Tile::kNvfp4) sm90::mbar_init(smem + Tile::kAEmptyOffset + 8 * s, 256);
     }
     sm90::fence_barrier_init();
     sm90::prefetch_tensormap(&p.tmap_w);
@@ -775,6 +781,9 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
           const int s = it % Tile::kStages;
           const uint32_t bar_full = full + 8 * s;
           sm90::mbar_wait(empty + 8 * s, ((it / Tile::kStages) & 1) ^ 1);
+          if constexpr (Tile::kNvfp4) {
+            sm90::mbar_wait(smem + Tile::kAEmptyOffset + 8 * s, ((it / Tile::kStages) & 1) ^ 1);
+          }
           if (ptid == 0) {
             sm90::mbar_arrive_expect_tx(bar_full,
                                         Tile::kWStageBytes + n_used * Tile::kRowBytes);
@@ -837,6 +846,9 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
         const int s = it % Tile::kStages;
         const uint32_t bar_full = full + 8 * s;
         sm90::mbar_wait(empty + 8 * s, ((it / Tile::kStages) & 1) ^ 1);
+        if constexpr (Tile::kNvfp4) {
+          sm90::mbar_wait(smem + Tile::kAEmptyOffset + 8 * s, ((it / Tile::kStages) & 1) ^ 1);
+        }
         if (ptid == 0) {
           sm90::mbar_arrive_expect_tx(bar_full, Tile::kWStageBytes);
           sm90::tma_load_3d(smem + Tile::kWOffset + s * Tile::kWStageBytes, &p.tmap_w, bar_full,
