@@ -491,8 +491,8 @@ void set_nvfp4_scales(gemm::GemmArgs& g, const TensorView& block_scale,
 //                              (unset: select_config's rule 3);
 //   MODMOE_W4A16_WGMMA=0|1     NVFP4 prefill on Hopper: the wgmma W4A16 tile
 //                              (w4a16_wgmma_256x128x64_s5) where select_config's rule 0 picks
-//                              it (1), or never by default (unset or 0: the mma.sync tiles;
-//                              opt-in until racecheck runs clean on it, docs/nvfp4.md);
+//                              it (unset or 1, the default), or never (0: the mma.sync tiles,
+//                              about half its speed at prefill; docs/nvfp4.md);
 //                              naming it in MODMOE_GEMM_CONFIG forces it either way, and fails
 //                              with an error where it cannot run (gated weights not
 //                              GateUpInterleaved G = 8, unaligned);
@@ -645,10 +645,14 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   const bool sm80_only = force != nullptr && std::strcmp(force, "sm80") == 0;
   d1.allow_sm90 = !sm80_only;
   d2.allow_sm90 = !sm80_only;
-  // Opt-in (docs/nvfp4.md, "Hopper wgmma kernel": racecheck reports hazards on its block
-  // scales that the tests and the bench do not show; on by default once it runs clean).
+  // The wgmma W4A16 tile where select_config picks it, unless MODMOE_W4A16_WGMMA=0 (an A/B
+  // and fallback switch; docs/nvfp4.md, "Hopper wgmma kernel").
   const char* wgmma = std::getenv("MODMOE_W4A16_WGMMA");
-  const bool wgmma_on = wgmma != nullptr && std::strcmp(wgmma, "1") == 0;
+  const bool wgmma_set = wgmma != nullptr && wgmma[0] != '\0';
+  MODMOE_CHECK(!wgmma_set || std::strcmp(wgmma, "0") == 0 || std::strcmp(wgmma, "1") == 0,
+               "MODMOE_W4A16_WGMMA='", wgmma, "': expected 0 (the mma.sync W4A16 tiles only) ",
+               "or 1 (the default: the wgmma W4A16 prefill tile where it applies)");
+  const bool wgmma_on = !wgmma_set || std::strcmp(wgmma, "1") == 0;
   d1.allow_w4a16_wgmma = wgmma_on;
   d2.allow_w4a16_wgmma = wgmma_on;
   d1.validate();

@@ -549,8 +549,8 @@ TEST(GemmConfig, AnchorGridChoices) {
       EXPECT_EQ(c2.split_k, mixtral_t1 ? 2 : 1) << m.name << " T=" << t;
       if (t == 4096) {
         // >= 128 rows per expert everywhere (gpt-oss: 128): the wgmma tile, with tail rows
-        // (<= 2048 rows per expert) where allowed (the experts stage: MODMOE_W4A16_WGMMA=1);
-        // the mma.sync one otherwise, the experts stage's default.
+        // (<= 2048 rows per expert) where allowed (the experts stage's default); the mma.sync
+        // one otherwise (MODMOE_W4A16_WGMMA=0, or not a Hopper).
         EXPECT_EQ(c1.to_string(), "w4a16_wgmma_256x128x64_s5_t32") << m.name;
         EXPECT_EQ(c2.to_string(), "w4a16_wgmma_256x128x64_s5_t32") << m.name;
         GemmDesc o1 = d1;

@@ -756,7 +756,7 @@ std::vector<Case> cases() {
   w.E = 4;
   add(w);
   // Not forced: what select_config picks for 512 rows per expert (the wgmma tile on a Hopper
-  // with MODMOE_W4A16_WGMMA=1, the mma.sync prefill tile by default and elsewhere).
+  // by default, the mma.sync prefill tile with MODMOE_W4A16_WGMMA=0 and elsewhere).
   w = Case{};
   w.name = "rand_prefill_selected";
   w.M = 1024;

@@ -328,7 +328,7 @@ GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
     // Rule 0: on Hopper, from 128 rows per touched group (prefill) the wgmma tile (256 tokens x
     // 128 weight rows, NVFP4 decoded into wgmma's A registers once per 256 tokens), where the
     // problem allows it (aligned; gated GEMM1 in GateUpInterleaved G = 8) and
-    // desc.allow_w4a16_wgmma (the experts stage: MODMOE_W4A16_WGMMA=1, opt-in). The mma.sync
+    // desc.allow_w4a16_wgmma (the experts stage: on unless MODMOE_W4A16_WGMMA=0). The mma.sync
     // prefill tile below runs at ~233 TFLOP/s (0.41-0.55x bf16 at T = 4096); the wgmma tile
     // at 0.86-0.99x (H200) and 0.88-1.10x (H100) bf16 (docs/nvfp4.md, "Hopper wgmma kernel").
     // TODO(measure): the threshold (128 rows) is set on paper. Tail rows as the bf16 sm90

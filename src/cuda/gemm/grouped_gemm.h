@@ -82,9 +82,8 @@ struct GemmDesc {
   // b_global_scale); the w4a16 kernels only. Needs k % 64 == 0 (one stage = 4 scale blocks).
   bool nvfp4 = false;
   // NVFP4 only: select_config may pick the wgmma W4A16 tile (sm90 W4A16) at prefill sizes.
-  // The experts stage sets it from MODMOE_W4A16_WGMMA (1: on; unset or 0: off, the default
-  // until racecheck runs clean on the tile); a forced config (MODMOE_GEMM_CONFIG) does not
-  // look at it. select_config's own default (true) says what it picks where allowed.
+  // The experts stage clears it for MODMOE_W4A16_WGMMA=0 (on by default); a forced config
+  // (MODMOE_GEMM_CONFIG) does not look at it.
   bool allow_w4a16_wgmma = true;
   // Rows of B (per expert) that the GEMM reads: 2n gated, else n.
   int64_t b_rows() const { return gated ? 2 * n : n; }
