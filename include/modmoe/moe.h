@@ -19,7 +19,8 @@ size_t fused_moe_workspace_size(int64_t num_tokens, const ExpertWeights& weights
 // that receive the routing result (the workspace holds it otherwise).
 // FP8 weights (Fp8PerTensor, Fp8Block128; CPU, or CUDA on sm_90): hidden stays bf16 and is
 // quantized into the workspace with quantize_activations (dynamic scales of the weights'
-// scheme) after routing: bitwise equal to route() -> quantize_activations() -> experts().
+// scheme) after routing: bitwise equal to route() -> quantize_activations() -> experts(),
+// options.fp8_fast_accum (fp8-tensor only) included.
 // NVFP4 weights (W4A16; CPU tensors for now): hidden stays bf16 and goes to experts() as it
 // is: bitwise equal to route() -> experts().
 void fused_moe(const TensorView& logits, const TensorView& bias, const TensorView& hidden,

@@ -122,6 +122,11 @@ void ExpertsDesc::validate() const {
     MODMOE_CHECK(top_k >= 1 && top_k <= expert_map.num_experts, "argument 'top_k' = ", top_k,
                  ": expected in [1, num_experts = ", expert_map.num_experts, "]");
   }
+  MODMOE_CHECK(!fp8_fast_accum || scheme == QuantScheme::Fp8PerTensor,
+               "argument 'fp8_fast_accum' = true with quant scheme ", quant_scheme_name(scheme),
+               ": expected quant scheme fp8-tensor (FP8 fast accumulation sums the per-tensor "
+               "GEMM1 over all of K; the other schemes have no fast mode), or "
+               "fp8_fast_accum = false");
 }
 
 namespace {
@@ -333,6 +338,12 @@ ExpertsDesc make_experts_desc(const ExpertsInputs& in, const ExpertWeights& weig
   map.validate();
   check::defined(in.hidden, "hidden");
   const Device dev = in.hidden.device;
+  MODMOE_CHECK(!options.fp8_fast_accum || weights.scheme == QuantScheme::Fp8PerTensor,
+               "argument 'options.fp8_fast_accum' = true with quant scheme ",
+               quant_scheme_name(weights.scheme),
+               ": expected quant scheme fp8-tensor (FP8 fast accumulation sums the per-tensor "
+               "GEMM1 over all of K; the other schemes have no fast mode), or "
+               "fp8_fast_accum = false");
   // FP8: its own dtype and scale checks, then this function on a bf16 shadow of the call.
   if (api::is_fp8(weights.scheme)) return api::check_fp8_experts(in, weights, map, options, out);
   // NVFP4 (W4A16): likewise, on a bf16 shadow of the packed weights.

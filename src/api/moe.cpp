@@ -61,6 +61,7 @@ ExpertsDesc fused_desc(int64_t num_tokens, const ExpertWeights& weights,
   desc.activation = options.activation.kind;
   desc.scheme = weights.scheme;
   desc.do_finalize = true;
+  desc.fp8_fast_accum = options.fp8_fast_accum;  // refused by validate() off fp8-tensor
   desc.validate();
   return desc;
 }

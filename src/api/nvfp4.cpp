@@ -316,6 +316,9 @@ ExpertsDesc check_nvfp4_experts(const ExpertsInputs& in, const ExpertWeights& we
   const Device dev = in.hidden.device;
   MODMOE_CHECK(weights.scheme == QuantScheme::Nvfp4, "argument 'weights.scheme' = ",
                quant_scheme_name(weights.scheme), ": expected Nvfp4 (the NVFP4 experts)");
+  MODMOE_CHECK(!options.fp8_fast_accum, "argument 'options.fp8_fast_accum' = true with quant ",
+               "scheme nvfp4: expected quant scheme fp8-tensor (FP8 fast accumulation sums the "
+               "per-tensor GEMM1 over all of K), or fp8_fast_accum = false");
   if (in.hidden.dtype == DType::E2M1x2) {
     MODMOE_NOT_SUPPORTED("NVFP4 activations (argument 'hidden' of dtype e2m1x2, W4A4): the "
                          "NVFP4 experts take bf16 hidden (W4A16) for now");

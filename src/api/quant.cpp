@@ -476,8 +476,11 @@ ExpertsDesc check_fp8_experts(const ExpertsInputs& in, const ExpertWeights& weig
   shadow_w.w2.dtype = DType::BF16;
   shadow_w.w13_scale = {};
   shadow_w.w2_scale = {};
-  ExpertsDesc desc = make_experts_desc(shadow_in, shadow_w, map, options, out);
+  ExpertsOptions shadow_options = options;
+  shadow_options.fp8_fast_accum = false;  // a bf16 shadow has no FP8 mode; checked below
+  ExpertsDesc desc = make_experts_desc(shadow_in, shadow_w, map, shadow_options, out);
   desc.scheme = scheme;
+  desc.fp8_fast_accum = options.fp8_fast_accum;
   desc.validate();
   return desc;
 }

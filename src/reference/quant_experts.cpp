@@ -3,6 +3,8 @@
 // docs/fp8.md, "Experts", step by step:
 //   GEMM1: per 128-wide K block kb, part = dot(x_q, w_q) over the block in fp32;
 //          acc = fma(part, sx[kb] * sw[kb], acc)          (scales applied every 128 of K)
+//          ExpertsOptions::fp8_fast_accum (Fp8PerTensor only, docs/fp8.md "FP8 fast
+//          accumulation"): acc = dot(x_q, w_q) over all of K in fp32 * (sx * sw), once
 //          + w13_bias + LoRA delta -> activation (fp32) -> bf16
 //   the bf16 row re-quantized to e4m3 with 1x128 scales (= quantize_activations, Fp8Block128)
 //   GEMM2: the same block loop over I with the intermediate's scales -> + w2_bias -> bf16
@@ -44,8 +46,17 @@ float scaled_dot(const float* a, const float* b, int64_t k, const float* sa, int
   return acc;
 }
 
+// FP8 fast accumulation (Fp8PerTensor GEMM1 only: one scale along K for each operand): the
+// fp32 dot over all of K, then one multiply by (sa * sb), the product rounded first. The
+// kernel's tensor-core sum keeps fewer bits than this fp32 one (docs/fp8.md "FP8 fast
+// accumulation"); they agree bit for bit where the sum is exact.
+float full_k_scaled_dot(const float* a, const float* b, int64_t k, float sa, float sb) {
+  return detail::dot(a, b, k) * (sa * sb);
+}
+
 struct Stage : detail::StageCommon {
   bool block = true;
+  bool fast_accum = false;  // ExpertsOptions::fp8_fast_accum (Fp8PerTensor only)
   const uint8_t* w13 = nullptr;        // [E_local, w13_rows, H] e4m3
   const uint8_t* w2 = nullptr;         // [E_local, H, I] e4m3
   const float* w13_scale = nullptr;    // [E_local] or [E_local, w13_rows/128, H/128]
@@ -144,8 +155,14 @@ void run_rows(const Stage& s, const ExpertsInputs& in, int e, const detail::Rows
     for (int64_t r = 0; r < rows.n; ++r) {
       const float* xr = scr.x.data() + r * H;
       const float* sx = scr.x_scale.data() + r * HB;
-      const float gate = scaled_dot(xr, scr.w_a.data(), H, sx, 1, gs, gstep);
-      const float up = s.gated ? scaled_dot(xr, scr.w_b.data(), H, sx, 1, us, ustep) : 0.0f;
+      float gate = 0.0f, up = 0.0f;
+      if (s.fast_accum) {
+        gate = full_k_scaled_dot(xr, scr.w_a.data(), H, sx[0], gs[0]);
+        if (s.gated) up = full_k_scaled_dot(xr, scr.w_b.data(), H, sx[0], us[0]);
+      } else {
+        gate = scaled_dot(xr, scr.w_a.data(), H, sx, 1, gs, gstep);
+        if (s.gated) up = scaled_dot(xr, scr.w_b.data(), H, sx, 1, us, ustep);
+      }
       const uint16_t a = epilogue(i, gate, up, rows.lora[r]);
       scr.act[r * I + i] = a;
       if (rows.act_out[r]) rows.act_out[r][i] = a;
@@ -184,7 +201,10 @@ void experts_fp8(const ExpertsInputs& in, const ExpertWeights& weights, const Ex
   const ExpertsDesc desc = api::check_fp8_experts(in, weights, map, options, out);
   MODMOE_CHECK(!in.hidden.device.is_cuda(), "reference::experts_fp8: the tensors are on ",
                in.hidden.device.to_string(), ": expected CPU tensors");
-  const Stage s = make_stage(weights, options.activation);
+  Stage s = make_stage(weights, options.activation);
+  s.fast_accum = desc.fp8_fast_accum;  // check_fp8_experts: Fp8PerTensor only
+  MODMOE_CHECK(!s.fast_accum || !s.block, "reference::experts_fp8: fp8_fast_accum with ",
+               "fp8-block weights: expected fp8-tensor");
   Scratch scr(s.hidden, s.inter);
   detail::run_experts(desc, in, s, map, options, out, /*check_counts=*/true,
                       [&](int e, const detail::Rows& rows) { run_rows(s, in, e, rows, scr); });

@@ -10,6 +10,9 @@
 //     one runs fused_moe; only the weights (scheme, tensors) and hidden (+ scale) differ;
 //   - expert parallelism: per-rank slices summed == single within the bf16 rounding of the
 //     partial sums, and non-local ids (-1, E, other ranks') contribute exactly nothing;
+//   - FP8 fast accumulation (fp8-tensor, ExpertsOptions::fp8_fast_accum): experts() and
+//     fused_moe() carry it to the oracle bit for bit, the same float64 bounds, the same
+//     workspace; every other scheme refused;
 //   - bad arguments, each with the words of its message.
 #include <gtest/gtest.h>
 
@@ -596,6 +599,101 @@ TEST(Fp8ApiFused, ZeroTokens) {
     EXPECT_NO_THROW(run_fused_layer(L, sw.view(L), ExpertMap::single(L.E), options_of(L)))
         << quant_scheme_name(scheme);
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// FP8 fast accumulation (ExpertsOptions::fp8_fast_accum, docs/fp8.md "FP8 fast accumulation")
+// ---------------------------------------------------------------------------------------
+
+// fp8-tensor with the option, through both entry points: experts() == the oracle with the
+// option, bit for bit (its GEMM1 definition: the fp32 dot over all of K, one scale multiply);
+// fused_moe() == route -> quantize_activations -> experts() with the option, bit for bit; the
+// accuracy bounds against float64 are those of the default (the oracle's full-K sum is fp32;
+// the kernel's fewer accumulator bits are measured by test_gpu_fp8_experts); the workspace
+// does not depend on the option.
+TEST(Fp8ApiFastAccum, ExpertsAndFusedCarryTheOption) {
+  const Layer L = make_layer(3130);
+  const ExpertMap map = ExpertMap::single(L.E);
+  const SchemeWeights sw = make_weights(L, kTen);
+  const ExpertWeights w = sw.view(L);
+  ExpertsOptions fast = options_of(L);
+  fast.fp8_fast_accum = true;
+
+  HostTensor ids(DType::I32, {L.M, L.k}), wts(DType::F32, {L.M, L.k});
+  route(L.logits, {}, routing_of(L), ids, wts);
+  const Activations x = make_activations(L, kTen);
+  const HostTensor staged = run_experts_stage(x.hidden, x.hidden_scale, ids, wts, w, map, fast);
+  HostTensor oracle(DType::BF16, {L.M, L.H});
+  ExpertsInputs in;
+  in.hidden = x.hidden;
+  in.hidden_scale = x.hidden_scale;
+  in.topk_ids = ids;
+  in.topk_weights = wts;
+  ExpertsOutputs o;
+  o.out = oracle;
+  reference::experts_fp8(in, w, map, fast, o);
+  EXPECT_TRUE(test::bitwise_equal(staged, oracle));
+  EXPECT_TRUE(test::bitwise_equal(run_fused_layer(L, w, map, fast), staged));
+
+  const Dense d = dense_of(L, sw, x, ids, wts, map);
+  const std::vector<double> got = test::to_double(staged);
+  const double err_pure = test::rel_l2(got, d.pure), err_emul = test::rel_l2(got, d.emulated);
+  std::printf("[ rel_l2   ] fp8_fast_accum: vs float64 %.5f, vs float64 with the intermediate "
+              "re-quantized %.6f\n", err_pure, err_emul);
+  EXPECT_LT(err_pure, kFp8Tol);
+  EXPECT_LT(err_emul, kFp8EmulTol);
+
+  ExpertsOutputs outs;
+  outs.out = oracle;
+  const ExpertsDesc desc_fast = make_experts_desc(in, w, map, fast, outs);
+  EXPECT_TRUE(desc_fast.fp8_fast_accum);
+  const ExpertsDesc desc_default = make_experts_desc(in, w, map, options_of(L), outs);
+  EXPECT_FALSE(desc_default.fp8_fast_accum);
+  EXPECT_EQ(experts_workspace_size(desc_fast), experts_workspace_size(desc_default));
+  EXPECT_EQ(fused_moe_workspace_size(L.M, w, routing_of(L), map, fast),
+            fused_moe_workspace_size(L.M, w, routing_of(L), map, options_of(L)));
+}
+
+// The option is an fp8-tensor one: any other scheme is refused, by experts(), fused_moe(),
+// the workspace queries and ExpertsDesc::validate(), with the scheme named.
+TEST(Fp8ApiFastAccum, OtherSchemesAreRefused) {
+  const Layer L = make_layer(3140);
+  const ExpertMap map = ExpertMap::single(L.E);
+  ExpertsOptions fast = options_of(L);
+  fast.fp8_fast_accum = true;
+  for (QuantScheme scheme : {kBlk, kNone}) {
+    SCOPED_TRACE(quant_scheme_name(scheme));
+    const SchemeWeights sw = make_weights(L, scheme);
+    const ExpertWeights w = sw.view(L);
+    const Activations x = make_activations(L, scheme);
+    const std::string named = std::string("quant scheme ") + quant_scheme_name(scheme);
+    EXPECT_MODMOE_ERROR(run_experts_stage(x.hidden, x.hidden_scale, L.ids, L.wts, w, map, fast),
+                        "'options.fp8_fast_accum' = true", named.c_str(),
+                        "expected quant scheme fp8-tensor", "fp8_fast_accum = false");
+    HostTensor out(DType::BF16, {L.M, L.H});
+    EXPECT_MODMOE_ERROR(fused_moe(L.logits, {}, L.hidden, w, routing_of(L), map, fast, out),
+                        "'fp8_fast_accum' = true", named.c_str(),
+                        "expected quant scheme fp8-tensor");
+    EXPECT_MODMOE_ERROR(fused_moe_workspace_size(L.M, w, routing_of(L), map, fast),
+                        "'fp8_fast_accum' = true", named.c_str());
+  }
+  ExpertsDesc desc;
+  desc.num_tokens = L.M;
+  desc.hidden = L.H;
+  desc.intermediate = L.I;
+  desc.top_k = L.k;
+  desc.expert_map = map;
+  desc.fp8_fast_accum = true;
+  for (QuantScheme scheme : {kNone, kBlk, QuantScheme::Nvfp4}) {
+    desc.scheme = scheme;
+    const std::string named = std::string("quant scheme ") + quant_scheme_name(scheme);
+    EXPECT_MODMOE_ERROR(desc.validate(), "'fp8_fast_accum' = true", named.c_str(),
+                        "expected quant scheme fp8-tensor");
+    EXPECT_MODMOE_ERROR(experts_workspace_size(desc), "'fp8_fast_accum' = true");
+  }
+  desc.scheme = kTen;
+  EXPECT_NO_THROW(desc.validate());
+  EXPECT_NO_THROW(experts_workspace_size(desc));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@
 // A scale read from the wrong block shows up as an O(1) error in both (checked by mutation).
 // Plus the layout, mode and format invariants: Canonical == prepared (G = 8, 128) bitwise,
 // do_finalize=false + finalize == do_finalize=true, batched rows == standard rows, per-row
-// per-tensor scales, non-local ids, router weight on the input, and bad arguments.
+// per-tensor scales, non-local ids, router weight on the input, and bad arguments; and
+// ExpertsOptions::fp8_fast_accum (fp8-tensor's GEMM1 as one scale multiply of the full-K sum)
+// bit for bit against integer sums, the default still the block loop.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -425,6 +427,118 @@ TEST(Fp8ExpertsExtra, PerRowPerTensorScales) {
     const bool same = std::memcmp(other.data<uint16_t>() + m * s.H, ref.data<uint16_t>() + m * s.H,
                                   s.H * 2) == 0;
     EXPECT_EQ(same, m != 3) << "row " << m;
+  }
+}
+
+// ExpertsOptions::fp8_fast_accum (docs/fp8.md "FP8 fast accumulation"): under Fp8PerTensor,
+// GEMM1 is then the fp32 sum over all of K times (sx * sw), not a fused multiply-add per
+// 128-wide block; without the option it stays the block loop. Small integers make every sum
+// exact, so each definition gives each gemm1_activation_output element exactly (computed here
+// from integer dot products); the scales are not powers of two, so the two definitions round
+// differently, and row 0 is built so that they differ after the bf16 rounding too (block sums
+// 193 and 99, found by a search over the scales): the test tells them apart both ways.
+TEST(Fp8FastAccum, PerTensorGemm1ScalesTheFullSumOnce) {
+  constexpr int64_t H = 256, I = 128;
+  const float sx = 0.042420532554388046f, sw = 0.04000921547412872f;
+  std::mt19937_64 rng(test::seed(906));
+  std::uniform_int_distribution<int> small(-3, 3);
+  auto code = [](int v) { return fp8::float_to_e4m3(static_cast<float>(v), true); };
+  HostTensor x(DType::E4M3, {1, H}), xs(DType::F32, {1});
+  for (int64_t h = 0; h < H; ++h) x.data<uint8_t>()[h] = code(1);
+  xs.data<float>()[0] = sx;
+  // w13 [1, I, H] (Relu2: no gate/up pair); row 0: 64 threes and a one (193), then 33 threes (99).
+  HostTensor w13(DType::E4M3, {1, I, H}), w2(DType::E4M3, {1, H, I});
+  std::vector<int> w13_int(static_cast<size_t>(I * H));
+  for (int64_t i = 0; i < I * H; ++i) {
+    const int64_t r = i / H, c = i % H;
+    w13_int[i] = r > 0 ? small(rng) : c < 64 ? 3 : c == 64 ? 1 : (c >= 128 && c < 161) ? 3 : 0;
+    w13.data<uint8_t>()[i] = code(w13_int[i]);
+  }
+  for (int64_t i = 0; i < H * I; ++i) w2.data<uint8_t>()[i] = code(small(rng));
+  HostTensor s13(DType::F32, {1}), s2(DType::F32, {1});
+  s13.data<float>()[0] = sw;
+  s2.data<float>()[0] = 1.0f;
+  ExpertWeights w;
+  w.scheme = kTen;
+  w.w13 = w13;
+  w.w2 = w2;
+  w.w13_scale = s13;
+  w.w2_scale = s2;
+  HostTensor ids(DType::I32, {1, 1}), wts(DType::F32, {1, 1});
+  ids.data<int32_t>()[0] = 0;
+  wts.data<float>()[0] = 1.0f;
+  ExpertsInputs in;
+  in.hidden = x;
+  in.hidden_scale = xs;
+  in.topk_ids = ids;
+  in.topk_weights = wts;
+
+  const float s = sx * sw;
+  auto relu2_bf16 = [](float y) {
+    const float r = y < 0.0f ? 0.0f : y;
+    return float_to_bf16_bits(r * r);
+  };
+  // Row 0 under the promoted definition: fma(99, s, 193 * s) rounds to another bf16 square.
+  const float promoted = std::fma(99.0f, s, 193.0f * s);
+  ASSERT_NE(relu2_bf16(promoted), relu2_bf16(292.0f * s));
+  for (bool fast : {false, true}) {
+    SCOPED_TRACE(fast ? "fp8_fast_accum" : "default (promoted)");
+    ExpertsOptions o;
+    o.activation.kind = Activation::Relu2;
+    o.fp8_fast_accum = fast;
+    HostTensor out_buf(DType::BF16, {1, H}), act(DType::BF16, {1, I});
+    test::poison(act);
+    ExpertsOutputs out;
+    out.out = out_buf;
+    out.gemm1_activation_output = act;
+    reference::experts_fp8(in, w, ExpertMap::single(1), o, out);
+    for (int64_t i = 0; i < I; ++i) {
+      int64_t b0 = 0, b1 = 0;  // x = 1: the integer sums of the two K blocks
+      for (int64_t h = 0; h < H; ++h) (h < kB ? b0 : b1) += w13_int[i * H + h];
+      const float y = fast ? static_cast<float>(b0 + b1) * s
+                           : std::fma(static_cast<float>(b1), s, static_cast<float>(b0) * s);
+      EXPECT_EQ(act.data<uint16_t>()[i], relu2_bf16(y)) << "intermediate column " << i;
+    }
+    EXPECT_EQ(act.data<uint16_t>()[0], relu2_bf16(fast ? 292.0f * s : promoted));
+  }
+}
+
+// The option is refused with Fp8Block128 (the oracle's own entry point too).
+TEST(Fp8FastAccum, RefusedWithFp8Block) {
+  Spec spec;
+  spec.scheme = kBlk;
+  const Problem p = make_problem(spec, 907);
+  ExpertsOptions o = p.options();
+  o.fp8_fast_accum = true;
+  HostTensor out(DType::BF16, {spec.M, spec.H});
+  ExpertsOutputs outs;
+  outs.out = out;
+  EXPECT_MODMOE_ERROR(reference::experts_fp8(p.inputs(), p.weights(), spec.map, o, outs),
+                      "'fp8_fast_accum' = true", "quant scheme fp8-block",
+                      "expected quant scheme fp8-tensor");
+}
+
+// Random fp8-tensor problems with the option: the float64 bounds of the default hold (the
+// oracle's full-K sum is fp32 too), and the default and fast oracles are within those bounds
+// of each other's accuracy.
+TEST(Fp8FastAccum, MatchesFloat64Dense) {
+  for (Activation act : {Activation::Swiglu, Activation::Relu2}) {
+    Spec spec = make_spec(kTen, act, GateUpOrder::UpGate, act == Activation::Swiglu, false);
+    spec.H = 1024;
+    const Problem p = make_problem(spec, 908);
+    ExpertsOptions o = p.options();
+    o.fp8_fast_accum = true;
+    const std::vector<double> fast = test::to_double(run_fp8(p, p.inputs(), p.weights(), o));
+    const std::vector<double> def =
+        test::to_double(run_fp8(p, p.inputs(), p.weights(), p.options()));
+    const double pure = test::rel_l2(fast, dense_f64(p, false));
+    const double emul = test::rel_l2(fast, dense_f64(p, true));
+    const double pure_def = test::rel_l2(def, dense_f64(p, false));
+    std::printf("[ rel_l2   ] %s fp8_fast_accum: vs float64 %.5f (default %.5f), emulated "
+                "%.6f\n", activation_name(act), pure, pure_def, emul);
+    EXPECT_LT(pure, 0.04);
+    EXPECT_LT(emul, 5e-3);
+    EXPECT_LT(std::fabs(pure - pure_def), 1e-3);
   }
 }
 

@@ -8,6 +8,7 @@
 #ifdef MODMOE_WITH_CUDA
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <string>
 
@@ -186,6 +187,91 @@ TEST(GemmConfig, Fp8ProblemsGetTheFp8Tiles) {
   d.gate_up_group = 8;
   d.k = 2000;
   EXPECT_MODMOE_ERROR(d.validate(), "FP8 with k = 2000", "multiples of 128");
+}
+
+// fp8-tensor GEMM1 (desc.fp8_fast_accum: scales constant along K, no per-k-block promotion)
+// past 128 rows per group gets the 256-token FP8 tile (select_sm90, rule 1b); its GEMM2 and
+// every Fp8Block128 GEMM keep the 128-token tile, which is the only one that promotes; the
+// 256-token tile runs nothing else, never splits, and the flag is refused off FP8 GEMM1.
+TEST(GemmConfig, Fp8TensorGemm1PrefillGetsThe256TokenTile) {
+  const std::string kWide = "sm90_256x128x128_s4", kMid = "sm90_128x128x128_s6",
+                    kNarrow = "sm90_64x128x128_s8";
+  GemmConfig wide;
+  for (const GemmConfig& c : cuda::gemm::compiled_configs()) {
+    if (c.to_string() == kWide) wide = c;
+  }
+  ASSERT_EQ(wide.to_string(), kWide) << "the 256-token FP8 tile is compiled";
+  EXPECT_TRUE(cuda::gemm::is_fp8_config(wide));
+  EXPECT_EQ(cuda::gemm::sm90_tail_rows(wide), 0);
+  int checked = 0, on_wide = 0;
+  for (int stage = 0; stage < 2; ++stage) {
+    for (bool uniform : {false, true}) {
+      if (uniform && stage == 1) continue;  // validate() refuses it (below)
+      for (int64_t rows : {1, 16, 64, 100, 128, 129, 200, 1000, 8192, 65536}) {
+        for (int E : {1, 8, 32, 128}) {
+          GemmDesc d;
+          d.stage = stage == 0 ? GemmStage::Gemm1 : GemmStage::Gemm2;
+          d.num_experts = E;
+          d.max_rows = rows;
+          d.max_rows_per_expert = rows;
+          d.n = 2048;
+          d.k = 4096;
+          d.gated = stage == 0;
+          d.gate_up_group = d.gated ? 8 : 0;
+          d.fp8 = true;
+          d.fp8_fast_accum = uniform;
+          d.validate();
+          const GemmConfig c = cuda::gemm::select_config(d, hopper());
+          ASSERT_TRUE(cuda::gemm::is_compiled(c)) << c.to_string();
+          EXPECT_TRUE(cuda::gemm::config_runs(d, c)) << c.to_string();
+          EXPECT_EQ(c, cuda::gemm::select_config(d, hopper())) << "not a pure function";
+          // Rows per touched group as select_sm90 computes them (uniform routing).
+          const double touched =
+              E <= 1 ? 1.0
+                     : std::max(1.0, E * (1.0 - std::exp(double(rows) * std::log1p(-1.0 / E))));
+          const double per_group = double(rows) / std::min(touched, double(rows));
+          const std::string want = per_group <= 64.0                    ? kNarrow
+                                   : uniform && per_group > 128.0 ? kWide
+                                                                          : kMid;
+          EXPECT_EQ(c.to_string(), want) << "rows " << rows << " E " << E << " stage " << stage
+                                         << " uniform " << uniform;
+          on_wide += c.to_string() == kWide;
+          // The 256-token tile runs fp8-tensor GEMM1 only.
+          EXPECT_EQ(cuda::gemm::config_runs(d, wide), uniform && stage == 0) << d.max_rows;
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_GT(on_wide, 0);
+  std::printf("checked %d FP8 descs, %d on the 256-token fp8-tensor tile\n", checked, on_wide);
+  // Not with split-K, not for bf16.
+  GemmDesc d;
+  d.num_experts = 8;
+  d.max_rows = d.max_rows_per_expert = 8192;
+  d.n = 2048;
+  d.k = 4096;
+  d.gated = true;
+  d.gate_up_group = 8;
+  d.fp8 = true;
+  d.fp8_fast_accum = true;
+  GemmConfig split = wide;
+  split.split_k = 2;
+  EXPECT_FALSE(cuda::gemm::config_runs(d, split));
+  GemmDesc b = d;
+  b.fp8 = false;
+  b.fp8_fast_accum = false;
+  EXPECT_FALSE(cuda::gemm::config_runs(b, wide));
+  EXPECT_NE(cuda::gemm::select_config(b, hopper()).block_k, 128);
+  // The flag is an FP8 GEMM1 option.
+  GemmDesc bad = d;
+  bad.fp8 = false;
+  EXPECT_MODMOE_ERROR(bad.validate(), "fp8_fast_accum", "FP8 GEMM1 option");
+  bad = d;
+  bad.stage = GemmStage::Gemm2;
+  bad.gated = false;
+  bad.gate_up_group = 0;
+  EXPECT_MODMOE_ERROR(bad.validate(), "fp8_fast_accum", "FP8 GEMM1 option");
 }
 
 // NVFP4 problems (desc.nvfp4, W4A16) get the W4A16 tiles on every sm_80+ device: at decode
@@ -511,6 +597,30 @@ TEST(GemmConfig, AnchorGridChoices) {
       }
       if (t == 16384 && m.e <= 32) {
         EXPECT_EQ(c1.block_m, 256);  // prefill with large experts: the wide tile
+      }
+    }
+  }
+  // FP8 on the same grid: fp8-tensor GEMM1 of the large experts at prefill on the 256-token
+  // FP8 tile (rule 1b), its GEMM2 and fp8-block on the 128-token one, decode on the narrow one.
+  for (const Model& m : models) {
+    if (m.h % 128 != 0 || m.i % 128 != 0) continue;  // gpt-oss: H = I = 2880
+    for (int64_t t : {1, 16, 128, 1024, 4096, 16384}) {
+      for (bool tensor : {true, false}) {
+        GemmDesc d1 = gemm_desc(true, m.e, m.e, m.k, t, m.h, m.i, 8);
+        GemmDesc d2 = gemm_desc(false, m.e, m.e, m.k, t, m.h, m.i, 8);
+        d1.fp8 = d2.fp8 = true;
+        d1.fp8_fast_accum = tensor;
+        const GemmConfig c1 = cuda::gemm::select_config(d1, hopper());
+        const GemmConfig c2 = cuda::gemm::select_config(d2, hopper());
+        std::printf("%s %-13s T=%-6lld GEMM1 %-22s GEMM2 %s\n",
+                    tensor ? "fp8-tensor" : "fp8-block ", m.name, static_cast<long long>(t),
+                    c1.to_string().c_str(), c2.to_string().c_str());
+        EXPECT_LE(c2.block_m, 128);
+        if (!tensor) EXPECT_LE(c1.block_m, 128);
+        if (t == 1) EXPECT_EQ(c1.block_m, 64);
+        if (tensor && t == 16384 && m.e <= 32) {
+          EXPECT_EQ(c1.to_string(), "sm90_256x128x128_s4") << m.name;
+        }
       }
     }
   }

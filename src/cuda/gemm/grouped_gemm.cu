@@ -3,11 +3,13 @@
 // sm90_grouped_gemm.cu).
 //
 // Instantiations (the build's size, kept small for 2-core CI): sm80 2 tiles x 2 stages
-// (GEMM1, GEMM2) = 4 kernels, sm90 bf16 2 tiles x 2 stages + FP8 2 tiles x 2 stages = 8 kernels
-// (sm90_grouped_gemm.cu), W4A16 4 tiles with the stage at run time = 4 kernels
-// (w4a16_grouped_gemm.cu), the wgmma W4A16 tile x 2 stages = 2 kernels
-// (sm90_w4a16_grouped_gemm.cu): 18 in all. Activation, gating, bias, LoRA, gather, the gate/up
-// row map and split-K are run-time arguments, not template axes.
+// (GEMM1, GEMM2) = 4 kernels, sm90 bf16 2 tiles x 2 stages + FP8 2 tiles x 2 stages + the
+// fp8-tensor fast-accumulation 256-token tile for GEMM1 = 9 kernels (sm90_grouped_gemm.cu; +1
+// for ExpertsOptions::fp8_fast_accum, whose main loop is otherwise a run-time mode of the 4 FP8
+// kernels), W4A16 4 tiles with the stage at run time = 4 kernels (w4a16_grouped_gemm.cu), the
+// wgmma W4A16 tile x 2 stages = 2 kernels (sm90_w4a16_grouped_gemm.cu): 19 in all. Activation,
+// gating, bias, LoRA, gather, the gate/up row map, split-K and FP8 fast accumulation are
+// run-time arguments, not template axes.
 #include "cuda/gemm/grouped_gemm.h"
 
 #include <algorithm>
@@ -28,6 +30,7 @@ GemmConfig sm90_narrow_config();  // sm90_grouped_gemm.cu
 GemmConfig sm90_wide_config();
 GemmConfig sm90_fp8_narrow_config();
 GemmConfig sm90_fp8_mid_config();
+GemmConfig sm90_fp8_wide_config();
 GemmConfig w4a16_decode_config();  // w4a16_grouped_gemm.cu
 GemmConfig w4a16_decode_deep_config();
 GemmConfig w4a16_decode_wide_config();
@@ -48,7 +51,7 @@ using TileLarge = Sm80Tile<128, 128, 4, 2, 4, 2>;
 // (decode, many experts), half the padded rows of the large tile and twice the CTAs.
 using TileSmall = Sm80Tile<64, 128, 4, 2, 2, 3>;
 
-constexpr int kNumConfigs = 11;
+constexpr int kNumConfigs = 12;
 constexpr int kMaxSplitK = 8;
 // NOTE: the order is the switch order of launch_grouped_gemm (sm80) and of select_config.
 const std::array<GemmConfig, kNumConfigs>& configs() {
@@ -56,7 +59,7 @@ const std::array<GemmConfig, kNumConfigs>& configs() {
       TileLarge::config(),  TileSmall::config(),         sm90_narrow_config(),
       sm90_wide_config(),   sm90_fp8_narrow_config(),    sm90_fp8_mid_config(),
       w4a16_decode_config(), w4a16_prefill_config(), w4a16_decode_deep_config(),
-      w4a16_decode_wide_config(), sm90_w4a16_config()};
+      w4a16_decode_wide_config(), sm90_w4a16_config(), sm90_fp8_wide_config()};
   return c;
 }
 const GemmConfig& sm90_narrow() { return configs()[2]; }
@@ -69,6 +72,7 @@ const GemmConfig& w4a16_decode_deep() { return configs()[8]; }
 const GemmConfig& w4a16_decode_wide() { return configs()[9]; }
 const GemmConfig& w4a16_wgmma() { return configs()[10]; }
 bool is_w4a16_wgmma(const GemmConfig& c) { return c.nvfp4 && c.arch == 90; }
+const GemmConfig& sm90_fp8_wide() { return configs()[11]; }
 bool is_w4a16_deep(const GemmConfig& c) {
   GemmConfig base = c;
   base.split_k = 1;
@@ -166,6 +170,11 @@ void GemmDesc::validate() const {
                " and ", b_rows(), " weight rows: expected multiples of 128 (the scale blocks)");
   MODMOE_CHECK(!nvfp4 || (!fp8 && k % 64 == 0), "grouped GEMM: NVFP4 with k = ", k,
                ": expected a multiple of 64 (a W4A16 stage holds 4 scale blocks of 16)");
+  MODMOE_CHECK(!fp8_fast_accum || (fp8 && stage == GemmStage::Gemm1),
+               "grouped GEMM: fp8_fast_accum with fp8 = ", fp8, " and stage GEMM",
+               stage == GemmStage::Gemm1 ? 1 : 2,
+               ": fp8_fast_accum (scales constant along K) is an FP8 GEMM1 option; expected "
+               "fp8 = true and GEMM1, or fp8_fast_accum = false");
 }
 
 bool GemmDesc::sm90_w4a16_supported() const {
@@ -281,6 +290,18 @@ GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& /*props*/) {
   // 256 rows per group (qwen3 T=1024, 64 rows: narrow today) was not swept.
   // FP8 (its own pair, docs/fp8.md): the narrow tile and the 128-token one, same rule.
   GemmConfig c = rows_per_group <= 64.0 ? narrow_of(desc) : wide_of(desc);
+  // Rule 1b: fp8-tensor GEMM1 with fast accumulation (desc.fp8_fast_accum: no promotion, one
+  // accumulator set; docs/fp8.md "FP8 fast accumulation") past 128 rows per group takes the
+  // 256-token FP8 tile, which reads each weight tile once per 256 tokens as bf16's wide tile
+  // does. Never without the option: the default (promoted) loop needs two accumulator sets.
+  // Between 65 and 128 rows both run one tile of the same wgmma width; the 128-token tile
+  // keeps its 6 stages there. Measured together with the fast loop on an H200 (branch
+  // fp8-tensor-noprom at fc2597e, 2026-11-27: mixtral T=4096 GEMM1+GEMM2 4855 -> 4081 us);
+  // TODO(measure): the crossover (128) was set on paper, not swept.
+  if (desc.fp8 && desc.fp8_fast_accum && desc.stage == GemmStage::Gemm1 &&
+      rows_per_group > 128.0) {
+    c = sm90_fp8_wide();
+  }
   // Rule 2 (none): no split-K by default. Split-K (the last CTA of a tile sums the fp32 slices
   // in slice order) was chosen when decode tiles left SMs idle in the last wave; same-run A/Bs
   // on an H100 SXM (2026-11-27, `--ab MODMOE_GEMM_SPLIT_K=1`, bench/results/
@@ -487,6 +508,13 @@ bool config_runs(const GemmDesc& desc, const GemmConfig& config) {
   }
   if (desc.nvfp4 || config.nvfp4) return desc.nvfp4 && config.nvfp4;
   if (config.arch != 90) return !desc.fp8;
+  GemmConfig base = config;
+  base.split_k = 1;
+  base.tail_m = 0;
+  if (base == sm90_fp8_wide() &&
+      !(desc.fp8_fast_accum && desc.stage == GemmStage::Gemm1 && config.split_k == 1)) {
+    return false;  // fast-accumulation FP8 GEMM1 only (one accumulator set), no split-K
+  }
   return desc.allow_sm90 && desc.sm90_supported() && is_fp8_config(config) == desc.fp8;
 }
 

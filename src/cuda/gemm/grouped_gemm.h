@@ -77,6 +77,13 @@ struct GemmDesc {
   // (GemmArgs::a_scale, b_scale); the sm90 FP8 kernels only. Needs k % 128 == 0 and
   // b_rows() % 128 == 0.
   bool fp8 = false;
+  // FP8 fast accumulation (ExpertsOptions::fp8_fast_accum; docs/fp8.md "FP8 fast
+  // accumulation"): an FP8 GEMM1 whose scales do not change along K (Fp8PerTensor: GemmArgs
+  // a_scale_kb == b_scale_kb == 0, checked at launch) sums all of K in the tensor cores'
+  // accumulator and multiplies by the scales once, in the epilogue (Sm90Params::
+  // scale_in_epilogue). Unset (the default): scales applied every 128 of K in CUDA-core fp32.
+  // Also the tile choice: the 256-token FP8 tile runs such GEMMs only.
+  bool fp8_fast_accum = false;
   // NVFP4 weights, bf16 activations (W4A16, docs/nvfp4.md): B is packed e2m1 pairs with e4m3
   // scales per 16 of K and an fp32 global scale per expert (GemmArgs::b_block_scale,
   // b_global_scale); the w4a16 kernels only. Needs k % 64 == 0 (one stage = 4 scale blocks).
@@ -229,6 +236,9 @@ struct GemmArgs {
   //                the scale rows of prepare_weights: gate block j at 2j, up block j at 2j + 1)
   //                : f / 128;  per-expert scales: (b_scale_expert, ld, kb) = (1, 0, 0)
   // With FP8, `a` and `b` point at e4m3 bytes (lda, ldb, b_expert_stride count elements).
+  // With desc.fp8_fast_accum (scales constant along K: a_scale_kb == 0 and b_scale_kb == 0)
+  // they are not applied per k-block: out = (the tensor cores' sum over all of K) * (a scale *
+  // b scale), the product of the scales rounded first (docs/fp8.md "FP8 fast accumulation").
   const float* a_scale = nullptr;
   int64_t a_scale_ld = 0;
   int a_scale_kb = 0;

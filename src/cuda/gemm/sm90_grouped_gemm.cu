@@ -3,9 +3,10 @@
 // sm90_wgmma_grouped_gemm.cuh.
 //
 // Instantiations: bf16 2 tiles x 2 stages (GEMM1, GEMM2) = 4 kernels, FP8 2 tiles x 2 stages =
-// 4 more. The per-tile wgmma width is a run-time switch inside each (4 widths for the narrow
-// tiles, 8 for the wide one and 4 for the FP8 128-token one, plus the tail variant of the bf16
-// tiles).
+// 4 more, and the fp8-tensor fast-accumulation 256-token tile for GEMM1 only = 9. The per-tile
+// wgmma width is a run-time switch inside each (4 widths for the narrow tiles, 8 for the wide
+// ones and 4 for the FP8 128-token one, plus the tail variant of the bf16 tiles), and so is
+// FP8 fast accumulation in the two FP8 tiles that also promote.
 #include <cuda.h>
 
 #include <mutex>
@@ -27,16 +28,23 @@ using Sm90Narrow = Sm90Tile<64, 8, 32>;
 using Sm90Wide = Sm90Tile<256, 4, 32>;
 
 // FP8 (docs/fp8.md): two accumulator sets per thread (the k-block's wgmma result and the
-// scaled sum), so at most 128 tokens per tile; no tail rows.
+// scaled sum), so at most 128 tokens per tile; no tail rows. FP8 fast accumulation (opt-in,
+// GemmDesc::fp8_fast_accum: the Fp8PerTensor GEMM1, scales constant along K) is a run-time
+// mode of the same kernels without the per-k-block promotion, the scales in the epilogue
+// (Sm90Params::scale_in_epilogue).
 // Narrow: up to 64 tokens, 8 stages of 16 KB of weights (128 rows x 128 e4m3) + 8 KB of tokens.
 using Sm90Fp8Narrow = Sm90Tile<64, 8, 32, true>;
 // 128 tokens, 6 stages of 16 + 16 KB: the middle and prefill.
 using Sm90Fp8Mid = Sm90Tile<128, 6, 32, true>;
+// 256 tokens, 4 stages of 16 + 32 KB: fp8-tensor GEMM1 prefill with fast accumulation only
+// (one accumulator set, Sm90Tile::kUniformOnly); GEMM1 only, the GEMM2 scales change along K.
+using Sm90Fp8Wide = Sm90Tile<256, 4, 32, true>;
 
 GemmConfig sm90_narrow_config() { return Sm90Narrow::config(); }
 GemmConfig sm90_wide_config() { return Sm90Wide::config(); }
 GemmConfig sm90_fp8_narrow_config() { return Sm90Fp8Narrow::config(); }
 GemmConfig sm90_fp8_mid_config() { return Sm90Fp8Mid::config(); }
+GemmConfig sm90_fp8_wide_config() { return Sm90Fp8Wide::config(); }
 int sm90_w4a16_tail_rows();  // sm90_w4a16_grouped_gemm.cu
 
 int sm90_tail_rows(const GemmConfig& config) {
@@ -181,6 +189,20 @@ void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs&
   params.x_tma = args.a_gather == nullptr && !Tile::kFp8 ? 1 : 0;
   if (params.x_tma) params.tmap_x = token_map(desc, args, Tile::kNStep);
   sm90_fill_params(params, desc, config, args, n_tiles);
+  // FP8 fast accumulation (desc.fp8_fast_accum, opt-in: ExpertsOptions::fp8_fast_accum): the
+  // full-K sum in the tensor cores' accumulator, multiplied by the scales once in the epilogue,
+  // which needs scales constant along K (the Fp8PerTensor GEMM1). Unset, every FP8 GEMM keeps
+  // the per-k-block promotion, per-tensor scales included (a_scale_kb == b_scale_kb == 0 alone
+  // does not switch the mode).
+  MODMOE_CHECK(!desc.fp8_fast_accum || (args.a_scale_kb == 0 && args.b_scale_kb == 0),
+               "sm90 FP8 grouped GEMM: fp8_fast_accum needs scales constant along K (the "
+               "fp8-tensor GEMM1: a_scale_kb = b_scale_kb = 0), got a_scale_kb = ",
+               args.a_scale_kb, ", b_scale_kb = ", args.b_scale_kb);
+  params.scale_in_epilogue = Tile::kFp8 && desc.fp8_fast_accum ? 1 : 0;
+  MODMOE_CHECK(!Tile::kUniformOnly || params.scale_in_epilogue,
+               "sm90 FP8 grouped GEMM: ", config.to_string(), " runs FP8 fast accumulation "
+               "only (GemmDesc::fp8_fast_accum, the fp8-tensor GEMM1); expected another tile "
+               "for this call");
 
   const int sms = props.sm_count > 0 ? props.sm_count : 132;
   const unsigned grid = static_cast<unsigned>(units < sms ? units : sms);
@@ -220,6 +242,11 @@ void launch_sm90_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
   if (base == Sm90Wide::config()) return launch_stage<Sm90Wide>(desc, config, args, stream);
   if (base == Sm90Fp8Narrow::config()) return launch_stage<Sm90Fp8Narrow>(desc, config, args, stream);
   if (base == Sm90Fp8Mid::config()) return launch_stage<Sm90Fp8Mid>(desc, config, args, stream);
+  if (base == Sm90Fp8Wide::config()) {
+    MODMOE_CHECK(desc.stage == GemmStage::Gemm1, "sm90 grouped GEMM: ", config.to_string(),
+                 " runs GEMM1 only (fp8-tensor with fast accumulation)");
+    return launch_tile<Sm90Fp8Wide, true>(desc, config, args, stream);
+  }
   MODMOE_FAIL("sm90 grouped GEMM: config ", config.to_string(), " is not compiled");
 }
 
