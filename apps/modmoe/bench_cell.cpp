@@ -129,12 +129,17 @@ CellInputs make_cell_inputs(const Layer& layer, int64_t tokens, bool zipf, uint6
 }
 
 DtypeRun run_dtype(const Layer& layer, const BenchWeights& weights, const CellInputs& in,
-                   int samples, bool timed, const std::vector<std::string>& ab) {
+                   int samples, bool timed, const std::vector<std::string>& ab,
+                   bool fp8_fast_accum) {
   const BenchDtype dtype = weights.dtype;
   const int64_t tokens = in.hidden[0].view().size(0);
+  MODMOE_CHECK(!fp8_fast_accum || dtype == BenchDtype::Fp8Tensor, "run_dtype: fp8_fast_accum ",
+               "with ", bench_dtype_name(dtype), " weights: expected fp8-tensor");
+  ExpertsOptions options = layer.options;
+  options.fp8_fast_accum = fp8_fast_accum;
   try {
     const ExpertsDesc desc = make_experts_desc(in.inputs(0, dtype), weights.prepared, layer.map,
-                                               layer.options, in.outputs(0));
+                                               options, in.outputs(0));
     const size_t ws_bytes = experts_workspace_size(desc);
     const Buffer ws_buf(DType::U8, {static_cast<int64_t>(ws_bytes) + 256}, layer.device);
     const Workspace ws{ws_buf.view().data, ws_bytes + 256};
@@ -142,13 +147,13 @@ DtypeRun run_dtype(const Layer& layer, const BenchWeights& weights, const CellIn
     // Validate first: poisoned output, one run, sampled float64 check.
     DtypeRun run;
     poison(in.out[0]);
-    experts(in.inputs(0, dtype), weights.prepared, layer.map, layer.options, in.outputs(0), ws);
+    experts(in.inputs(0, dtype), weights.prepared, layer.map, options, in.outputs(0), ws);
     synchronize(layer.device);
     auto subset = [&](const std::vector<int>& experts, std::vector<HostTensor>& keep) {
       return weights.subset(layer, experts, keep);
     };
-    const CheckBounds bound = check_bounds(dtype);
-    run.check = check_sampled_tokens(in.inputs(0, dtype), layer.map, layer.options, subset,
+    const CheckBounds bound = check_bounds(dtype, fp8_fast_accum);
+    run.check = check_sampled_tokens(in.inputs(0, dtype), layer.map, options, subset,
                                      in.out[0], samples, bound.emulated > 0);
     run.correct = run.check.rel_l2 <= bound.rel_l2 &&
                   (bound.emulated == 0 || run.check.rel_l2_emulated <= bound.emulated);
@@ -156,7 +161,7 @@ DtypeRun run_dtype(const Layer& layer, const BenchWeights& weights, const CellIn
 #ifdef MODMOE_WITH_CUDA
     auto time_us = [&] {
       return 1e3 * time_graph_ms(in.rotations, [&](int r, cudaStream_t s) {
-        experts(in.inputs(r, dtype), weights.prepared, layer.map, layer.options, in.outputs(r), ws, s);
+        experts(in.inputs(r, dtype), weights.prepared, layer.map, options, in.outputs(r), ws, s);
       });
     };
     run.us = time_us();

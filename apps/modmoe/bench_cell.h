@@ -41,10 +41,13 @@ struct DtypeRun {
 };
 
 // Poisons the output, runs the stage once, checks `samples` sampled tokens against float64
-// (check_bounds(weights.dtype)), then, when `timed` (CUDA builds, GPU tensors), times it and
-// each --ab variant (NAME=VALUE: an environment variable set while the cell is timed again).
-// Errors from the library come back with the cell and the dtype named.
+// (check_bounds(weights.dtype, fp8_fast_accum)), then, when `timed` (CUDA builds, GPU
+// tensors), times it and each --ab variant (NAME=VALUE: an environment variable set while the
+// cell is timed again). fp8_fast_accum (fp8-tensor weights only): layer.options with
+// ExpertsOptions::fp8_fast_accum set. Errors from the library come back with the cell and the
+// dtype named.
 DtypeRun run_dtype(const Layer& layer, const BenchWeights& weights, const CellInputs& in,
-                   int samples, bool timed, const std::vector<std::string>& ab);
+                   int samples, bool timed, const std::vector<std::string>& ab,
+                   bool fp8_fast_accum = false);
 
 }  // namespace modmoe::app

@@ -4,7 +4,9 @@
 // ceilings measured in the same run. A quantized dtype also times each cell in bf16, on the
 // same inputs and the same master weights; nvfp4 also times fp8-block where H and I are
 // multiples of 128. --cpu validates every cell on the CPU reference
-// backend instead (each model scaled down), untimed.
+// backend instead (each model scaled down), untimed. --fp8-fast-accum (fp8-tensor only) runs
+// the cells with ExpertsOptions::fp8_fast_accum (docs/fp8.md "FP8 fast accumulation"): its
+// emulated bound is check_bounds' fast one, and its JSON file is its own.
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -43,6 +45,7 @@ std::vector<Model> grid_models() {
 // Every option, parsed and checked before anything runs.
 struct Options {
   BenchDtype dtype = BenchDtype::Bf16;
+  bool fp8_fast_accum = false;  // --fp8-fast-accum: ExpertsOptions::fp8_fast_accum
   bool cpu = false;
   std::vector<std::string> models, ab;
   std::vector<std::pair<int64_t, bool>> runs;  // (T, zipf) per model
@@ -63,9 +66,13 @@ std::vector<std::string> split(const std::string& csv) {
 
 Options parse_options(const std::vector<std::string>& argv) {
   const Args args(argv, {"--models", "--tokens", "--out", "--torch-baseline", "--seed", "--ab", "--dtype"},
-                  {"--skew", "--cpu"});
+                  {"--skew", "--cpu", "--fp8-fast-accum"});
   Options o;
   o.dtype = parse_bench_dtype(args.get("--dtype", "bf16"));
+  o.fp8_fast_accum = args.has("--fp8-fast-accum");
+  MODMOE_CHECK(!o.fp8_fast_accum || o.dtype == BenchDtype::Fp8Tensor, "option ",
+               "'--fp8-fast-accum' with --dtype ", bench_dtype_name(o.dtype),
+               ": expected --dtype fp8-tensor (FP8 fast accumulation is an fp8-tensor mode)");
   o.cpu = args.has("--cpu");
   MODMOE_CHECK(!o.cpu || !(args.has("--ab") || args.has("--out") || args.has("--torch-baseline")),
                "option '--cpu' validates every cell untimed: '--ab', '--out' and "
@@ -148,8 +155,9 @@ constexpr int kSamples = 4, kBf16Samples = 1;
 
 // --cpu: every cell validated on the CPU reference backend; exit status 1 if any fails.
 int run_cpu_check(const Options& o) {
-  std::printf("modmoe bench experts --cpu --dtype %s: every cell validated on the CPU reference "
-              "backend (models scaled down), untimed\n", bench_dtype_name(o.dtype));
+  std::printf("modmoe bench experts --cpu --dtype %s%s: every cell validated on the CPU "
+              "reference backend (models scaled down), untimed\n", bench_dtype_name(o.dtype),
+              o.fp8_fast_accum ? " --fp8-fast-accum" : "");
   int cells = 0, failed = 0;
   for_each_cell(o, Device::cpu(), [&](const Model& m, const Layer& layer, const BenchWeights& w,
                                       const BenchWeights* bf16, const BenchWeights* fp8,
@@ -157,7 +165,7 @@ int run_cpu_check(const Options& o) {
     // With an fp8-block comparison the inputs carry the fp8-block activations too.
     const CellInputs in =
         make_cell_inputs(layer, t, zipf, o.seed, fp8 ? BenchDtype::Fp8Block : o.dtype);
-    const DtypeRun run = run_dtype(layer, w, in, kSamples, false, {});
+    const DtypeRun run = run_dtype(layer, w, in, kSamples, false, {}, o.fp8_fast_accum);
     const bool bf16_ok = !bf16 || run_dtype(layer, *bf16, in, kBf16Samples, false, {}).correct;
     const bool fp8_ok = !fp8 || run_dtype(layer, *fp8, in, kBf16Samples, false, {}).correct;
     ++cells;
@@ -178,6 +186,12 @@ int run_gpu(const Options& o) {
   const Ceilings ceil = measure_ceilings(is_fp8(o.dtype));
   Report report(o.dtype, ceil, o.ab, o.torch_base);
   report.print_header(gpu_name());
+  const CheckBounds bounds = check_bounds(o.dtype, o.fp8_fast_accum);
+  if (o.fp8_fast_accum) {
+    std::printf("FP8 fast accumulation (ExpertsOptions::fp8_fast_accum): rel L2 bound %.3g vs "
+                "float64, emulated bound %.3g (docs/fp8.md \"FP8 fast accumulation\")\n",
+                bounds.rel_l2, bounds.emulated);
+  }
   const std::vector<std::string> skipped = for_each_cell(o, Device::cuda(0), [&](const Model& m, const Layer& layer, const BenchWeights& w,
                                         const BenchWeights* bf16, const BenchWeights* fp8,
                                         int64_t t, bool zipf) {
@@ -188,14 +202,16 @@ int run_gpu(const Options& o) {
     c.zipf = zipf;
     c.shape = {t, layer.preset.hidden, layer.preset.intermediate, layer.preset.top_k,
                static_cast<double>(in.experts_touched)};
-    c.run = run_dtype(layer, w, in, kSamples, true, o.ab);
+    c.run = run_dtype(layer, w, in, kSamples, true, o.ab, o.fp8_fast_accum);
     if (bf16) c.bf16 = run_dtype(layer, *bf16, in, kBf16Samples, true, {});
     if (fp8) c.fp8 = run_dtype(layer, *fp8, in, kBf16Samples, true, {});
     report.add(c);
   });
   nlohmann::json out = report.finish(bench_header("experts", ceil));
   if (!skipped.empty()) out["skipped_models"] = skipped;
-  write_bench_json(out, o.out, bench_json_name(o.dtype));
+  if (o.dtype == BenchDtype::Fp8Tensor) out["fp8_fast_accum"] = o.fp8_fast_accum;
+  out["check_bounds"] = {{"rel_l2", bounds.rel_l2}, {"rel_l2_emulated", bounds.emulated}};
+  write_bench_json(out, o.out, bench_json_name(o.dtype, o.fp8_fast_accum));
   return 0;
 }
 #endif

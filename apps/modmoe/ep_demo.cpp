@@ -183,6 +183,7 @@ int demo_rank(const DemoOptions& o, int rank, comm::mp::Rendezvous* rv, RankRepo
       d1.activation = full.options.activation.kind;
       d1.scheme = full.weights.scheme;
       d1.do_finalize = true;
+      d1.fp8_fast_accum = full.options.fp8_fast_accum;
       std::vector<double> sum(static_cast<size_t>(t * h), 0.0);
       Buffer part(DType::BF16, {t, h}, dev);
       Buffer mine_rows;  // NVFP4: my dequantized rows on the device

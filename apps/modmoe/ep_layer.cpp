@@ -57,6 +57,7 @@ ExpertsDesc experts_desc(const Preset& preset, const Layer& l, const ExpertMap& 
   d.activation = l.options.activation.kind;
   d.scheme = l.weights.scheme;
   d.do_finalize = true;
+  d.fp8_fast_accum = l.options.fp8_fast_accum;
   return d;
 }
 
