@@ -98,5 +98,22 @@ TEST(BenchFloor, RegimesBoundsAndTargets) {
   EXPECT_EQ(t.min_speedup, 1.0);
 }
 
+// --fp8-fast-accum (ExpertsOptions::fp8_fast_accum, fp8-tensor only): its own JSON file, the
+// float64 bound of the default and the wider emulated bound of the error model (bench_dtype.h);
+// the default fp8-tensor bounds are not loosened.
+TEST(BenchFloor, Fp8FastAccumBoundsAndFile) {
+  EXPECT_EQ(bench_json_name(BenchDtype::Fp8Tensor, true), "experts_fp8_tensor_fast_accum.json");
+  EXPECT_NE(bench_json_name(BenchDtype::Fp8Tensor, true), bench_json_name(BenchDtype::Fp8Tensor));
+  const CheckBounds fast = check_bounds(BenchDtype::Fp8Tensor, true);
+  const CheckBounds def = check_bounds(BenchDtype::Fp8Tensor);
+  EXPECT_EQ(fast.rel_l2, def.rel_l2);
+  EXPECT_EQ(fast.emulated, 2e-2);
+  EXPECT_EQ(def.emulated, 1e-2);
+  for (BenchDtype d : {BenchDtype::Bf16, BenchDtype::Fp8Block, BenchDtype::Nvfp4}) {
+    EXPECT_THROW(check_bounds(d, true), Error) << bench_dtype_name(d);
+    EXPECT_THROW(bench_json_name(d, true), Error) << bench_dtype_name(d);
+  }
+}
+
 }  // namespace
 }  // namespace modmoe::app
