@@ -335,6 +335,7 @@ def experts(
     gate_up_order=GateUpOrder.GateUp,
     apply_router_weight_on_input=False,
     bf16_routing_weights=False,
+    fp8_fast_accum=False,
     gemm2_output=None,
     expert_weights=None,
     expanded_idx_to_permuted_idx=None,
@@ -368,7 +369,11 @@ def experts(
     from the scales), or an ExpertWeights holding them; hidden_states e4m3 [M, H] with
     hidden_states_scale fp32 ('fp8-block': [M, H/128], token-major; 'fp8-tensor': [1] or [M]),
     as quantize_activations() makes them. H and I are multiples of 128. CUDA tensors need the
-    weights of prepare_weights(). The outputs stay bf16.
+    weights of prepare_weights(). The outputs stay bf16. fp8_fast_accum=True ('fp8-tensor'
+    only, else modmoe.Error): FP8 fast accumulation (cuBLASLt's FAST_ACCUM), GEMM1 summed over
+    all of H in the tensor cores' FP8 accumulator (about 14 bits kept on Hopper) and scaled
+    once; faster prefill, a larger GEMM1 error against the fp32 definition (docs/fp8.md "FP8
+    fast accumulation"). Default False: every sum in fp32, the scales every 128 of K.
 
     NVFP4 (W4A16, FlashInfer's trtllm_fp4_block_scale_routed_moe names): gemm1_weights uint8
     [E_local, 2I, H/2] and gemm2_weights uint8 [E_local, H, I/2] (two e2m1 values per byte,
@@ -407,6 +412,7 @@ def experts(
         (_C.DO_FINALIZE if do_finalize else 0)
         | (_C.WEIGHT_ON_INPUT if apply_router_weight_on_input else 0)
         | (_C.BF16_ROUTING_WEIGHTS if bf16_routing_weights else 0)
+        | (_C.FP8_FAST_ACCUM if fp8_fast_accum else 0)
     )
     lora = gemm1_lora_delta
     batched = expert_num_tokens is not None
@@ -496,6 +502,7 @@ def fused_moe(
     gate_up_order=GateUpOrder.GateUp,
     apply_router_weight_on_input=None,
     bf16_routing_weights=False,
+    fp8_fast_accum=False,
     topk_ids=None,
     topk_weights=None,
     hidden_states_scale=None,
@@ -518,7 +525,8 @@ def fused_moe(
 
     FP8 weights (as in experts()): bf16 hidden_states are quantized with the weights' scheme
     (dynamic scales), bitwise route() -> quantize_activations() -> experts(); e4m3
-    hidden_states with their hidden_states_scale run route() then experts().
+    hidden_states with their hidden_states_scale run route() then experts(). fp8_fast_accum:
+    as in experts() ('fp8-tensor' only).
 
     NVFP4 weights (W4A16, as in experts()): the bf16 hidden_states go to the experts as they
     are; the output is bitwise route() -> experts().
@@ -550,7 +558,8 @@ def fused_moe(
             gemm1_clamp_limit=gemm1_clamp_limit, output=output,
             workspace=workspace if do_finalize else None, stream=stream,
             gate_up_order=gate_up_order, apply_router_weight_on_input=apply_router_weight_on_input,
-            bf16_routing_weights=bf16_routing_weights, hidden_states_scale=hidden_states_scale)
+            bf16_routing_weights=bf16_routing_weights, fp8_fast_accum=fp8_fast_accum,
+            hidden_states_scale=hidden_states_scale)
     if use_shuffled_weight or weight_layout is not None:
         _check_layout(use_shuffled_weight, weight_layout)
     per_expert = gemm1_alpha is not None or gemm1_beta is not None or gemm1_clamp_limit is not None
@@ -559,6 +568,7 @@ def fused_moe(
         _C.DO_FINALIZE
         | (_C.WEIGHT_ON_INPUT if apply_router_weight_on_input else 0)
         | (_C.BF16_ROUTING_WEIGHTS if bf16_routing_weights else 0)
+        | (_C.FP8_FAST_ACCUM if fp8_fast_accum else 0)
         | (_C.NORM_TOPK_PROB if norm_topk_prob else 0)
     )
     if output is None:

@@ -52,6 +52,7 @@ constexpr int kDoFinalize = 1;
 constexpr int kWeightOnInput = 2;  // apply_router_weight_on_input
 constexpr int kBf16RoutingWeights = 4;
 constexpr int kNormTopkProb = 8;
+constexpr int kFp8FastAccum = 16;  // ExpertsOptions::fp8_fast_accum (fp8-tensor only)
 
 // The `mode` argument of experts() and fused_moe() (kValidate: experts() only).
 constexpr int kRun = 0;
@@ -106,6 +107,7 @@ constexpr std::pair<const char*, const char*> kPythonNames[] = {
     {"'options.activation.kind'", "'activation_type'"},
     {"'options.apply_router_weight_on_input'", "'apply_router_weight_on_input'"},
     {"'options.do_finalize'", "'do_finalize'"},
+    {"'options.fp8_fast_accum'", "'fp8_fast_accum'"},
     {"expert_map.num_experts", "num_experts"},
     {"expert_map.local_expert_offset", "local_expert_offset"},
     {"expert_map.num_local_experts", "local_num_experts"},
@@ -668,6 +670,7 @@ size_t experts_call(nb::handle hidden, nb::handle hidden_scale, nb::handle topk_
     opt.do_finalize = (flags & kDoFinalize) != 0;
     opt.apply_router_weight_on_input = (flags & kWeightOnInput) != 0;
     opt.bf16_routing_weights = (flags & kBf16RoutingWeights) != 0;
+    opt.fp8_fast_accum = (flags & kFp8FastAccum) != 0;
 
     ExpertsOutputs outs;
     outs.out = to_view(out, "output");
@@ -731,6 +734,7 @@ size_t fused_moe_call(nb::handle logits, nb::handle bias, nb::handle hidden, nb:
     opt.do_finalize = (flags & kDoFinalize) != 0;
     opt.apply_router_weight_on_input = (flags & kWeightOnInput) != 0;
     opt.bf16_routing_weights = (flags & kBf16RoutingWeights) != 0;
+    opt.fp8_fast_accum = (flags & kFp8FastAccum) != 0;
 
     if (mode == kWorkspaceBytes) {
       MODMOE_CHECK(hidden_v.ndim == 2, "argument 'hidden_states' has shape ",
@@ -1056,6 +1060,7 @@ NB_MODULE(_C, m) {
   m.attr("WEIGHT_ON_INPUT") = kWeightOnInput;
   m.attr("BF16_ROUTING_WEIGHTS") = kBf16RoutingWeights;
   m.attr("NORM_TOPK_PROB") = kNormTopkProb;
+  m.attr("FP8_FAST_ACCUM") = kFp8FastAccum;
   m.attr("RUN") = kRun;
   m.attr("WORKSPACE_BYTES") = kWorkspaceBytes;
   m.attr("VALIDATE") = kValidate;

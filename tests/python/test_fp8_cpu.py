@@ -1,7 +1,9 @@
 """FP8 (fp8-block, fp8-tensor) through the package on the CPU reference, the oracle of the FP8
 kernels (docs/fp8.md): the quantizers bit for bit against the formula, the experts against
 float64 over the dequantized tensors within docs/fp8.md's bounds, fused_moe against its
-stages bitwise, and the forms an e4m3 tensor may take (float8_e4m3fn, uint8 bytes)."""
+stages bitwise, and the forms an e4m3 tensor may take (float8_e4m3fn, uint8 bytes); and the
+fp8_fast_accum keyword (fp8-tensor's GEMM1 summed over all of K, then scaled once): the
+definition it selects, bit for bit, its bounds, fused_moe, and its refusal off fp8-tensor."""
 
 import ml_dtypes
 import numpy as np
@@ -356,3 +358,84 @@ def test_quantizer_errors(rng):
         modmoe.quantize_activations(x.astype(ml_dtypes.float8_e5m2), "fp8-block")
     with pytest.raises(modmoe.Error, match=r"'weights' has shape \[8, 128\]: expected \[E, R, C\]"):
         modmoe.quantize_weights(x, "fp8-block")
+
+
+# ---------------------------------------------------------------------------------------
+# FP8 fast accumulation (fp8_fast_accum=True: fp8-tensor only, docs/fp8.md "FP8 fast
+# accumulation")
+# ---------------------------------------------------------------------------------------
+
+
+def relu2_bf16_bits(y):
+    """bf16 bits of relu(y)^2, y and the square in fp32 (the oracle's epilogue)."""
+    r = np.float32(max(np.float32(y), np.float32(0)))
+    return np.array([r * r], np.float32).astype(BF16).view(np.uint16)[0]
+
+
+def test_fp8_fast_accum_reaches_the_gemm1_definition():
+    """The keyword selects GEMM1's definition: without it, the fp32 block loop (a fused
+    multiply-add per 128 of K); with it, the fp32 sum over all of K times (sx * sw). Row 0 of
+    w13 has block sums 193 and 99 and the scales are not powers of two, so the two definitions
+    give different bf16 activations (gemm1_activation_output, Relu2)."""
+    h, inter = 256, 128
+    sx, sw = np.float32(0.042420532554388046), np.float32(0.04000921547412872)
+    x = np.ones((1, h), np.float32).astype(E4M3)
+    w13 = np.zeros((1, inter, h), np.float32)
+    w13[0, 0, :64] = 3
+    w13[0, 0, 64] = 1
+    w13[0, 0, 128:161] = 3
+    gen = np.random.default_rng(906)
+    w13[0, 1:] = gen.integers(-3, 4, (inter - 1, h))
+    w2 = gen.integers(-3, 4, (1, h, inter)).astype(np.float32).astype(E4M3)
+    lora = np.zeros((1, 1, inter), BF16)  # only to receive gemm1_activation_output
+    s = np.float32(sx * sw)
+    b0, b1 = w13[0, :, :128].sum(1), w13[0, :, 128:].sum(1)
+    # fma(b1, s, b0 * s): exact in float64 (fp32 products of small integers), rounded once
+    promoted = [np.float32(np.float64(b1[i]) * np.float64(s) + np.float64(np.float32(b0[i] * s)))
+                for i in range(inter)]
+    full = [np.float32(np.float32(b0[i] + b1[i]) * s) for i in range(inter)]
+    assert relu2_bf16_bits(promoted[0]) != relu2_bf16_bits(full[0])
+    for fast, want in [(False, promoted), (True, full)]:
+        out, _, act = modmoe.experts(
+            (np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32)), x,
+            w13.astype(E4M3), w2, 1, 1, activation_type=modmoe.ActivationType.Relu2,
+            hidden_states_scale=np.array([sx], np.float32),
+            gemm1_weights_scale=np.array([sw], np.float32),
+            gemm2_weights_scale=np.ones(1, np.float32), gemm1_lora_delta=lora,
+            fp8_fast_accum=fast)
+        bits = np.asarray(act).view(np.uint16).reshape(-1)
+        assert [int(b) for b in bits] == [int(relu2_bf16_bits(y)) for y in want], fast
+
+
+def test_fp8_fast_accum_vs_float64_and_fused(rng):
+    """With the keyword: the float64 bounds of the default hold (the oracle's full-K sum is
+    fp32 too), and fused_moe == route() -> quantize_activations() -> experts() with it."""
+    q = problem(rng, "fp8-tensor", hidden=1024, num_experts=8, top_k=2)
+    assert_within_fp8_bounds(run(q, fp8_fast_accum=True), q)
+    logits = rng.standard_normal((q.p.m, 8)).astype(np.float32)
+    method = modmoe.RoutingMethodType.Renormalize
+    ids, weights = modmoe.route(logits, None, method, 2)
+    x, x_scale = modmoe.quantize_activations(q.p.x, "fp8-tensor")
+    want = modmoe.experts((ids, weights), x, q.w13, q.w2, 8, 2, hidden_states_scale=x_scale,
+                          gemm1_weights_scale=q.w13_scale, gemm2_weights_scale=q.w2_scale,
+                          fp8_fast_accum=True)
+    got = modmoe.fused_moe(logits, None, q.p.x, q.w13, q.w2, 8, 2, routing_method_type=method,
+                           gemm1_weights_scale=q.w13_scale, gemm2_weights_scale=q.w2_scale,
+                           fp8_fast_accum=True)
+    assert first_mismatch(want, got) is None
+
+
+def test_fp8_fast_accum_other_schemes_are_refused(rng):
+    q = problem(rng, "fp8-block")
+    with pytest.raises(modmoe.Error, match=r"'fp8_fast_accum' = true with quant scheme "
+                                           r"fp8-block: expected quant scheme fp8-tensor"):
+        run(q, fp8_fast_accum=True)
+    logits = np.zeros((q.p.m, 8), np.float32)
+    with pytest.raises(modmoe.Error, match=r"'fp8_fast_accum' = true with quant scheme "
+                                           r"fp8-block"):
+        modmoe.fused_moe(logits, None, q.p.x, q.w13, q.w2, 8, 2,
+                         gemm1_weights_scale=q.w13_scale, gemm2_weights_scale=q.w2_scale,
+                         fp8_fast_accum=True)
+    with pytest.raises(modmoe.Error, match=r"'fp8_fast_accum' = true with quant scheme none"):
+        modmoe.experts((q.p.ids, q.p.weights), q.p.x, q.p.w13, q.p.w2, 8, 2,
+                       fp8_fast_accum=True)
