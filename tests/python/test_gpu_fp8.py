@@ -69,7 +69,7 @@ class Fp8(SimpleNamespace):
                               ids.shape[1], local_expert_offset=p["offset"],
                               local_num_experts=p["num_local"], activation_type=p["act"], **kw)
 
-    def cpu_oracle(self, ids=None):
+    def cpu_oracle(self, ids=None, **kw):
         """The same call on CPU tensors, canonical weights: the CPU oracle."""
         p = self.p
         ids = p["ids"] if ids is None else ids
@@ -78,7 +78,7 @@ class Fp8(SimpleNamespace):
             p["num_experts"], ids.shape[1], local_expert_offset=p["offset"],
             local_num_experts=p["num_local"], activation_type=p["act"],
             hidden_states_scale=self.x_scale.cpu(), gemm1_weights_scale=self.w13_scale.cpu(),
-            gemm2_weights_scale=self.w2_scale.cpu())
+            gemm2_weights_scale=self.w2_scale.cpu(), **kw)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -109,6 +109,31 @@ def test_experts_vs_cpu_oracle_and_float64(scheme, act):
     print(f"{scheme} {act}: rel L2 vs the CPU oracle {vs_cpu:.2e} (bound 1e-2), vs float64 "
           f"{vs_f64:.4f} (bound 0.04)")
     assert vs_cpu < 1e-2 and vs_f64 < 0.04
+
+
+@pytest.mark.parametrize("act", ["swiglu", "relu2"])
+def test_fp8_fast_accum_vs_cpu_oracle_and_float64(act):
+    """fp8_fast_accum=True (fp8-tensor; docs/fp8.md "FP8 fast accumulation"): against the CPU
+    oracle's full-K definition and float64 within the default bounds, and fused_moe carries the
+    keyword (bitwise route() -> quantize_activations() -> experts() with it)."""
+    f = Fp8.make(1, "fp8-tensor", act=act, num_experts=32, num_local=8, offset=8)
+    out = f.run(fp8_fast_accum=True)
+    vs_cpu = rel_l2(out.cpu(), f.cpu_oracle(fp8_fast_accum=True))
+    vs_f64 = rel_l2(out, torch_reference(f.dq, f.p["ids"]))
+    print(f"fp8-tensor fast accumulation {act}: rel L2 vs the CPU oracle {vs_cpu:.2e} (bound "
+          f"1e-2), vs float64 {vs_f64:.4f} (bound 0.04)")
+    assert vs_cpu < 1e-2 and vs_f64 < 0.04
+    p = f.p
+    logits = torch.randn(p["x"].shape[0], p["num_experts"], device=DEV)
+    method = modmoe.RoutingMethodType.Renormalize
+    ids, weights = modmoe.route(logits, None, method, 4)
+    x, x_scale = modmoe.quantize_activations(p["x"], "fp8-tensor")
+    staged = f.run(ids, weights, hidden=x, hidden_states_scale=x_scale, fp8_fast_accum=True)
+    fused = modmoe.fused_moe(logits, None, p["x"], f.prepared, None, p["num_experts"], 4,
+                             routing_method_type=method, local_expert_offset=p["offset"],
+                             local_num_experts=p["num_local"], activation_type=p["act"],
+                             fp8_fast_accum=True)
+    assert torch.equal(staged, fused)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
