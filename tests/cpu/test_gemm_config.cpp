@@ -189,11 +189,12 @@ TEST(GemmConfig, Fp8ProblemsGetTheFp8Tiles) {
   EXPECT_MODMOE_ERROR(d.validate(), "FP8 with k = 2000", "multiples of 128");
 }
 
-// fp8-tensor GEMM1 (desc.fp8_fast_accum: scales constant along K, no per-k-block promotion)
-// past 128 rows per group gets the 256-token FP8 tile (select_sm90, rule 1b); its GEMM2 and
-// every Fp8Block128 GEMM keep the 128-token tile, which is the only one that promotes; the
-// 256-token tile runs nothing else, never splits, and the flag is refused off FP8 GEMM1.
-TEST(GemmConfig, Fp8TensorGemm1PrefillGetsThe256TokenTile) {
+// fp8-tensor GEMM1 with FP8 fast accumulation (desc.fp8_fast_accum, ExpertsOptions::
+// fp8_fast_accum: no per-k-block promotion) past 128 rows per group gets the 256-token FP8
+// tile (select_sm90, rule 1b); without the option (the default, promoted) it keeps the
+// 128-token tile, as do its GEMM2 and every Fp8Block128 GEMM; the 256-token tile runs nothing
+// else, never splits, and the flag is refused off FP8 GEMM1.
+TEST(GemmConfig, Fp8FastAccumGemm1PrefillGetsThe256TokenTile) {
   const std::string kWide = "sm90_256x128x128_s4", kMid = "sm90_128x128x128_s6",
                     kNarrow = "sm90_64x128x128_s8";
   GemmConfig wide;
@@ -205,8 +206,8 @@ TEST(GemmConfig, Fp8TensorGemm1PrefillGetsThe256TokenTile) {
   EXPECT_EQ(cuda::gemm::sm90_tail_rows(wide), 0);
   int checked = 0, on_wide = 0;
   for (int stage = 0; stage < 2; ++stage) {
-    for (bool uniform : {false, true}) {
-      if (uniform && stage == 1) continue;  // validate() refuses it (below)
+    for (bool fast : {false, true}) {
+      if (fast && stage == 1) continue;  // validate() refuses it (below)
       for (int64_t rows : {1, 16, 64, 100, 128, 129, 200, 1000, 8192, 65536}) {
         for (int E : {1, 8, 32, 128}) {
           GemmDesc d;
@@ -219,7 +220,7 @@ TEST(GemmConfig, Fp8TensorGemm1PrefillGetsThe256TokenTile) {
           d.gated = stage == 0;
           d.gate_up_group = d.gated ? 8 : 0;
           d.fp8 = true;
-          d.fp8_fast_accum = uniform;
+          d.fp8_fast_accum = fast;
           d.validate();
           const GemmConfig c = cuda::gemm::select_config(d, hopper());
           ASSERT_TRUE(cuda::gemm::is_compiled(c)) << c.to_string();
@@ -231,13 +232,13 @@ TEST(GemmConfig, Fp8TensorGemm1PrefillGetsThe256TokenTile) {
                      : std::max(1.0, E * (1.0 - std::exp(double(rows) * std::log1p(-1.0 / E))));
           const double per_group = double(rows) / std::min(touched, double(rows));
           const std::string want = per_group <= 64.0                    ? kNarrow
-                                   : uniform && per_group > 128.0 ? kWide
+                                   : fast && per_group > 128.0 ? kWide
                                                                           : kMid;
           EXPECT_EQ(c.to_string(), want) << "rows " << rows << " E " << E << " stage " << stage
-                                         << " uniform " << uniform;
+                                         << " fast " << fast;
           on_wide += c.to_string() == kWide;
-          // The 256-token tile runs fp8-tensor GEMM1 only.
-          EXPECT_EQ(cuda::gemm::config_runs(d, wide), uniform && stage == 0) << d.max_rows;
+          // The 256-token tile runs fast-accumulation GEMM1 only.
+          EXPECT_EQ(cuda::gemm::config_runs(d, wide), fast && stage == 0) << d.max_rows;
           ++checked;
         }
       }
@@ -600,25 +601,27 @@ TEST(GemmConfig, AnchorGridChoices) {
       }
     }
   }
-  // FP8 on the same grid: fp8-tensor GEMM1 of the large experts at prefill on the 256-token
-  // FP8 tile (rule 1b), its GEMM2 and fp8-block on the 128-token one, decode on the narrow one.
+  // FP8 on the same grid: fp8-tensor GEMM1 with fast accumulation of the large experts at
+  // prefill on the 256-token FP8 tile (rule 1b); its GEMM2, the default (promoted) fp8-tensor
+  // and fp8-block on the 128-token one (the GEMM descs of both default schemes are the same),
+  // decode on the narrow one.
   for (const Model& m : models) {
     if (m.h % 128 != 0 || m.i % 128 != 0) continue;  // gpt-oss: H = I = 2880
     for (int64_t t : {1, 16, 128, 1024, 4096, 16384}) {
-      for (bool tensor : {true, false}) {
+      for (bool fast : {true, false}) {
         GemmDesc d1 = gemm_desc(true, m.e, m.e, m.k, t, m.h, m.i, 8);
         GemmDesc d2 = gemm_desc(false, m.e, m.e, m.k, t, m.h, m.i, 8);
         d1.fp8 = d2.fp8 = true;
-        d1.fp8_fast_accum = tensor;
+        d1.fp8_fast_accum = fast;
         const GemmConfig c1 = cuda::gemm::select_config(d1, hopper());
         const GemmConfig c2 = cuda::gemm::select_config(d2, hopper());
         std::printf("%s %-13s T=%-6lld GEMM1 %-22s GEMM2 %s\n",
-                    tensor ? "fp8-tensor" : "fp8-block ", m.name, static_cast<long long>(t),
+                    fast ? "fp8 fast accum" : "fp8 default   ", m.name, static_cast<long long>(t),
                     c1.to_string().c_str(), c2.to_string().c_str());
         EXPECT_LE(c2.block_m, 128);
-        if (!tensor) EXPECT_LE(c1.block_m, 128);
+        if (!fast) EXPECT_LE(c1.block_m, 128);
         if (t == 1) EXPECT_EQ(c1.block_m, 64);
-        if (tensor && t == 16384 && m.e <= 32) {
+        if (fast && t == 16384 && m.e <= 32) {
           EXPECT_EQ(c1.to_string(), "sm90_256x128x128_s4") << m.name;
         }
       }
