@@ -432,7 +432,12 @@ def main():
                     help="bf16: time FlashInfer's cute_dsl_fused_moe_bf16 in the same run")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp8-block", "fp8-tensor", "nvfp4"],
                     help="modmoe bench experts --dtype; the baseline follows it (module docstring)")
+    ap.add_argument("--fp8-fast-accum", action="store_true",
+                    help="fp8-tensor: modmoe runs with FP8 fast accumulation (docs/fp8.md); the "
+                         "torch baseline is the same fp8-tensor one")
     args = ap.parse_args()
+    if args.fp8_fast_accum and args.dtype != "fp8-tensor":
+        sys.exit("--fp8-fast-accum needs --dtype fp8-tensor")
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
     clocks = {"torch": ClockLog("torch"), "modmoe": ClockLog("modmoe")}
@@ -461,7 +466,8 @@ def main():
         json.dump(base, f, indent=1)
     cmd = [args.modmoe, "bench", "experts", "--models", args.models, "--tokens", args.tokens,
            "--torch-baseline", base_path] + (["--out", args.out] if args.out else []) + (["--skew"] if args.skew else []) \
-        + (["--ab", args.ab] if args.ab else []) + (["--dtype", args.dtype] if args.dtype != "bf16" else [])
+        + (["--ab", args.ab] if args.ab else []) + (["--dtype", args.dtype] if args.dtype != "bf16" else []) \
+        + (["--fp8-fast-accum"] if args.fp8_fast_accum else [])
     print("running", " ".join(cmd), flush=True)
     t_start = time.time()
     with clocks["modmoe"]:
