@@ -224,7 +224,8 @@ class ModmoeExperts(_Base):
     FP8: quant_config gives the scheme (quant_scheme_of_config) and the weight scales
     (w1_scale, w2_scale). interleave_rows: the interleave of FP8 weights that are in
     prepare_weights' layout already (0: the checkpoint's; process_weights_after_loading sets
-    it).
+    it). fp8_fast_accum: FP8 fast accumulation of GEMM1 (per-tensor FP8 only; docs/fp8.md
+    "FP8 fast accumulation"), refused here for any other scheme.
 
     NVFP4 (W4A16): quant_config gives the block scales (w1_scale, w2_scale: e4m3, linear) and
     the global scales (g1_alphas, g2_alphas: fp32 [E_local]); w1 / w2 are uint8 packed pairs.
@@ -232,7 +233,7 @@ class ModmoeExperts(_Base):
 
     def __init__(self, moe_config=None, quant_config=None, *, local_expert_offset=None,
                  gate_up_order=GateUpOrder.GateUp, bf16_routing_weights=False,
-                 interleave_rows=0):
+                 interleave_rows=0, fp8_fast_accum=False):
         if _mk is not None and moe_config is not None:
             super().__init__(moe_config, quant_config)
         else:
@@ -242,6 +243,11 @@ class ModmoeExperts(_Base):
         self.gate_up_order = gate_up_order
         self.bf16_routing_weights = bf16_routing_weights
         self.quant_scheme = quant_scheme_of_config(quant_config)
+        if fp8_fast_accum and self.quant_scheme != QuantScheme.Fp8PerTensor:
+            raise Error(f"modmoe: fp8_fast_accum=True with quant scheme {self.quant_scheme.name}: "
+                        "expected per-tensor FP8 (quant_dtype float8_e4m3fn, no block_shape); FP8 "
+                        "fast accumulation is an fp8-tensor mode")
+        self.fp8_fast_accum = fp8_fast_accum
         self.interleave_rows = interleave_rows
         self._ranges = {}  # id(expert_map) -> (expert_map, (offset, count))
         self._unit_weights = None  # ones [>= M, k] fp32, for apply_router_weight_on_input
@@ -429,7 +435,7 @@ class ModmoeExperts(_Base):
             topk_ids.shape[1], local_expert_offset=offset, local_num_experts=count,
             activation_type=_activation_name(activation), output=output, workspace=workspace2,
             gate_up_order=self.gate_up_order, bf16_routing_weights=self.bf16_routing_weights,
-            hidden_states_scale=hidden_scale)
+            fp8_fast_accum=self.fp8_fast_accum, hidden_states_scale=hidden_scale)
 
     def _local_range(self, expert_map, w1):
         num_local = w1.shape[0]

@@ -275,6 +275,28 @@ def test_fp8_activation_scale_forms(rng):
         run_rank(experts, p, q.w13, q.w2, q.x, p.ids, p.weights, None)
 
 
+def test_fp8_fast_accum_like_vllm(rng):
+    """fp8_fast_accum=True (per-tensor FP8): apply() is modmoe.experts with the keyword, bit for
+    bit; refused at construction with fp8-block or bf16."""
+    p = Problem(rng, m=20, hidden=256, inter=128, num_experts=8, top_k=3)
+    q = Fp8Problem(p, "fp8-tensor")
+    experts = mv.ModmoeExperts(quant_config=quant_config(q), fp8_fast_accum=True)
+    layer = SimpleNamespace(w13_weight=q.w13.copy(), w2_weight=q.w2)
+    experts.process_weights_after_loading(layer)
+    out = run_rank(experts, p, layer.w13_weight, layer.w2_weight, q.x, p.ids, p.weights, None,
+                   a1q_scale=q.x_scale)
+    want = modmoe.experts((p.ids, p.weights), q.x, q.w13, q.w2, p.num_experts, p.k,
+                          hidden_states_scale=q.x_scale, gemm1_weights_scale=q.w13_scale,
+                          gemm2_weights_scale=q.w2_scale, fp8_fast_accum=True)
+    assert first_mismatch(out, want) is None
+    block = SimpleNamespace(scheme="fp8-block", w13_scale=q.w13_scale, w2_scale=q.w2_scale)
+    with pytest.raises(modmoe.Error, match=r"fp8_fast_accum=True with quant scheme "
+                                           r"Fp8Block128: expected per-tensor FP8"):
+        mv.ModmoeExperts(quant_config=quant_config(block), fp8_fast_accum=True)
+    with pytest.raises(modmoe.Error, match=r"fp8_fast_accum=True with quant scheme Bf16"):
+        mv.ModmoeExperts(fp8_fast_accum=True)
+
+
 @pytest.mark.parametrize("config,match", [
     (dict(quant_dtype="torch.float8_e4m3fn", block_shape=[64, 64]), "block_shape \\[64, 64\\]"),
     (dict(quant_dtype="torch.float8_e4m3fn", per_act_token_quant=True), "per_act_token_quant"),
