@@ -147,6 +147,10 @@ struct ExpertsOptions {
   // call are unchanged. Faster prefill (a 256-token GEMM1 tile); the error against the
   // promoted oracle grows with H (random inputs at H = 4096: GEMM1 rel L2 3.2e-3 instead of
   // 8.5e-4), while the error against float64 stays dominated by the FP8 quantization.
+  // Where: on the GPU, the GEMM1s with more than 128 rows per expert (prefill; the 256-token
+  // tile), deterministically from the call's sizes; smaller ones keep the default's promoted
+  // GEMM1 (decode reads weights, the sum is not what limits it). The CPU backend sums every
+  // row over all of K.
   // false (the default): the contract's numerics, every sum in fp32, the scales applied every
   // 128 of K. With another scheme: modmoe::Error (the other schemes have no fast mode).
   bool fp8_fast_accum = false;

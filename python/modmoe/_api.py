@@ -373,7 +373,9 @@ def experts(
     only, else modmoe.Error): FP8 fast accumulation (cuBLASLt's FAST_ACCUM), GEMM1 summed over
     all of H in the tensor cores' FP8 accumulator (about 14 bits kept on Hopper) and scaled
     once; faster prefill, a larger GEMM1 error against the fp32 definition (docs/fp8.md "FP8
-    fast accumulation"). Default False: every sum in fp32, the scales every 128 of K.
+    fast accumulation"); on the GPU where GEMM1 has more than 128 rows per expert (prefill),
+    smaller calls keep the default's GEMM1. Default False: every sum in fp32, the scales every
+    128 of K.
 
     NVFP4 (W4A16, FlashInfer's trtllm_fp4_block_scale_routed_moe names): gemm1_weights uint8
     [E_local, 2I, H/2] and gemm2_weights uint8 [E_local, H, I/2] (two e2m1 values per byte,

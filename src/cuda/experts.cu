@@ -75,7 +75,8 @@ GemmDescs make_gemm_descs(const ExpertsDesc& d) {
   d1.fp8 = is_fp8(d.scheme);
   d1.nvfp4 = d.scheme == QuantScheme::Nvfp4;
   // Opt-in FP8 fast accumulation (ExpertsOptions::fp8_fast_accum, Fp8PerTensor only: GEMM1's
-  // scales are constant along K); the tile choice depends on it, the workspace does not.
+  // scales are constant along K): the tile choice depends on it (the fast-accumulation tile
+  // past 128 rows per expert), the workspace does not.
   d1.fp8_fast_accum = d.fp8_fast_accum;
   gemm::GemmDesc& d2 = g.d2;
   d2 = d1;
@@ -772,9 +773,10 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
       g1.a_scale_kb = static_cast<int>(x_scale.kb);
     }
     set_weight_scales(g1, weights.w13_scale, gated);
-    // Fp8PerTensor: a_scale_kb = b_scale_kb = 0. With d1.fp8_fast_accum the GEMM sums all of K
-    // and applies the scales once, in its epilogue (docs/fp8.md "FP8 fast accumulation");
-    // without it, every 128 of K as Fp8Block128.
+    // Fp8PerTensor: a_scale_kb = b_scale_kb = 0. With d1.fp8_fast_accum, where select_config
+    // picks the fast-accumulation tile, the GEMM sums all of K and applies the scales once, in
+    // its epilogue (docs/fp8.md "FP8 fast accumulation"); elsewhere every 128 of K, as
+    // Fp8Block128.
   }
   g1.b_expert_stride = weights.w13.stride(0);
   g1.ldb = weights.w13.stride(1);

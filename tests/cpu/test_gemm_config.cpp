@@ -189,11 +189,12 @@ TEST(GemmConfig, Fp8ProblemsGetTheFp8Tiles) {
   EXPECT_MODMOE_ERROR(d.validate(), "FP8 with k = 2000", "multiples of 128");
 }
 
-// fp8-tensor GEMM1 with FP8 fast accumulation (desc.fp8_fast_accum, ExpertsOptions::
-// fp8_fast_accum: no per-k-block promotion) past 128 rows per group gets the 256-token FP8
-// tile (select_sm90, rule 1b); without the option (the default, promoted) it keeps the
-// 128-token tile, as do its GEMM2 and every Fp8Block128 GEMM; the 256-token tile runs nothing
-// else, never splits, and the flag is refused off FP8 GEMM1.
+// fp8-tensor GEMM1 with FP8 fast accumulation allowed (desc.fp8_fast_accum, ExpertsOptions::
+// fp8_fast_accum) past 128 rows per group gets the 256-token fast-accumulation tile
+// (select_sm90, rule 1b: no per-k-block promotion); up to 128 rows it keeps the promoted
+// narrow or 128-token tile, as without the option (the default), as do its GEMM2 and every
+// Fp8Block128 GEMM; the 256-token tile runs nothing else, never splits, and the flag is
+// refused off FP8 GEMM1.
 TEST(GemmConfig, Fp8FastAccumGemm1PrefillGetsThe256TokenTile) {
   const std::string kWide = "sm90_256x128x128_s4", kMid = "sm90_128x128x128_s6",
                     kNarrow = "sm90_64x128x128_s8";

@@ -15,12 +15,17 @@
 //     exact, the scale product rounds the same on both sides), random inputs at K = 4096;
 //   - FP8 fast accumulation (ExpertsOptions::fp8_fast_accum, docs/fp8.md "FP8 fast
 //     accumulation"; cases named fast_*): every fp8-tensor case again with the option, on the
-//     same problem, against the oracle's full-K definition: the small-integer ones bitwise
-//     (the full-K sums are exact: |dot| <= 3072 < 2^12, inside the FP8 accumulator's bits),
-//     random ones within the default bounds except at K = 4096 (fast_rand_tensor_deep_k: the
+//     same problem. The option lets GEMM1 take the fast-accumulation tile
+//     (sm90_256x128x128_s4), which select_config picks past 128 rows per expert; elsewhere the
+//     promoted tiles run, as by default. Each case states which (Case::fast_tile, checked
+//     against select_config) and is compared with the oracle's definition for it: the full-K
+//     one (the oracle with the option) for the fast tile, the promoted one (the oracle without
+//     it) otherwise. Small-integer cases bitwise on GEMM1 either way (the full-K sums are
+//     exact: |dot| <= 3072 < 2^12, inside the FP8 accumulator's bits), random ones within the
+//     default bounds except at K = 4096 on the fast tile (fast_rand_tensor_deep_k_wide: the
 //     tensor cores keep ~14 bits of the full-K sum, a measured GEMM1 error of 3.2e-3 on an
-//     H200); the 256-token fast-accumulation GEMM1 tile (sm90_256x128x128_s4), forced and as
-//     select_config picks it; default and fast accumulation equally accurate against float64;
+//     H200 with the run-time-mode version of the fast loop); default and fast accumulation
+//     equally accurate against float64;
 //   - repeated runs and a CUDA graph replay bitwise equal (both schemes, both modes, all three
 //     FP8 tiles); fused_moe == route -> quantize_activations -> experts bitwise (both schemes,
 //     both modes, all three tiles); EP slices summed == the single call.
@@ -42,6 +47,7 @@
 #include "common/test_util.h"
 #include "core/fp8.h"
 #include "cpu/fp8_weights.h"
+#include "cuda/gemm/grouped_gemm.h"
 #include "gpu_test_util.h"
 #include "quant_experts_run.h"
 #include "modmoe/modmoe.h"
@@ -74,6 +80,10 @@ struct Case {
   const char* force = "";
   int split = 0;
   bool fast = false;  // ExpertsOptions::fp8_fast_accum (fp8-tensor); named fast_<problem>
+  // With `fast`: GEMM1 runs the fast-accumulation tile (forced, or select_config's rule 1b:
+  // more than 128 rows per expert), so the oracle's full-K definition applies; false: a
+  // promoted tile, the oracle's default definition. Checked against select_config.
+  bool fast_tile = false;
   // Bounds against the oracle where the defaults (GEMM1 2e-3, outputs 1e-2 on random inputs)
   // do not apply (fast accumulation only); 0: the default.
   double gemm1_bound = 0, out_bound = 0;
@@ -267,11 +277,47 @@ ExpertsOptions options_of(const Case& c) {
   return o;
 }
 
-// Runs experts() on the CPU (host tensors) or the GPU (device copies), outputs poisoned first.
-Outputs run_experts(const Problem& p, bool gpu, int repeats = 1) {
-  gpu = gpu && !dry_run();
+// Whether the GPU's GEMM1 of this problem runs the fast-accumulation tile: the GemmDesc of
+// src/cuda/experts.cu (make_gemm_descs) through select_config (pure, no device needed), or
+// the forced config where it can run (MODMOE_GEMM_CONFIG: the fast tile runs only with the
+// option; the others are promoted tiles).
+bool gemm1_takes_fast_tile(const Problem& p) {
   const Case& c = p.c;
-  const ExpertsOptions o = options_of(c);
+  if (!c.fast) return false;
+  if (c.force[0] != '\0') return std::string(c.force) == kWide;
+  const int64_t E_global = c.ep_size * c.E;
+  cuda::gemm::GemmDesc d;
+  d.stage = cuda::gemm::GemmStage::Gemm1;
+  d.num_experts = p.E_local;
+  d.max_rows = p.rows();
+  d.max_rows_per_expert = c.batched ? c.M : c.M * c.k;
+  d.expected_rows = c.batched ? p.rows() : (c.M * c.k * p.E_local + E_global - 1) / E_global;
+  d.n = c.I;
+  d.k = c.H;
+  d.gated = is_gated(c.act);
+  d.gate_up_group = d.gated ? 8 : 0;
+  d.fp8 = true;
+  d.fp8_fast_accum = true;
+  cuda::gemm::DeviceProps hopper;
+  hopper.sm_count = 132;
+  hopper.cc_major = 9;
+  hopper.max_smem_per_block = 227 * 1024;
+  const cuda::gemm::GemmConfig cfg = cuda::gemm::select_config(d, hopper);
+  return cuda::gemm::is_fp8_config(cfg) && cfg.block_m == 256;
+}
+
+// Runs experts() on the CPU (host tensors) or the GPU (device copies), outputs poisoned first.
+// `full_k`: the CPU oracle's GEMM1 definition with fast accumulation (the option on the CPU);
+// the case's option otherwise.
+// The dry run stands in for the GPU with the oracle's definition of the kernel that would run.
+Outputs run_experts(const Problem& p, bool gpu, int repeats = 1, int full_k = -1) {
+  if (gpu && dry_run()) {
+    gpu = false;
+    full_k = gemm1_takes_fast_tile(p) ? 1 : 0;
+  }
+  const Case& c = p.c;
+  ExpertsOptions o = options_of(c);
+  if (full_k >= 0) o.fp8_fast_accum = full_k != 0;
   test::Views dev(gpu);
   Outputs host;
   const ExpertsOutputs out = test::poisoned_outputs(
@@ -362,9 +408,12 @@ TEST_P(GpuFp8Experts, MatchesTheOracle) {
   if (c.force[0] != '\0') force = std::make_unique<ScopedEnv>("MODMOE_GEMM_CONFIG", c.force);
   if (c.split > 0) split = std::make_unique<ScopedEnv>("MODMOE_GEMM_SPLIT_K", std::to_string(c.split));
   const Problem p = make_problem(c, 8000 + std::hash<std::string>{}(problem_name(c)) % 1000);
-  ASSERT_TRUE(c.fast || (c.gemm1_bound == 0 && c.out_bound == 0))
-      << "bounds are widened for fast accumulation only";
-  const Outputs ref = run_experts(p, false);
+  ASSERT_TRUE(c.fast_tile || (c.gemm1_bound == 0 && c.out_bound == 0))
+      << "bounds are widened for the fast-accumulation tile only";
+  ASSERT_EQ(c.fast_tile, gemm1_takes_fast_tile(p))
+      << "the case states the other GEMM1 kernel than select_config (or the forced config) runs";
+  // The oracle's definition of the kernel that runs: full-K for the fast tile, else promoted.
+  const Outputs ref = run_experts(p, false, 1, c.fast_tile ? 1 : 0);
   const Outputs gpu = run_experts(p, true);
 
   int64_t valid = p.rows();  // rows of the row space written (standard: P)
@@ -499,10 +548,11 @@ std::vector<Case> cases() {
   s.force = kNarrow;
   s.split = 2;
   add(s);
-  s.name = "int_tensor_narrow_split2_per_row_odd_scales";
-  s.per_row = true;
-  s.odd_scales = true;
-  add(s);
+  // NOTE: no split-K case with scales that are not powers of two: the promoted GEMM1 is not
+  // bitwise there by definition (each slice's fma chain starts from 0 and the slices are
+  // added, the oracle runs one chain: the same exact parts, other roundings of
+  // part * (sx * sw)), and with fast accumulation split-K runs the promoted narrow tile too
+  // (the fast tile has no split-K).
   s = Case{};
   s.small_int = true;
   s.scheme = kTen;
@@ -519,12 +569,13 @@ std::vector<Case> cases() {
   s.E = 4;
   s.force = kMid;
   add(s);
-  // The 256-token fp8-tensor GEMM1 tile (fast accumulation only: these run as fast_ twins
-  // only; forced: GEMM1 only, GEMM2 keeps select_config's choice): ~300 rows per expert, so a
-  // full tile and a tail tile of another wgmma width.
+  // The 256-token fast-accumulation GEMM1 tile (these run as fast_ twins only; forced: GEMM1
+  // only, GEMM2 keeps select_config's choice): ~300 rows per expert, so a full tile and a tail
+  // tile of another wgmma width.
   s = Case{};
   s.small_int = true;
   s.scheme = kTen;
+  s.fast_tile = true;
   s.name = "int_tensor_wide";
   s.M = 600;
   s.E = 4;
@@ -548,6 +599,7 @@ std::vector<Case> cases() {
   s = Case{};
   s.small_int = true;
   s.scheme = kTen;
+  s.fast_tile = true;
   s.name = "int_tensor_wide_batched";
   s.batched = true;
   s.M = 280;
@@ -613,6 +665,7 @@ std::vector<Case> cases() {
   // accumulation (chosen by select_config, not forced).
   r.name = "rand_tensor_wide";
   r.scheme = kTen;
+  r.fast_tile = true;
   r.M = 700;
   r.E = 4;
   r.k = 2;
@@ -622,11 +675,13 @@ std::vector<Case> cases() {
   r.name = "rand_tensor_wide_per_row";
   r.per_row = true;
   add(r);
-  // K = 4096: by default promoted every 128 of K, the default bounds. Its fast_ twin sums all
-  // of K in the tensor cores, which keep ~14 bits of it (docs/fp8.md "FP8 fast accumulation"):
-  // measured on an H200 (branch fp8-tensor-noprom at fc2597e), GEMM1 rel L2 3.2e-3 against
-  // the full-K oracle vs 8.5e-4 promoted; its bounds (below) are 5e-3 and 2.5e-2, the float64
-  // bound (0.04) unchanged.
+  // K = 4096: promoted every 128 of K, the default bounds (24 rows per expert: its fast_ twin
+  // runs the promoted narrow tile too). The same shape on the fast tile (forced; a fast_ twin
+  // only) sums all of K in the tensor cores, which keep ~14 bits of it (docs/fp8.md "FP8 fast
+  // accumulation"): measured on an H200 (branch fp8-tensor-noprom at fc2597e, the run-time-mode
+  // fast loop, the same wgmma chain per output), GEMM1 rel L2 3.2e-3 against the full-K
+  // oracle vs 8.5e-4 promoted; its bounds (below) are 5e-3 and 2.5e-2, the float64 bound
+  // (0.04) unchanged.
   r = Case{};
   r.name = "rand_tensor_deep_k";
   r.scheme = kTen;
@@ -636,8 +691,14 @@ std::vector<Case> cases() {
   r.H = 4096;
   r.I = 256;
   add(r);
+  r.name = "rand_tensor_deep_k_wide";
+  r.force = kWide;
+  r.fast_tile = true;
+  add(r);
   r.name = "rand_blk_deep_k";  // the same shape with Fp8Block128, for comparison
   r.scheme = kBlk;
+  r.force = "";
+  r.fast_tile = false;
   add(r);
   r = Case{};
   r.name = "rand_blk_many_rows";  // several 128-token tiles per expert
@@ -655,25 +716,24 @@ std::vector<Case> cases() {
   r.I = 512;
   add(r);
   // FP8 fast accumulation: every fp8-tensor case again with the option, on the same problem
-  // (problem_name), against the oracle's full-K definition. Some run in this mode only: those
-  // that force the 256-token tile (it runs nothing else; a forced config that cannot run is
-  // ignored), and split-K with scales that are not powers of two, whose promoted GEMM1 is not
-  // bitwise by definition (each slice's fma chain starts from 0 and the slices are added, the
-  // oracle runs one chain: the same exact parts, other roundings of part * (sx * sw)); with
-  // fast accumulation the slices' sums are exact integers and the scales multiply once.
+  // (problem_name). Case::fast_tile says which GEMM1 kernel runs, and so which of the oracle's
+  // definitions applies (full-K on the fast tile, else promoted). Those that force the fast
+  // tile run in this mode only (it runs nothing else; a forced config that cannot run is
+  // ignored, so without the option they would repeat the unforced case).
   std::vector<Case> all;
-  for (const Case& c : v) {
+  for (Case c : v) {
     if (c.scheme != kTen) {
       all.push_back(c);
       continue;
     }
-    const bool fast_only = std::string(c.force) == kWide || (c.odd_scales && c.split > 1);
-    if (!fast_only) all.push_back(c);
+    const bool fast_only = std::string(c.force) == kWide;
     Case f = c;
+    c.fast_tile = false;  // without the option: never the fast tile
+    if (!fast_only) all.push_back(c);
     f.fast = true;
-    f.name = "fast_" + c.name;
+    f.name = "fast_" + f.name;
     // Bounds (measured on an H200, branch fp8-tensor-noprom: GEMM1 3.2e-3): 5e-3 and 2.5e-2.
-    if (c.name == "rand_tensor_deep_k") {
+    if (f.name == "fast_rand_tensor_deep_k_wide") {
       f.gemm1_bound = 5e-3;
       f.out_bound = 2.5e-2;
     }
@@ -690,7 +750,9 @@ class GpuFp8Stage : public test::GpuTest {};
 // The same call three times, and captured in a CUDA graph and replayed: the same bits. Both
 // schemes, fp8-tensor in both modes (fast: ExpertsOptions::fp8_fast_accum), the narrow tile
 // (decode-sized), the 128-token tile (forced, more than 64 rows per expert) and the 256-token
-// fast-accumulation tile, per-row fp8-tensor scales.
+// fast-accumulation tile (forced), per-row fp8-tensor scales. With the option the first three
+// fast_ runs take the promoted tiles (at most 128 rows per expert, or forced), the last the
+// fast tile.
 TEST_F(GpuFp8Stage, RepeatedAndGraphReplayBitwise) {
   struct Run {
     const char* name;
@@ -764,6 +826,7 @@ TEST_F(GpuFp8Stage, FastAccumKeepsTheFloat64Accuracy) {
   Problem p = make_problem(c, 8400);
   const Outputs def = run_experts(p, true);
   p.c.fast = true;
+  ASSERT_TRUE(gemm1_takes_fast_tile(p)) << "150 rows per expert: select_config's rule 1b";
   const Outputs fast = run_experts(p, true);
   const std::vector<double> ref = dense_f64(p);
   const std::vector<double> d = test::to_double(def.out), f = test::to_double(fast.out);
@@ -788,7 +851,8 @@ TEST_F(GpuFp8Stage, ModularEqualsMonolithicAndEpSlicesSum) {
     const char* force;  // kMid: the 128-token tile (about 90 rows per expert)
     bool fast;
   };
-  // 1024 tokens: 256 rows per expert, the 256-token tile with fast accumulation (select_config).
+  // 1024 tokens: 256 rows per expert, the 256-token tile with fast accumulation (select_config);
+  // fast_fused_tensor (45 tokens) and fast_fused_tensor_mid (forced) run promoted tiles.
   const Run runs[] = {{"fused_blk", kBlk, 45, "", false},
                       {"fused_tensor", kTen, 45, "", false},
                       {"fused_tensor_wide", kTen, 1024, "", false},

@@ -112,16 +112,23 @@ def test_experts_vs_cpu_oracle_and_float64(scheme, act):
 
 
 @pytest.mark.parametrize("act", ["swiglu", "relu2"])
-def test_fp8_fast_accum_vs_cpu_oracle_and_float64(act):
+@pytest.mark.parametrize("fast_tile", [False, True])
+def test_fp8_fast_accum_vs_cpu_oracle_and_float64(act, fast_tile):
     """fp8_fast_accum=True (fp8-tensor; docs/fp8.md "FP8 fast accumulation"): against the CPU
-    oracle's full-K definition and float64 within the default bounds, and fused_moe carries the
-    keyword (bitwise route() -> quantize_activations() -> experts() with it)."""
-    f = Fp8.make(1, "fp8-tensor", act=act, num_experts=32, num_local=8, offset=8)
+    oracle's definition of the GEMM1 that runs and float64 within the default bounds, and
+    fused_moe carries the keyword (bitwise route() -> quantize_activations() -> experts() with
+    it). fast_tile=False: 32 rows per local expert, the promoted GEMM1 (the oracle without the
+    option); True: 320 rows per expert, the 256-token fast-accumulation tile (select_config
+    past 128 rows; the oracle's full-K definition)."""
+    if fast_tile:
+        f = Fp8.make(1, "fp8-tensor", act=act, m=640, num_experts=8)
+    else:
+        f = Fp8.make(1, "fp8-tensor", act=act, num_experts=32, num_local=8, offset=8)
     out = f.run(fp8_fast_accum=True)
-    vs_cpu = rel_l2(out.cpu(), f.cpu_oracle(fp8_fast_accum=True))
+    vs_cpu = rel_l2(out.cpu(), f.cpu_oracle(fp8_fast_accum=fast_tile))
     vs_f64 = rel_l2(out, torch_reference(f.dq, f.p["ids"]))
-    print(f"fp8-tensor fast accumulation {act}: rel L2 vs the CPU oracle {vs_cpu:.2e} (bound "
-          f"1e-2), vs float64 {vs_f64:.4f} (bound 0.04)")
+    print(f"fp8-tensor fast accumulation {act} fast tile {fast_tile}: rel L2 vs the CPU oracle "
+          f"{vs_cpu:.2e} (bound 1e-2), vs float64 {vs_f64:.4f} (bound 0.04)")
     assert vs_cpu < 1e-2 and vs_f64 < 0.04
     p = f.p
     logits = torch.randn(p["x"].shape[0], p["num_experts"], device=DEV)

@@ -4,12 +4,11 @@
 //
 // Instantiations (the build's size, kept small for 2-core CI): sm80 2 tiles x 2 stages
 // (GEMM1, GEMM2) = 4 kernels, sm90 bf16 2 tiles x 2 stages + FP8 2 tiles x 2 stages + the
-// fp8-tensor fast-accumulation 256-token tile for GEMM1 = 9 kernels (sm90_grouped_gemm.cu; +1
-// for ExpertsOptions::fp8_fast_accum, whose main loop is otherwise a run-time mode of the 4 FP8
-// kernels), W4A16 4 tiles with the stage at run time = 4 kernels (w4a16_grouped_gemm.cu), the
-// wgmma W4A16 tile x 2 stages = 2 kernels (sm90_w4a16_grouped_gemm.cu): 19 in all. Activation,
-// gating, bias, LoRA, gather, the gate/up row map, split-K and FP8 fast accumulation are
-// run-time arguments, not template axes.
+// FP8 fast-accumulation 256-token tile for GEMM1 = 9 kernels (sm90_grouped_gemm.cu; the +1 is
+// ExpertsOptions::fp8_fast_accum, a compile-time property of that tile only), W4A16 4 tiles
+// with the stage at run time = 4 kernels (w4a16_grouped_gemm.cu), the wgmma W4A16 tile x 2
+// stages = 2 kernels (sm90_w4a16_grouped_gemm.cu): 19 in all. Activation, gating, bias, LoRA,
+// gather, the gate/up row map and split-K are run-time arguments, not template axes.
 #include "cuda/gemm/grouped_gemm.h"
 
 #include <algorithm>
@@ -290,14 +289,15 @@ GemmConfig select_sm90(const GemmDesc& desc, const DeviceProps& /*props*/) {
   // 256 rows per group (qwen3 T=1024, 64 rows: narrow today) was not swept.
   // FP8 (its own pair, docs/fp8.md): the narrow tile and the 128-token one, same rule.
   GemmConfig c = rows_per_group <= 64.0 ? narrow_of(desc) : wide_of(desc);
-  // Rule 1b: fp8-tensor GEMM1 with fast accumulation (desc.fp8_fast_accum: no promotion, one
-  // accumulator set; docs/fp8.md "FP8 fast accumulation") past 128 rows per group takes the
-  // 256-token FP8 tile, which reads each weight tile once per 256 tokens as bf16's wide tile
-  // does. Never without the option: the default (promoted) loop needs two accumulator sets.
-  // Between 65 and 128 rows both run one tile of the same wgmma width; the 128-token tile
-  // keeps its 6 stages there. Measured together with the fast loop on an H200 (branch
-  // fp8-tensor-noprom at fc2597e, 2026-11-27: mixtral T=4096 GEMM1+GEMM2 4855 -> 4081 us);
-  // TODO(measure): the crossover (128) was set on paper, not swept.
+  // Rule 1b: fp8-tensor GEMM1 with fast accumulation allowed (desc.fp8_fast_accum; docs/fp8.md
+  // "FP8 fast accumulation") past 128 rows per group takes the 256-token fast-accumulation
+  // tile (no promotion, one accumulator set), which reads each weight tile once per 256 tokens
+  // as bf16's wide tile does. Never without the option. Up to 128 rows the promoted tiles run
+  // it, as by default (one narrow or 128-token tile per group either way; decode is bound by
+  // the weight reads, and the promoted sum is the more accurate one), so the option changes
+  // the results only where this rule applies. Measured together with the fast loop on an H200
+  // (branch fp8-tensor-noprom at fc2597e, 2026-11-27: mixtral T=4096 GEMM1+GEMM2 4855 -> 4081
+  // us); TODO(measure): the crossover (128) was set on paper, not swept.
   if (desc.fp8 && desc.fp8_fast_accum && desc.stage == GemmStage::Gemm1 &&
       rows_per_group > 128.0) {
     c = sm90_fp8_wide();

@@ -77,12 +77,13 @@ struct GemmDesc {
   // (GemmArgs::a_scale, b_scale); the sm90 FP8 kernels only. Needs k % 128 == 0 and
   // b_rows() % 128 == 0.
   bool fp8 = false;
-  // FP8 fast accumulation (ExpertsOptions::fp8_fast_accum; docs/fp8.md "FP8 fast
+  // FP8 fast accumulation allowed (ExpertsOptions::fp8_fast_accum; docs/fp8.md "FP8 fast
   // accumulation"): an FP8 GEMM1 whose scales do not change along K (Fp8PerTensor: GemmArgs
-  // a_scale_kb == b_scale_kb == 0, checked at launch) sums all of K in the tensor cores'
-  // accumulator and multiplies by the scales once, in the epilogue (Sm90Params::
-  // scale_in_epilogue). Unset (the default): scales applied every 128 of K in CUDA-core fp32.
-  // Also the tile choice: the 256-token FP8 tile runs such GEMMs only.
+  // a_scale_kb == b_scale_kb == 0, checked at launch) may take the 256-token fast-accumulation
+  // tile (Sm90Tile::kFastAccum), which sums all of K in the tensor cores' accumulator and
+  // multiplies by the scales once, in the epilogue. select_config picks it past 128 rows per
+  // group; elsewhere (and unset, the default) the FP8 tiles apply the scales every 128 of K in
+  // CUDA-core fp32. The fast tile runs such GEMMs only.
   bool fp8_fast_accum = false;
   // NVFP4 weights, bf16 activations (W4A16, docs/nvfp4.md): B is packed e2m1 pairs with e4m3
   // scales per 16 of K and an fp32 global scale per expert (GemmArgs::b_block_scale,

@@ -3,10 +3,11 @@
 // sm90_wgmma_grouped_gemm.cuh.
 //
 // Instantiations: bf16 2 tiles x 2 stages (GEMM1, GEMM2) = 4 kernels, FP8 2 tiles x 2 stages =
-// 4 more, and the fp8-tensor fast-accumulation 256-token tile for GEMM1 only = 9. The per-tile
-// wgmma width is a run-time switch inside each (4 widths for the narrow tiles, 8 for the wide
-// ones and 4 for the FP8 128-token one, plus the tail variant of the bf16 tiles), and so is
-// FP8 fast accumulation in the two FP8 tiles that also promote.
+// 4 more, and the FP8 fast-accumulation 256-token tile for GEMM1 only = 9. The per-tile wgmma
+// width is a run-time switch inside each (4 widths for the narrow tiles, 8 for the wide ones
+// and 4 for the FP8 128-token one, plus the tail variant of the bf16 tiles). Fast accumulation
+// is a compile-time property of its tile (Sm90Tile::kFastAccum): the other 8 kernels compile
+// none of it.
 #include <cuda.h>
 
 #include <mutex>
@@ -28,16 +29,16 @@ using Sm90Narrow = Sm90Tile<64, 8, 32>;
 using Sm90Wide = Sm90Tile<256, 4, 32>;
 
 // FP8 (docs/fp8.md): two accumulator sets per thread (the k-block's wgmma result and the
-// scaled sum), so at most 128 tokens per tile; no tail rows. FP8 fast accumulation (opt-in,
-// GemmDesc::fp8_fast_accum: the Fp8PerTensor GEMM1, scales constant along K) is a run-time
-// mode of the same kernels without the per-k-block promotion, the scales in the epilogue
-// (Sm90Params::scale_in_epilogue).
+// scaled sum), so at most 128 tokens per tile; no tail rows. Both promote every 128 of K, also
+// for a GEMM with GemmDesc::fp8_fast_accum (select_config gives such a GEMM the fast tile below
+// past 128 rows per group only).
 // Narrow: up to 64 tokens, 8 stages of 16 KB of weights (128 rows x 128 e4m3) + 8 KB of tokens.
 using Sm90Fp8Narrow = Sm90Tile<64, 8, 32, true>;
 // 128 tokens, 6 stages of 16 + 16 KB: the middle and prefill.
 using Sm90Fp8Mid = Sm90Tile<128, 6, 32, true>;
-// 256 tokens, 4 stages of 16 + 32 KB: fp8-tensor GEMM1 prefill with fast accumulation only
-// (one accumulator set, Sm90Tile::kUniformOnly); GEMM1 only, the GEMM2 scales change along K.
+// 256 tokens, 4 stages of 16 + 32 KB: FP8 fast accumulation (Sm90Tile::kFastAccum: no
+// promotion, one accumulator set, the scales in the epilogue), the fp8-tensor GEMM1 with
+// GemmDesc::fp8_fast_accum only; GEMM1 only (GEMM2's scales change along K).
 using Sm90Fp8Wide = Sm90Tile<256, 4, 32, true>;
 
 GemmConfig sm90_narrow_config() { return Sm90Narrow::config(); }
@@ -189,20 +190,21 @@ void launch_tile(const GemmDesc& desc, const GemmConfig& config, const GemmArgs&
   params.x_tma = args.a_gather == nullptr && !Tile::kFp8 ? 1 : 0;
   if (params.x_tma) params.tmap_x = token_map(desc, args, Tile::kNStep);
   sm90_fill_params(params, desc, config, args, n_tiles);
-  // FP8 fast accumulation (desc.fp8_fast_accum, opt-in: ExpertsOptions::fp8_fast_accum): the
-  // full-K sum in the tensor cores' accumulator, multiplied by the scales once in the epilogue,
-  // which needs scales constant along K (the Fp8PerTensor GEMM1). Unset, every FP8 GEMM keeps
-  // the per-k-block promotion, per-tensor scales included (a_scale_kb == b_scale_kb == 0 alone
-  // does not switch the mode).
-  MODMOE_CHECK(!desc.fp8_fast_accum || (args.a_scale_kb == 0 && args.b_scale_kb == 0),
-               "sm90 FP8 grouped GEMM: fp8_fast_accum needs scales constant along K (the "
-               "fp8-tensor GEMM1: a_scale_kb = b_scale_kb = 0), got a_scale_kb = ",
-               args.a_scale_kb, ", b_scale_kb = ", args.b_scale_kb);
-  params.scale_in_epilogue = Tile::kFp8 && desc.fp8_fast_accum ? 1 : 0;
-  MODMOE_CHECK(!Tile::kUniformOnly || params.scale_in_epilogue,
-               "sm90 FP8 grouped GEMM: ", config.to_string(), " runs FP8 fast accumulation "
-               "only (GemmDesc::fp8_fast_accum, the fp8-tensor GEMM1); expected another tile "
-               "for this call");
+  // FP8 fast accumulation (Tile::kFastAccum): the full-K sum in the tensor cores'
+  // accumulator, multiplied by the scales once in the epilogue, which needs scales constant
+  // along K (the Fp8PerTensor GEMM1) and the caller's consent (desc.fp8_fast_accum, opt-in:
+  // ExpertsOptions::fp8_fast_accum). The other FP8 tiles promote every 128 of K whatever the
+  // desc says.
+  if constexpr (Tile::kFastAccum) {
+    MODMOE_CHECK(desc.fp8_fast_accum,
+                 "sm90 FP8 grouped GEMM: ", config.to_string(), " runs FP8 fast accumulation "
+                 "only (GemmDesc::fp8_fast_accum, the fp8-tensor GEMM1); expected another tile "
+                 "for this call");
+    MODMOE_CHECK(args.a_scale_kb == 0 && args.b_scale_kb == 0,
+                 "sm90 FP8 grouped GEMM: fp8_fast_accum needs scales constant along K (the "
+                 "fp8-tensor GEMM1: a_scale_kb = b_scale_kb = 0), got a_scale_kb = ",
+                 args.a_scale_kb, ", b_scale_kb = ", args.b_scale_kb);
+  }
 
   const int sms = props.sm_count > 0 ? props.sm_count : 132;
   const unsigned grid = static_cast<unsigned>(units < sms ? units : sms);

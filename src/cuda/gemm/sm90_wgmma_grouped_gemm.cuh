@@ -74,17 +74,18 @@ namespace modmoe::cuda::gemm {
 // StagingTokens: tokens per epilogue staging round (the staging memory is what is left once
 // the stages, with their tail rows, are carved: 32 tokens in both tiles).
 // Fp8: e4m3 operands (m64nNk32 wgmma, 128 elements per k-block: the same 128-byte rows), the
-// per-k-block scales of docs/fp8.md, no tail rows; see sm90_mainloop_fp8. FP8 fast accumulation
-// (opt-in, the Fp8PerTensor GEMM1: scales constant along K) takes a run-time mode of the same
-// kernel: sm90_mainloop_fp8_uniform, the scales in the epilogue.
+// per-k-block scales of docs/fp8.md, no tail rows; see sm90_mainloop_fp8.
+// FP8 with more than 128 tokens (kFastAccum): the FP8 fast-accumulation tile (opt-in,
+// ExpertsOptions::fp8_fast_accum; the Fp8PerTensor GEMM1 only, docs/fp8.md "FP8 fast
+// accumulation"): sm90_mainloop_fp8_fast, the scales in the epilogue. A compile-time property
+// of the tile: the other tiles' kernels compile none of it.
 template <int BlockM, int Stages, int StagingTokens, bool Fp8 = false>
 struct Sm90Tile {
   static constexpr bool kFp8 = Fp8;
   static constexpr bool kNvfp4 = false;
-  // FP8 tiles of more than 128 tokens run the uniform main loop only (scales constant along K,
-  // sm90_mainloop_fp8_uniform): the promoted loop's two accumulator sets would take kBlockM
-  // registers per thread.
-  static constexpr bool kUniformOnly = Fp8 && BlockM > 128;
+  // The promoted loop's two accumulator sets would take kBlockM registers per thread past 128
+  // tokens; fast accumulation needs one.
+  static constexpr bool kFastAccum = Fp8 && BlockM > 128;
   static constexpr int kElemBytes = Fp8 ? 1 : 2;
   static constexpr int kRowBytes = 128;   // one 128-byte swizzle row per operand row and k-block
   static constexpr int kBlockM = BlockM;  // tokens per tile (without the tail rows)
@@ -115,10 +116,10 @@ struct Sm90Tile {
   static constexpr int kScaleOffset = kXRowOffset + kMaxRows * 8;
   static constexpr int kScaleStageFloats = Fp8 ? kMaxRows : 0;
   static constexpr int kScaleRowOffset = kScaleOffset + kStages * kScaleStageFloats * 4;
-  // kUniformOnly: the tile's token scales, one copy per consumer warpgroup [2][kBlockM] fp32
+  // kFastAccum: the tile's token scales, one copy per consumer warpgroup [2][kBlockM] fp32
   // (kBlockM / 4 registers per thread would not fit next to the kBlockM / 2 accumulators).
   static constexpr int kTokScaleOffset = kScaleRowOffset + (Fp8 ? kMaxRows * 8 : 0);
-  static constexpr int kTokScaleBytes = kUniformOnly ? 2 * kBlockM * 4 : 0;
+  static constexpr int kTokScaleBytes = kFastAccum ? 2 * kBlockM * 4 : 0;
   static constexpr int kBarOffset = kTokScaleOffset + kTokScaleBytes;
   static constexpr int kFlagOffset = kBarOffset + 2 * kStages * 8;
   static constexpr int kSmemBytes = kFlagOffset + 16 + 1024;  // + 1024: alignment slack
@@ -149,7 +150,7 @@ template <int BlockM, int Stages, int StagingTokens>
 struct Sm90W4a16Tile {
   static constexpr bool kFp8 = false;
   static constexpr bool kNvfp4 = true;
-  static constexpr bool kUniformOnly = false;  // FP8 only (fast accumulation)
+  static constexpr bool kFastAccum = false;
   static constexpr int kElemBytes = 2;    // tokens
   static constexpr int kRowBytes = 128;   // token row bytes per k-block
   static constexpr int kBlockM = BlockM;  // tokens per tile (without the tail rows)
@@ -181,8 +182,7 @@ struct Sm90W4a16Tile {
   static constexpr int kScaleOffset = kXRowOffset + kMaxRows * 8;
   static constexpr int kScaleStageFloats = 0;
   static constexpr int kScaleRowOffset = kScaleOffset;
-  static constexpr int kTokScaleOffset = kScaleRowOffset;  // FP8 kUniformOnly tiles only
-  static constexpr int kBarOffset = kTokScaleOffset;
+  static constexpr int kBarOffset = kScaleRowOffset;
   // bars: full[kStages], empty[kStages] (the tokens, read by wgmma: lane 0 of each consumer
   // warp once its wgmma of the stage completed), and a_empty[kStages] (the packed weights and
   // block scales, read by ld.shared: every consumer thread right after its own reads, 256
@@ -219,11 +219,6 @@ struct Sm90Params {
   int split_k;
   int gated;
   int tail;  // the last row tile of an expert holds up to kBlockM + kTail rows (row_tiles())
-  // FP8 fast accumulation (GemmDesc::fp8_fast_accum, opt-in; scales constant along K:
-  // a_scale_kb == 0 and b_scale_kb == 0, the Fp8PerTensor GEMM1): no per-k-block promotion,
-  // the scale product once in the epilogue (sm90_mainloop_fp8_uniform, docs/fp8.md "FP8 fast
-  // accumulation"). 0: the promoted main loop, whatever the scale strides.
-  int scale_in_epilogue;
 };
 
 // Host: the fields of Sm90Params that every sm90 tile fills alike (the tensor maps and x_tma
@@ -440,46 +435,16 @@ __device__ __forceinline__ void sm90_mainloop_variant(int v, float (&acc)[Tile::
   }
 }
 
-// The token scales the FP8 epilogue reads: sx[2 j + c] for token 8 j + 2 (lane % 4) + c
-// (all 1 after the promoted main loop); one unused entry for bf16 tiles and for kUniformOnly
-// tiles, which read Sm90Epilogue::tok_scale instead.
-template <class Tile, int kTokens>
-using Sm90TokenScales = float[Tile::kFp8 && !Tile::kUniformOnly ? kTokens / 4 : 1];
-
-// The weight scales of this consumer thread's feature rows f and f + 8 (rows r8 and r8 + 8 of
-// the warp's slice; gate and up with G = 8) at k-block 0; k-block kb is at + kb * b_scale_kb.
-// Each row has one scale block: b_scale_gate_up picks the interleaved map (block
-// 2 (f / 256) + (f / 8) % 2) or the plain one (f / 128); per-expert scales have b_scale_ld = 0.
-struct Sm90Fp8RowScales {
-  const float* lo;
-  const float* hi;
-};
-template <class Tile>
-__device__ __forceinline__ Sm90Fp8RowScales sm90_fp8_row_scales(const GemmArgs& g,
-                                                                  const Sm90TileCoord& c,
-                                                                  int cwg, int warp, int lane) {
-  const int f = c.n_tile * Tile::kBlockN + cwg * 64 + warp * 16 + (lane >> 2);
-  auto block_of = [&](int row) {
-    return g.b_scale_gate_up ? 2 * (row / 256) + (row / 8) % 2 : row / 128;
-  };
-  const float* bs = g.b_scale + static_cast<int64_t>(c.expert) * g.b_scale_expert;
-  return {bs + static_cast<int64_t>(block_of(f)) * g.b_scale_ld,
-          bs + static_cast<int64_t>(block_of(f + 8)) * g.b_scale_ld};
-}
-
 // The FP8 main loop of one tile at wgmma width N (docs/fp8.md, "Experts"): per k-block the four
 // m64nNk32 wgmma of the stage sum 128 products in `part` (fresh per k-block), then
 //   acc = fma(part, sx[token][kb] * sw[row][kb], acc)        in fp32, the product rounded first
 // so the scales are applied every 128 of K, as the CPU oracle does. sx comes from the stage's
 // scale row in shared memory (the producer copies it with the token rows), sw from the weight
-// scales in global memory (sm90_fp8_row_scales). The wgmma of a k-block is waited for before its
-// promotion. `part` is the variant's wgmma set, shared with sm90_mainloop_fp8_uniform; it is
-// zeroed first although the first wgmma of every k-block ignores it (scale-d 0): the wgmma asm
-// reads its registers, so without a definition here they would stay live from the previous tile
-// across the epilogue, and ptxas then serialised the wgmma (C7511).
+// scales in global memory: rows r8 and r8 + 8 of the warp's slice (gate and up with G = 8) each
+// have one scale block, b_scale_gate_up picks the interleaved map (block 2 (f / 256) + (f / 8) % 2)
+// or the plain one (f / 128). The wgmma of a k-block is waited for before its promotion.
 template <class Tile, int N>
-__device__ __forceinline__ void sm90_mainloop_fp8(float (&acc)[Tile::kAccRegs],
-                                                  float (&part)[N / 2], uint32_t smem,
+__device__ __forceinline__ void sm90_mainloop_fp8(float (&acc)[Tile::kAccRegs], uint32_t smem,
                                                   const float* s_scale, const Sm90Params& p,
                                                   const Sm90TileCoord& c, int cwg, int warp,
                                                   int lane, int kb_begin, int kb_end, int it) {
@@ -487,17 +452,21 @@ __device__ __forceinline__ void sm90_mainloop_fp8(float (&acc)[Tile::kAccRegs],
   const uint32_t full = smem + Tile::kBarOffset;
   const uint32_t empty = full + Tile::kStages * 8;
   constexpr int kRegs = N / 2;
+  float part[kRegs];
 #pragma unroll
-  for (int i = 0; i < kRegs; ++i) {
-    acc[i] = 0.0f;
-    part[i] = 0.0f;
-  }
-  const Sm90Fp8RowScales ws = sm90_fp8_row_scales<Tile>(g, c, cwg, warp, lane);
+  for (int i = 0; i < kRegs; ++i) acc[i] = 0.0f;
+  const int f = c.n_tile * Tile::kBlockN + cwg * 64 + warp * 16 + (lane >> 2);
+  auto block_of = [&](int row) {
+    return g.b_scale_gate_up ? 2 * (row / 256) + (row / 8) % 2 : row / 128;
+  };
+  const float* bs = g.b_scale + static_cast<int64_t>(c.expert) * g.b_scale_expert;
+  const float* bs_lo = bs + static_cast<int64_t>(block_of(f)) * g.b_scale_ld;
+  const float* bs_hi = bs + static_cast<int64_t>(block_of(f + 8)) * g.b_scale_ld;
   const int q2 = 2 * (lane & 3);
   for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
     const int s = it % Tile::kStages;
-    const float w_lo = __ldg(ws.lo + static_cast<int64_t>(kb) * g.b_scale_kb);
-    const float w_hi = __ldg(ws.hi + static_cast<int64_t>(kb) * g.b_scale_kb);
+    const float w_lo = __ldg(bs_lo + static_cast<int64_t>(kb) * g.b_scale_kb);
+    const float w_hi = __ldg(bs_hi + static_cast<int64_t>(kb) * g.b_scale_kb);
     sm90::mbar_wait(full + 8 * s, (it / Tile::kStages) & 1);
     // NOTE: token rows come by cp.async (generic proxy) on the FP8 path; wgmma reads them
     // through the async proxy.
@@ -529,40 +498,70 @@ __device__ __forceinline__ void sm90_mainloop_fp8(float (&acc)[Tile::kAccRegs],
   }
 }
 
-// The FP8 fast-accumulation main loop (p.scale_in_epilogue: the Fp8PerTensor GEMM1 with
-// ExpertsOptions::fp8_fast_accum, docs/fp8.md "FP8 fast accumulation"): the bf16 main loop
-// with e4m3 wgmma. Every k-block's wgmma accumulates into the same registers (the tensor
-// cores' sum over all of K, from +0: fp32 registers, but Hopper's FP8 wgmma keeps about 14
-// bits of it), and a k-block's stage is released once the next k-block's wgmma is issued and
-// the previous group has completed (wgmma_wait<1>): no wait per k-block and no promotion.
-// The scale product is applied once, by the epilogue (sm90_epilogue, after the split-K sum:
-// it multiplies the sum over all of K).
-// NOTE: the wgmma accumulate into `part`, copied to acc after the loop, not into acc itself:
-// the promoted loop writes acc with FFMA, and a register that one path's wgmma accumulates into
-// while another path's ordinary instructions write it made ptxas serialise every wgmma of the
-// FP8 kernels, both modes (C7515). Only wgmma (and the zeroing before the first one) write
-// `part` on either path. kInAcc (kUniformOnly tiles, which have no promoted path): straight
-// into acc, no copy.
-// The token scales: the producer copies them into the first k-block's stage only (they do not
-// change along K); this reads them from there into sx, which lives in registers until the
-// epilogue. NOTE: not from the producer's per-tile row table (s_ssrc) in the epilogue: the
-// producer rewrites it for its next tile while the consumers still run this one's epilogue.
-// sx[2 j + c]: token 8 j + 2 (lane % 4) + c, the accumulator columns of this thread;
-// kUniformOnly tiles copy the row into tok_scale (this warpgroup's, shared memory) instead.
-template <class Tile, int N, bool kInAcc>
-__device__ __forceinline__ void sm90_mainloop_fp8_uniform(float (&acc)[Tile::kAccRegs],
-                                                          float (&part)[N / 2],
-                                                          Sm90TokenScales<Tile, Tile::kBlockM>& sx,
-                                                          float* tok_scale, uint32_t smem,
-                                                          const float* s_scale, int cwg,
+template <class Tile, int V>
+__device__ __forceinline__ void sm90_mainloop_fp8_variant(int v, float (&acc)[Tile::kAccRegs],
+                                                          uint32_t smem, const float* s_scale,
+                                                          const Sm90Params& p,
+                                                          const Sm90TileCoord& c, int cwg,
                                                           int warp, int lane, int kb_begin,
                                                           int kb_end, int it) {
+  if constexpr (V < Tile::kNumVariants) {
+    if (v == V) {
+      sm90_mainloop_fp8<Tile, (V + 1) * Tile::kNStep>(acc, smem, s_scale, p, c, cwg, warp, lane,
+                                                       kb_begin, kb_end, it);
+    } else {
+      sm90_mainloop_fp8_variant<Tile, V + 1>(v, acc, smem, s_scale, p, c, cwg, warp, lane,
+                                             kb_begin, kb_end, it);
+    }
+  }
+}
+
+// FP8 fast accumulation (Tile::kFastAccum only; docs/fp8.md "FP8 fast accumulation"). Nothing
+// below is compiled into another tile's kernel.
+//
+// The weight scales of this consumer thread's feature rows f and f + 8 (rows r8 and r8 + 8 of
+// the warp's slice; gate and up with G = 8) at k-block 0, as sm90_mainloop_fp8 picks them.
+struct Sm90Fp8RowScales {
+  const float* lo;
+  const float* hi;
+};
+template <class Tile>
+__device__ __forceinline__ Sm90Fp8RowScales sm90_fp8_row_scales(const GemmArgs& g,
+                                                                  const Sm90TileCoord& c,
+                                                                  int cwg, int warp, int lane) {
+  const int f = c.n_tile * Tile::kBlockN + cwg * 64 + warp * 16 + (lane >> 2);
+  auto block_of = [&](int row) {
+    return g.b_scale_gate_up ? 2 * (row / 256) + (row / 8) % 2 : row / 128;
+  };
+  const float* bs = g.b_scale + static_cast<int64_t>(c.expert) * g.b_scale_expert;
+  return {bs + static_cast<int64_t>(block_of(f)) * g.b_scale_ld,
+          bs + static_cast<int64_t>(block_of(f + 8)) * g.b_scale_ld};
+}
+
+// The fast-accumulation main loop at wgmma width N (scales constant along K: the Fp8PerTensor
+// GEMM1, checked by the launcher): the bf16 main loop with e4m3 wgmma. Every k-block's wgmma
+// accumulates into acc (the tensor cores' sum over all of K, from +0: fp32 registers, but
+// Hopper's FP8 wgmma keeps about 14 bits of it), and a k-block's stage is released once the
+// next k-block's wgmma is issued and the previous group has completed (wgmma_wait<1>): no wait
+// per k-block and no promotion. The scale product is applied once, by the epilogue.
+// The token scales: the producer copies them into the tile's first k-block stage only (they do
+// not change along K); this copies that row into tok_scale (this warpgroup's, shared memory),
+// which the epilogue reads after its first named barrier (the same barrier orders the previous
+// tile's last reads before these writes). NOTE: not from the producer's per-tile row table
+// (s_ssrc) in the epilogue: the producer rewrites it for its next tile while the consumers still
+// run this one's epilogue; and not into registers: kBlockM / 4 of them next to the kBlockM / 2
+// accumulators spilled.
+template <class Tile, int N>
+__device__ __forceinline__ void sm90_mainloop_fp8_fast(float (&acc)[Tile::kAccRegs],
+                                                       float* tok_scale, uint32_t smem,
+                                                       const float* s_scale, int cwg, int warp,
+                                                       int lane, int kb_begin, int kb_end,
+                                                       int it) {
+  static_assert(Tile::kFastAccum, "the fast-accumulation tile only");
   const uint32_t full = smem + Tile::kBarOffset;
   const uint32_t empty = full + Tile::kStages * 8;
-  const int q2 = 2 * (lane & 3);
-  float* sum = kInAcc ? acc : part;
 #pragma unroll
-  for (int i = 0; i < N / 2; ++i) sum[i] = 0.0f;
+  for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
   for (int kb = kb_begin; kb < kb_end; ++kb, ++it) {
     const int s = it % Tile::kStages;
     sm90::mbar_wait(full + 8 * s, (it / Tile::kStages) & 1);
@@ -576,23 +575,12 @@ __device__ __forceinline__ void sm90_mainloop_fp8_uniform(float (&acc)[Tile::kAc
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Tile::kKSteps; ++kk) {
-      sm90::WgmmaE4m3<N>::mma(sum, da + 2 * kk, db + 2 * kk, 1);
+      sm90::WgmmaE4m3<N>::mma(acc, da + 2 * kk, db + 2 * kk, 1);
     }
     sm90::wgmma_commit();
     if (kb == kb_begin) {
       const float* st = s_scale + s * Tile::kScaleStageFloats;
-      if constexpr (Tile::kUniformOnly) {
-        // Into this warpgroup's copy, read by the epilogue after its first named barrier
-        // (which also orders the previous tile's last reads before these writes).
-        for (int r = warp * 32 + lane; r < N; r += 128) tok_scale[r] = st[r];
-      } else {
-#pragma unroll
-        for (int j = 0; j < N / 8; ++j) {
-          const float2 x = *reinterpret_cast<const float2*>(st + 8 * j + q2);
-          sx[2 * j] = x.x;
-          sx[2 * j + 1] = x.y;
-        }
-      }
+      for (int r = warp * 32 + lane; r < N; r += 128) tok_scale[r] = st[r];
       __syncwarp();  // every lane has read the scales before lane 0 releases the stage
     }
     sm90::wgmma_wait<1>();  // the k-block before this one is done reading its stage
@@ -600,49 +588,23 @@ __device__ __forceinline__ void sm90_mainloop_fp8_uniform(float (&acc)[Tile::kAc
   }
   sm90::wgmma_wait<0>();
   if (lane == 0) sm90::mbar_arrive(empty + 8 * ((it - 1) % Tile::kStages));
-  if constexpr (kInAcc) {
-    sm90::fence_regs(acc);
-  } else {
-    sm90::fence_regs(part);
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) acc[i] = part[i];
-  }
+  sm90::fence_regs(acc);
 }
 
-// Runs the FP8 main loop of variant v (N = (v + 1) * kNStep), promoted per k-block or, with
-// p.scale_in_epilogue, uniform (a run-time mode of the same kernel: no extra instantiation).
-// Both use the variant's one wgmma set `part`.
 template <class Tile, int V>
-__device__ __forceinline__ void sm90_mainloop_fp8_variant(int v, float (&acc)[Tile::kAccRegs],
-                                                          Sm90TokenScales<Tile, Tile::kBlockM>& sx,
-                                                          float* tok_scale, uint32_t smem,
-                                                          const float* s_scale,
-                                                          const Sm90Params& p,
-                                                          const Sm90TileCoord& c, int cwg,
-                                                          int warp, int lane, int kb_begin,
-                                                          int kb_end, int it) {
+__device__ __forceinline__ void sm90_mainloop_fp8_fast_variant(int v,
+                                                               float (&acc)[Tile::kAccRegs],
+                                                               float* tok_scale, uint32_t smem,
+                                                               const float* s_scale, int cwg,
+                                                               int warp, int lane, int kb_begin,
+                                                               int kb_end, int it) {
   if constexpr (V < Tile::kNumVariants) {
     if (v == V) {
-      constexpr int N = (V + 1) * Tile::kNStep;
-      float part[N / 2];
-      if constexpr (Tile::kUniformOnly) {
-        // The launcher runs these tiles with p.scale_in_epilogue only; one set: acc.
-        sm90_mainloop_fp8_uniform<Tile, N, true>(acc, part, sx, tok_scale, smem, s_scale, cwg,
-                                                 warp, lane, kb_begin, kb_end, it);
-      } else if (p.scale_in_epilogue) {
-        sm90_mainloop_fp8_uniform<Tile, N, false>(acc, part, sx, tok_scale, smem, s_scale, cwg,
-                                                  warp, lane, kb_begin, kb_end, it);
-      } else {
-        sm90_mainloop_fp8<Tile, N>(acc, part, smem, s_scale, p, c, cwg, warp, lane, kb_begin,
-                                   kb_end, it);
-        // The epilogue multiplies by 1 (exact). Set here, after the loop, so that sx is not
-        // live across the promoted loop (+kBlockM / 4 registers there).
-#pragma unroll
-        for (int i = 0; i < Tile::kBlockM / 4; ++i) sx[i] = 1.0f;
-      }
+      sm90_mainloop_fp8_fast<Tile, (V + 1) * Tile::kNStep>(acc, tok_scale, smem, s_scale, cwg,
+                                                           warp, lane, kb_begin, kb_end, it);
     } else {
-      sm90_mainloop_fp8_variant<Tile, V + 1>(v, acc, sx, tok_scale, smem, s_scale, p, c, cwg,
-                                             warp, lane, kb_begin, kb_end, it);
+      sm90_mainloop_fp8_fast_variant<Tile, V + 1>(v, acc, tok_scale, smem, s_scale, cwg, warp,
+                                                  lane, kb_begin, kb_end, it);
     }
   }
 }
@@ -674,7 +636,7 @@ struct ActGeglu {
   }
 };
 
-// What the epilogue of one tile needs besides the accumulators (and, FP8, the token scales).
+// What the epilogue of one tile needs besides the accumulators.
 struct Sm90Epilogue {
   const Sm90Params& p;
   const Sm90TileCoord& c;
@@ -682,12 +644,14 @@ struct Sm90Epilogue {
   int cwg, warp, lane;
   uint32_t staging;  // this warpgroup's staging tile (shared address)
   const uint8_t* staging_ptr;
-  float w_lo, w_hi;  // FP8: weight scales of feature rows f and f + 8 (1: promoted main loop)
-  const float* tok_scale;  // kUniformOnly: this warpgroup's token scales [kBlockM] (shared)
   // W4A16 (Tile::kNvfp4) only: every accumulator is multiplied by it first, one fp32 multiply
   // (128 * global: the decode gave w' * 2^-7, and a power of two commutes with rounding, so
   // this is the oracle's dot(x, w') * global bitwise).
   float acc_scale = 1.0f;
+  // FP8 fast accumulation (Tile::kFastAccum) only: the weight scales of feature rows f and
+  // f + 8, and this warpgroup's token scales [kBlockM] fp32 (shared memory).
+  float w_lo = 1.0f, w_hi = 1.0f;
+  const float* tok_scale = nullptr;
 };
 
 // The epilogue in fp32 (docs/HELPERS.md "Numerics"): + bias, + LoRA (GEMM1), the activation,
@@ -696,15 +660,14 @@ struct Sm90Epilogue {
 // up rows of intermediate column (slice / 16) * 8 + r8 (GateUpInterleaved, G = 8).
 // kTokens: the token columns of `acc` (kBlockM, or kTail for the tail rows, whose coordinate
 // then starts at row0 + kBlockM).
-// FP8: first x = acc * (sx[token] * sw[row]), the product of the scales rounded first
-// (docs/fp8.md "FP8 fast accumulation"). After the promoted main loop the
-// scales are 1, and x * 1 is exact. NOTE: the scales multiply here, where acc is read, rather
-// than in acc before the epilogue: writing acc in place there made ptxas serialise every wgmma
-// of the FP8 kernels (C7515).
+// FP8 fast accumulation (Tile::kFastAccum): first x = acc * (sx[token] * sw[row]), the product
+// of the scales rounded first (docs/fp8.md "FP8 fast accumulation"); after the split-K sum, so
+// it multiplies the sum over all of K. NOTE: here, where acc is read, not in acc before the
+// epilogue (on the run-time-mode version of this loop, writing acc in place made ptxas
+// serialise the wgmma, C7515).
 template <class Tile, int kTokens, bool kGated, class Act>
-__device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2],
-                                              const Sm90TokenScales<Tile, kTokens>& sx,
-                                              const Sm90Epilogue& e, const Act& act_fn) {
+__device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2], const Sm90Epilogue& e,
+                                              const Act& act_fn) {
   constexpr int kStaging = kTokens < Tile::kStagingTokens ? kTokens : Tile::kStagingTokens;
   const Sm90Params& p = e.p;
   const Sm90TileCoord& c = e.c;
@@ -736,14 +699,6 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2],
       if (f + 8 < p.n) bias_hi = bias[f + 8];
     }
   }
-  // FP8: the scale of token 8 jj + 2 quad + c.
-  auto token_scale = [&](int jj, int c) -> float {
-    if constexpr (Tile::kUniformOnly) {
-      return e.tok_scale[8 * jj + 2 * quad + c];
-    } else {
-      return sx[2 * jj + c];
-    }
-  };
   // LoRA delta of token t, column col (GEMM1 standard only: a_gather is set).
   const bool has_lora = g.lora != nullptr;
   auto lora_at = [&](int t, int64_t col) -> float {
@@ -773,8 +728,8 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2],
               gate = __fmul_rn(gate, e.acc_scale);  // never fused with the bias add below
               up = __fmul_rn(up, e.acc_scale);
             }
-            if constexpr (Tile::kFp8) {
-              const float t_scale = token_scale(jj, k);
+            if constexpr (Tile::kFastAccum) {
+              const float t_scale = e.tok_scale[8 * jj + 2 * quad + k];
               gate = __fmul_rn(gate, __fmul_rn(t_scale, e.w_lo));
               up = __fmul_rn(up, __fmul_rn(t_scale, e.w_hi));
             }
@@ -797,8 +752,9 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2],
             const bool hi = k >= 2;
             float x = acc[4 * jj + k];
             if constexpr (Tile::kNvfp4) x = __fmul_rn(x, e.acc_scale);
-            if constexpr (Tile::kFp8) {
-              x = __fmul_rn(x, __fmul_rn(token_scale(jj, k & 1), hi ? e.w_hi : e.w_lo));
+            if constexpr (Tile::kFastAccum) {
+              const float t_scale = e.tok_scale[8 * jj + 2 * quad + (k & 1)];
+              x = __fmul_rn(x, __fmul_rn(t_scale, hi ? e.w_hi : e.w_lo));
             }
             if (bias != nullptr) x += hi ? bias_hi : bias_lo;
             if constexpr (!std::is_same_v<Act, ActIdentity>) {
@@ -846,16 +802,14 @@ __device__ __forceinline__ void sm90_epilogue(float (&acc)[kTokens / 2],
 // compile-time activation per copy of the unrolled code.
 template <class Tile, int kTokens, bool kGemm1>
 __device__ __forceinline__ void sm90_epilogue_dispatch(float (&acc)[kTokens / 2],
-                                                       const Sm90TokenScales<Tile, kTokens>& sx,
                                                        const Sm90Epilogue& e) {
   if constexpr (!kGemm1) {
-    sm90_epilogue<Tile, kTokens, false, ActIdentity>(acc, sx, e, ActIdentity{});
+    sm90_epilogue<Tile, kTokens, false, ActIdentity>(acc, e, ActIdentity{});
   } else {
     const Sm90Params& p = e.p;
     const EpilogueActivation& ea = p.args.activation;
     if (p.gated == 0) {
-      // the one non-gated kind
-      sm90_epilogue<Tile, kTokens, false, ActRelu2>(acc, sx, e, ActRelu2{});
+      sm90_epilogue<Tile, kTokens, false, ActRelu2>(acc, e, ActRelu2{});  // the one non-gated kind
       return;
     }
     switch (static_cast<Activation>(ea.kind)) {
@@ -864,15 +818,14 @@ __device__ __forceinline__ void sm90_epilogue_dispatch(float (&acc)[kTokens / 2]
         const float alpha = ea.alpha_per_expert ? ea.alpha_per_expert[x] : ea.alpha;
         const float beta = ea.beta_per_expert ? ea.beta_per_expert[x] : ea.beta;
         const float limit = ea.limit_per_expert ? ea.limit_per_expert[x] : ea.limit;
-        sm90_epilogue<Tile, kTokens, true, ActSwigluOai>(acc, sx, e,
-                                                         ActSwigluOai{alpha, beta, limit});
+        sm90_epilogue<Tile, kTokens, true, ActSwigluOai>(acc, e, ActSwigluOai{alpha, beta, limit});
         break;
       }
       case Activation::Geglu:
-        sm90_epilogue<Tile, kTokens, true, ActGeglu>(acc, sx, e, ActGeglu{});
+        sm90_epilogue<Tile, kTokens, true, ActGeglu>(acc, e, ActGeglu{});
         break;
       default:
-        sm90_epilogue<Tile, kTokens, true, ActSwiglu>(acc, sx, e, ActSwiglu{});
+        sm90_epilogue<Tile, kTokens, true, ActSwiglu>(acc, e, ActSwiglu{});
         break;
     }
   }
@@ -1048,10 +1001,10 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
           copy_row(i + 3, s3);
         }
         for (; i < row_steps; ++i) copy_row(i, xsrc[16 * i]);
-        // Scales constant along K (p.scale_in_epilogue): the consumers read the tile's first
-        // stage only, so the copies of the other k-blocks are skipped.
+        // Tile::kFastAccum: the scales are constant along K and the consumers read the tile's
+        // first stage only, so the copies of the other k-blocks are skipped.
         if constexpr (Tile::kFp8) {
-          if (!p.scale_in_epilogue || kb == kb_begin) {
+          if (!Tile::kFastAccum || kb == kb_begin) {
             const uint32_t sd = scale_base + s * Tile::kScaleStageFloats * 4;
             const uint64_t kb_bytes = 4 * static_cast<uint64_t>(kb) * g.a_scale_kb;
             for (int r = ptid; r < n_used; r += 128) {
@@ -1080,12 +1033,13 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   const uint8_t* staging_ptr = smem_ptr + Tile::kStagingOffset + cwg * Tile::kStagingBytes;
   float acc[Tile::kAccRegs];
   float acc_tail[Tile::kTailRegs];  // the tail rows' columns (tail variant only)
-  // FP8: the scales the epilogue multiplies by; with p.scale_in_epilogue the token scales of
-  // this thread's columns (sm90_mainloop_fp8_uniform) and its rows' weight scales, else 1.
-  Sm90TokenScales<Tile, Tile::kBlockM> sx;
+  // Tile::kFastAccum only: this thread's rows' weight scales and this warpgroup's token scales
+  // [kBlockM] fp32 (shared memory), which the epilogue multiplies by.
   float w_lo = 1.0f, w_hi = 1.0f;
-  float* tok_scale = reinterpret_cast<float*>(smem_ptr + Tile::kTokScaleOffset) +
-                     cwg * Tile::kBlockM;  // kUniformOnly tiles only
+  float* tok_scale = nullptr;
+  if constexpr (Tile::kFastAccum) {
+    tok_scale = reinterpret_cast<float*>(smem_ptr + Tile::kTokScaleOffset) + cwg * Tile::kBlockM;
+  }
   int it = 0;
   for (int unit = blockIdx.x; unit < total_units; unit += gridDim.x) {
     const Sm90TileCoord c = sm90_decode_unit<Tile>(p, unit);
@@ -1093,17 +1047,19 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     const int n_used = (variant + 1) * Tile::kNStep;
     const int kb_begin = c.slice * num_kb / p.split_k;
     const int kb_end = (c.slice + 1) * num_kb / p.split_k;
-    if constexpr (Tile::kFp8) {
-      if (p.scale_in_epilogue) {
-        // Loaded before the main loop, used after it: the latency hides under the MMAs.
-        const Sm90Fp8RowScales ws = sm90_fp8_row_scales<Tile>(g, c, cwg, warp, lane);
-        w_lo = __ldg(ws.lo);
-        w_hi = __ldg(ws.hi);
-      }
-      sm90_mainloop_fp8_variant<Tile, 0>(
-          variant, acc, sx, tok_scale, smem,
-          reinterpret_cast<const float*>(smem_ptr + Tile::kScaleOffset), p, c, cwg, warp, lane,
+    if constexpr (Tile::kFastAccum) {
+      // Loaded before the main loop, used after it: the latency hides under the MMAs.
+      const Sm90Fp8RowScales ws = sm90_fp8_row_scales<Tile>(g, c, cwg, warp, lane);
+      w_lo = __ldg(ws.lo);
+      w_hi = __ldg(ws.hi);
+      sm90_mainloop_fp8_fast_variant<Tile, 0>(
+          variant, acc, tok_scale, smem,
+          reinterpret_cast<const float*>(smem_ptr + Tile::kScaleOffset), cwg, warp, lane,
           kb_begin, kb_end, it);
+    } else if constexpr (Tile::kFp8) {
+      sm90_mainloop_fp8_variant<Tile, 0>(
+          variant, acc, smem, reinterpret_cast<const float*>(smem_ptr + Tile::kScaleOffset), p, c,
+          cwg, warp, lane, kb_begin, kb_end, it);
     } else {
       sm90_mainloop_variant<Tile, 0>(variant, acc, acc_tail, smem, cwg, lane, kb_begin, kb_end,
                                      it, p.x_tma != 0);
@@ -1166,18 +1122,17 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
         Tile::kNvfp4 ? __fmul_rn(__ldg(g.b_global_scale + c.expert), nvfp4::kDecodeUnscale) : 1.0f;
 
     // ---- epilogue: the kBlockM columns, then the tail rows' columns if the tile has them ----
-    const int cols = n_used < Tile::kBlockM ? n_used : Tile::kBlockM;
-    const Sm90Epilogue e{p, c, cols, cwg, warp, lane, staging, staging_ptr, w_lo, w_hi,
-                         tok_scale, acc_scale};
-    sm90_epilogue_dispatch<Tile, Tile::kBlockM, kGemm1>(acc, sx, e);
+    const Sm90Epilogue e{p, c, n_used < Tile::kBlockM ? n_used : Tile::kBlockM, cwg, warp, lane,
+                         staging, staging_ptr, acc_scale, w_lo, w_hi, tok_scale};
+    sm90_epilogue_dispatch<Tile, Tile::kBlockM, kGemm1>(acc, e);
     if constexpr (!Tile::kFp8) {
       if (n_used > Tile::kBlockM) {
         Sm90TileCoord ct = c;
         ct.row0 += Tile::kBlockM;
         ct.rows -= Tile::kBlockM;
         const Sm90Epilogue et{p, ct, Tile::kTail, cwg, warp, lane, staging, staging_ptr,
-                              1.0f, 1.0f, nullptr, acc_scale};
-        sm90_epilogue_dispatch<Tile, Tile::kTail, kGemm1>(acc_tail, sx, et);
+                              acc_scale};
+        sm90_epilogue_dispatch<Tile, Tile::kTail, kGemm1>(acc_tail, et);
       }
     }
   }
