@@ -279,7 +279,7 @@ TEST(GemmConfig, Fp8FastAccumGemm1PrefillGetsThe256TokenTile) {
 // NVFP4 problems (desc.nvfp4, W4A16) get the W4A16 tiles on every sm_80+ device: at decode
 // sizes a 16-token one (the deep 256-K tile where its shared memory fits, else the 64-K tile),
 // split-K only on the deep tile, within the capacity, and only when the expected tiles fill
-// fewer than half the SMs; from 128 rows per touched group on a Hopper the wgmma tile (where
+// fewer than half the SMs; from 64 rows per touched group on a Hopper the wgmma tile (where
 // the problem allows it and desc.allow_w4a16_wgmma), else the 64-token mma.sync tile; no other
 // problem gets them, and no other tile runs NVFP4.
 TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
@@ -313,7 +313,7 @@ TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
             EXPECT_TRUE(cuda::gemm::config_runs(d, c)) << c.to_string();
             EXPECT_TRUE(c.nvfp4) << c.to_string();
             EXPECT_EQ(c, cuda::gemm::select_config(d, props)) << "not a pure function";
-            // The wgmma tile: Hopper only, >= 128 rows per touched group (E >= rows: 1).
+            // The wgmma tile: Hopper only, >= 64 rows per touched group (E >= rows: 1).
             GemmDesc off = d;
             off.allow_w4a16_wgmma = false;
             const GemmConfig c_off = cuda::gemm::select_config(off, props);
@@ -331,7 +331,7 @@ TEST(GemmConfig, Nvfp4ProblemsGetTheW4a16Tiles) {
               ++wgmma;
               EXPECT_EQ(c.to_string().rfind("w4a16_wgmma_256x128x64_s5", 0), 0u) << c.to_string();
               EXPECT_EQ(props.cc_major, 9);
-              EXPECT_GE(rows, 128);
+              EXPECT_GE(rows, 64);
               EXPECT_TRUE(d.sm90_w4a16_supported());
               EXPECT_EQ(c.split_k, 1);
               EXPECT_TRUE(c.tail_m == 0 || c.tail_m == cuda::gemm::sm90_tail_rows(c));
@@ -498,11 +498,11 @@ TEST(GemmConfig, W4a16WgmmaTileNameAndSupport) {
   DeviceProps blackwell = hopper();
   blackwell.cc_major = 10;
   EXPECT_EQ(cuda::gemm::select_config(d, blackwell).to_string(), "w4a16_64x128x64_s4");
-  // Rule 0's threshold: 128 rows per touched expert (8 experts: 1024 rows in all).
-  GemmDesc edge = gemm_desc(true, 8, 8, 1, 1024, 4096, 14336, 8);
+  // Rule 0's threshold: 64 rows per touched expert (8 experts: 512 rows in all).
+  GemmDesc edge = gemm_desc(true, 8, 8, 1, 512, 4096, 14336, 8);
   edge.nvfp4 = true;
   EXPECT_EQ(cuda::gemm::select_config(edge, hopper()).arch, 90);
-  edge = gemm_desc(true, 8, 8, 1, 1000, 4096, 14336, 8);
+  edge = gemm_desc(true, 8, 8, 1, 500, 4096, 14336, 8);
   edge.nvfp4 = true;
   EXPECT_EQ(cuda::gemm::select_config(edge, hopper()).to_string(), "w4a16_64x128x64_s4");
   // Past 2048 rows per expert no tail rows (as the bf16 sm90 tiles).
@@ -662,7 +662,7 @@ TEST(GemmConfig, AnchorGridChoices) {
       EXPECT_EQ(c1.split_k, 1) << m.name << " T=" << t;
       EXPECT_EQ(c2.split_k, mixtral_t1 ? 2 : 1) << m.name << " T=" << t;
       if (t == 4096) {
-        // >= 128 rows per expert everywhere (gpt-oss: 128): the wgmma tile, with tail rows
+        // >= 64 rows per expert everywhere (gpt-oss: 128): the wgmma tile, with tail rows
         // (<= 2048 rows per expert) where allowed (the experts stage's default); the mma.sync
         // one otherwise (MODMOE_W4A16_WGMMA=0, or not a Hopper).
         EXPECT_EQ(c1.to_string(), "w4a16_wgmma_256x128x64_s5_t32") << m.name;
@@ -672,7 +672,7 @@ TEST(GemmConfig, AnchorGridChoices) {
         EXPECT_EQ(cuda::gemm::select_config(o1, hopper()).to_string(), "w4a16_64x128x64_s4");
         EXPECT_EQ(cuda::gemm::select_config(d1, ampere()).to_string(), "w4a16_64x128x64_s4");
       }
-      if (t == 128) EXPECT_NE(c1.arch, 90) << m.name << ": < 128 rows per expert";
+      if (t == 128) EXPECT_NE(c1.arch, 90) << m.name << ": < 64 rows per expert";
     }
   }
   // An EP slice with one expert touched at T = 1 (DeepSeek-V3 at EP 8: 32 of 256 experts, 8

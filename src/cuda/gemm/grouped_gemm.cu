@@ -346,15 +346,16 @@ GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
     const double touched = std::min<double>(expected_touched(rows, desc.num_experts),
                                             std::max<int64_t>(rows, 1));
     const double rows_per_group = static_cast<double>(rows) / touched;
-    // Rule 0: on Hopper, from 128 rows per touched group (prefill) the wgmma tile (256 tokens x
+    // Rule 0: on Hopper, from 64 rows per touched group (prefill) the wgmma tile (256 tokens x
     // 128 weight rows, NVFP4 decoded into wgmma's A registers once per 256 tokens), where the
     // problem allows it (aligned; gated GEMM1 in GateUpInterleaved G = 8) and
     // desc.allow_w4a16_wgmma (the experts stage: on unless MODMOE_W4A16_WGMMA=0). The mma.sync
     // prefill tile below runs at ~233 TFLOP/s (0.41-0.55x bf16 at T = 4096); the wgmma tile
     // at 0.86-0.99x (H200) and 0.88-1.10x (H100) bf16 (docs/nvfp4.md, "Hopper wgmma kernel").
-    // TODO(measure): the threshold (128 rows) is set on paper. Tail rows as the bf16 sm90
-    // tiles (select_sm90, rule 3).
-    if (rows_per_group >= 128.0 && props.cc_major == 9 && props.cc_minor == 0 &&
+    // The threshold, measured on an H100 (forcing the tile at T = 1024): at 64 rows per
+    // expert (qwen3) the wgmma tile is 1.27x the mma.sync one, at 32 (deepseek-ep8, gpt-oss)
+    // 0.94-0.97x. Tail rows as the bf16 sm90 tiles (select_sm90, rule 3).
+    if (rows_per_group >= 64.0 && props.cc_major == 9 && props.cc_minor == 0 &&
         desc.allow_sm90 && desc.allow_w4a16_wgmma && desc.sm90_w4a16_supported() &&
         (props.max_smem_per_block == 0 ||
          props.max_smem_per_block >= sm90_w4a16_smem_bytes())) {
