@@ -197,15 +197,21 @@ ExpertWeights slice_weights(const ExpertWeights& w, const ExpertMap& map) {
 // ---------------------------------------------------------------------------------------
 
 // The experts stage, finalized: out [M, H] bf16, with a workspace sized by the library.
-HostTensor run_experts_stage(const TensorView& hidden, const TensorView& hidden_scale,
-                             const TensorView& ids, const TensorView& wts,
-                             const ExpertWeights& w, const ExpertMap& map,
-                             const ExpertsOptions& opt) {
+ExpertsInputs inputs_of(const TensorView& hidden, const TensorView& hidden_scale,
+                        const TensorView& ids, const TensorView& wts) {
   ExpertsInputs in;
   in.hidden = hidden;
   in.hidden_scale = hidden_scale;
   in.topk_ids = ids;
   in.topk_weights = wts;
+  return in;
+}
+
+HostTensor run_experts_stage(const TensorView& hidden, const TensorView& hidden_scale,
+                             const TensorView& ids, const TensorView& wts,
+                             const ExpertWeights& w, const ExpertMap& map,
+                             const ExpertsOptions& opt) {
+  const ExpertsInputs in = inputs_of(hidden, hidden_scale, ids, wts);
   HostTensor out(DType::BF16, {ids.size(0), w.hidden()});
   poison(out);
   ExpertsOutputs outs;
@@ -214,6 +220,30 @@ HostTensor run_experts_stage(const TensorView& hidden, const TensorView& hidden_
   HostTensor ws(DType::U8, {static_cast<int64_t>(ws_bytes)});
   experts(in, w, map, opt, outs, {ws.view().data, ws_bytes});
   return out;
+}
+
+// reference::experts_fp8 on the same inputs as run_experts_stage: the finalized output.
+HostTensor run_oracle(const TensorView& hidden, const TensorView& hidden_scale,
+                      const TensorView& ids, const TensorView& wts, const ExpertWeights& w,
+                      const ExpertMap& map, const ExpertsOptions& opt) {
+  HostTensor out(DType::BF16, {ids.size(0), w.hidden()});
+  poison(out);
+  ExpertsOutputs outs;
+  outs.out = out;
+  reference::experts_fp8(inputs_of(hidden, hidden_scale, ids, wts), w, map, opt, outs);
+  return out;
+}
+
+// The sizes part of the ExpertsDesc of layer L (what the workspace queries read).
+ExpertsDesc desc_of(const Layer& L, const ExpertMap& map, QuantScheme scheme) {
+  ExpertsDesc desc;
+  desc.num_tokens = L.M;
+  desc.hidden = L.H;
+  desc.intermediate = L.I;
+  desc.top_k = L.k;
+  desc.expert_map = map;
+  desc.scheme = scheme;
+  return desc;
 }
 
 RoutingParams routing_of(const Layer& L) {
@@ -537,15 +567,7 @@ TEST(Fp8ApiFused, EqualsRouteQuantizeExperts) {
       route(L.logits, {}, routing_of(L), ids, wts);
       const Activations x = make_activations(L, scheme);
       const HostTensor staged = run_experts_stage(x.hidden, x.hidden_scale, ids, wts, w, map, opt);
-      HostTensor oracle(DType::BF16, {L.M, L.H});
-      ExpertsInputs in;
-      in.hidden = x.hidden;
-      in.hidden_scale = x.hidden_scale;
-      in.topk_ids = ids;
-      in.topk_weights = wts;
-      ExpertsOutputs o;
-      o.out = oracle;
-      reference::experts_fp8(in, w, map, opt, o);
+      const HostTensor oracle = run_oracle(x.hidden, x.hidden_scale, ids, wts, w, map, opt);
       EXPECT_TRUE(test::bitwise_equal(staged, oracle));
 
       // Monolithic, with the caller's (poisoned) workspace and with the CPU scratch.
@@ -574,13 +596,7 @@ TEST(Fp8ApiFused, WorkspaceCarriesTheQuantizedHidden) {
   for (QuantScheme scheme : {kBlk, kTen}) {
     const SchemeWeights sw = make_weights(L, scheme);
     const ExpertWeights w = sw.view(L);
-    ExpertsDesc desc;
-    desc.num_tokens = L.M;
-    desc.hidden = L.H;
-    desc.intermediate = L.I;
-    desc.top_k = L.k;
-    desc.expert_map = map;
-    desc.scheme = scheme;
+    const ExpertsDesc desc = desc_of(L, map, scheme);
     const size_t scale_bytes = scheme == kBlk ? align(L.M * (L.H / kB) * 4) : align(4);
     EXPECT_EQ(fused_moe_workspace_size(L.M, w, rp, map, opt),
               2 * align(L.M * L.k * 4) + align(L.M * L.H) + scale_bytes +
@@ -623,15 +639,7 @@ TEST(Fp8ApiFastAccum, ExpertsAndFusedCarryTheOption) {
   route(L.logits, {}, routing_of(L), ids, wts);
   const Activations x = make_activations(L, kTen);
   const HostTensor staged = run_experts_stage(x.hidden, x.hidden_scale, ids, wts, w, map, fast);
-  HostTensor oracle(DType::BF16, {L.M, L.H});
-  ExpertsInputs in;
-  in.hidden = x.hidden;
-  in.hidden_scale = x.hidden_scale;
-  in.topk_ids = ids;
-  in.topk_weights = wts;
-  ExpertsOutputs o;
-  o.out = oracle;
-  reference::experts_fp8(in, w, map, fast, o);
+  const HostTensor oracle = run_oracle(x.hidden, x.hidden_scale, ids, wts, w, map, fast);
   EXPECT_TRUE(test::bitwise_equal(staged, oracle));
   EXPECT_TRUE(test::bitwise_equal(run_fused_layer(L, w, map, fast), staged));
 
@@ -643,8 +651,10 @@ TEST(Fp8ApiFastAccum, ExpertsAndFusedCarryTheOption) {
   EXPECT_LT(err_pure, kFp8Tol);
   EXPECT_LT(err_emul, kFp8EmulTol);
 
+  const ExpertsInputs in = inputs_of(x.hidden, x.hidden_scale, ids, wts);
+  HostTensor out(DType::BF16, {L.M, L.H});
   ExpertsOutputs outs;
-  outs.out = oracle;
+  outs.out = out;
   const ExpertsDesc desc_fast = make_experts_desc(in, w, map, fast, outs);
   EXPECT_TRUE(desc_fast.fp8_fast_accum);
   const ExpertsDesc desc_default = make_experts_desc(in, w, map, options_of(L), outs);
@@ -677,12 +687,7 @@ TEST(Fp8ApiFastAccum, OtherSchemesAreRefused) {
     EXPECT_MODMOE_ERROR(fused_moe_workspace_size(L.M, w, routing_of(L), map, fast),
                         "'fp8_fast_accum' = true", named.c_str());
   }
-  ExpertsDesc desc;
-  desc.num_tokens = L.M;
-  desc.hidden = L.H;
-  desc.intermediate = L.I;
-  desc.top_k = L.k;
-  desc.expert_map = map;
+  ExpertsDesc desc = desc_of(L, map, kNone);
   desc.fp8_fast_accum = true;
   for (QuantScheme scheme : {kNone, kBlk, QuantScheme::Nvfp4}) {
     desc.scheme = scheme;
