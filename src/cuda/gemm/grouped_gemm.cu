@@ -352,9 +352,10 @@ GemmConfig select_config(const GemmDesc& desc, const DeviceProps& props) {
     // desc.allow_w4a16_wgmma (the experts stage: on unless MODMOE_W4A16_WGMMA=0). The mma.sync
     // prefill tile below runs at ~233 TFLOP/s (0.41-0.55x bf16 at T = 4096); the wgmma tile
     // at 0.86-0.99x (H200) and 0.88-1.10x (H100) bf16 (docs/nvfp4.md, "Hopper wgmma kernel").
-    // The threshold, measured on an H100 (forcing the tile at T = 1024): at 64 rows per
-    // expert (qwen3) the wgmma tile is 1.27x the mma.sync one, at 32 (deepseek-ep8, gpt-oss)
-    // 0.94-0.97x. Tail rows as the bf16 sm90 tiles (select_sm90, rule 3).
+    // The threshold, measured (docs/nvfp4.md "Selection"): at 64 rows per expert the wgmma
+    // tile is 1.15-1.34x the mma.sync one (H200: mixtral T = 256, qwen3 T = 1024, deepseek-ep8
+    // T = 256, gpt-oss T = 2048), at 32 (gpt-oss T = 1024, H100) 0.94x. Tail rows as the bf16
+    // sm90 tiles (select_sm90, rule 3).
     if (rows_per_group >= 64.0 && props.cc_major == 9 && props.cc_minor == 0 &&
         desc.allow_sm90 && desc.allow_w4a16_wgmma && desc.sm90_w4a16_supported() &&
         (props.max_smem_per_block == 0 ||
