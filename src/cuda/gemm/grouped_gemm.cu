@@ -215,9 +215,7 @@ std::span<const GemmConfig> compiled_configs() { return {configs().data(), confi
 int max_split_k() { return kMaxSplitK; }
 
 bool is_compiled(const GemmConfig& config) {
-  GemmConfig base = config;
-  base.split_k = 1;
-  base.tail_m = 0;
+  const GemmConfig base = config.compiled_base();
   if (std::find(configs().begin(), configs().end(), base) == configs().end()) return false;
   const bool split_ok = config.split_k == 1 ||
                         (((config.arch == 90 && !config.nvfp4) || is_w4a16_deep(config)) &&
@@ -510,10 +508,7 @@ bool config_runs(const GemmDesc& desc, const GemmConfig& config) {
   }
   if (desc.nvfp4 || config.nvfp4) return desc.nvfp4 && config.nvfp4;
   if (config.arch != 90) return !desc.fp8;
-  GemmConfig base = config;
-  base.split_k = 1;
-  base.tail_m = 0;
-  if (base == sm90_fp8_wide() &&
+  if (config.compiled_base() == sm90_fp8_wide() &&
       !(desc.fp8_fast_accum && desc.stage == GemmStage::Gemm1 && config.split_k == 1)) {
     return false;  // fast-accumulation FP8 GEMM1 only (one accumulator set), no split-K
   }

@@ -130,6 +130,14 @@ struct GemmConfig {
   bool nvfp4 = false;
 
   int threads() const { return arch == 90 ? 128 * (warps_m + warps_n) : 32 * warps_m * warps_n; }
+  // The compiled config behind this one: the run-time choices (split_k, tail_m) at their
+  // defaults, what compiled_configs() lists and the launchers switch on.
+  GemmConfig compiled_base() const {
+    GemmConfig c = *this;
+    c.split_k = 1;
+    c.tail_m = 0;
+    return c;
+  }
   // "128x128x32_s4_w2x4", "sm90_64x128x64_s8", "..._k4" (split-K), "..._t32" (tail rows),
   // "w4a16_16x128x64_s6", "w4a16_16x128x256_s8_k2" (NVFP4, split-K),
   // "w4a16_wgmma_256x128x64_s5", "..._t32" (NVFP4 on wgmma, tail rows)

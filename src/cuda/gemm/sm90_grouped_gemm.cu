@@ -237,9 +237,7 @@ void launch_sm90_grouped_gemm(const GemmDesc& desc, const GemmConfig& config,
                              args.b_expert_stride % 16 == 0),
                "sm90 FP8 grouped GEMM: e4m3 row strides must be multiples of 16 bytes (lda ",
                args.lda, ", ldb ", args.ldb, ", expert stride ", args.b_expert_stride, ")");
-  GemmConfig base = config;
-  base.split_k = 1;
-  base.tail_m = 0;
+  const GemmConfig base = config.compiled_base();
   if (base == Sm90Narrow::config()) return launch_stage<Sm90Narrow>(desc, config, args, stream);
   if (base == Sm90Wide::config()) return launch_stage<Sm90Wide>(desc, config, args, stream);
   if (base == Sm90Fp8Narrow::config()) return launch_stage<Sm90Fp8Narrow>(desc, config, args, stream);
