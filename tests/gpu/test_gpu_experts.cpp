@@ -925,15 +925,18 @@ TEST_F(GpuExperts, GemmConfigsAgreeBitwise) {
   GemmProblem g(12, 256, 192, counts, true, seed);
   std::vector<HostTensor> acts, ys;
   // The compiled bf16 configs (the FP8 ones run FP8 problems only: test_gpu_fp8_experts, the
-  // W4A16 ones NVFP4 weights only: test_gpu_nvfp4_experts), then the bf16 sm90 ones with tail
-  // rows (a run-time option; the wgmma W4A16 tile has tail rows too, but runs NVFP4 only).
+  // W4A16 ones NVFP4 weights only: test_gpu_nvfp4_experts), then the sm90 ones with tail rows
+  // (a run-time option) that run this bf16 problem.
   std::vector<cuda::gemm::GemmConfig> configs;
   for (const auto& c : cuda::gemm::compiled_configs()) {
     if (c.nvfp4) continue;
     if (cuda::gemm::config_runs(g.desc(true), c) || c.arch != 90) configs.push_back(c);
   }
   for (const auto& c : cuda::gemm::compiled_configs()) {
-    if (c.nvfp4 || c.arch != 90 || cuda::gemm::sm90_tail_rows(c) == 0) continue;
+    if (c.arch != 90 || cuda::gemm::sm90_tail_rows(c) == 0 ||
+        !cuda::gemm::config_runs(g.desc(true), c)) {
+      continue;
+    }
     cuda::gemm::GemmConfig t = c;
     t.tail_m = cuda::gemm::sm90_tail_rows(c);
     configs.push_back(t);
