@@ -168,4 +168,29 @@ MODMOE_HD constexpr uint32_t select_byte_pair(uint32_t x, uint32_t y, int q) {
   return ((x >> (8 * q)) & 0xFFu) | (((y >> (8 * q)) & 0xFFu) << 8);
 }
 
+// ---- the Blackwell block-scaled layout of the block scales (docs/nvfp4.md, "Blackwell plan") ----
+
+// The 128x4 tiled layout that tcgen05.mma's block scaling reads through tcgen05.cp, and that
+// vLLM's ModelOpt path (`weight_scale_interleaved`) and FlashInfer's CUTLASS NVFP4 GEMMs take:
+// rows padded to a multiple of 128 and scale columns (K / 16) to a multiple of 4, with zero
+// scales; one 512-byte tile per 128 rows x 4 scale columns, the tiles of one row band in K
+// order; inside a tile row r and column c at (r % 32) * 16 + (r / 32) * 4 + c.
+inline constexpr int kScaleTileRows = 128;
+inline constexpr int kScaleTileCols = 4;
+inline constexpr int kScaleTileBytes = kScaleTileRows * kScaleTileCols;
+
+MODMOE_HD constexpr int64_t scale_tile_padded_rows(int64_t rows) {
+  return (rows + kScaleTileRows - 1) / kScaleTileRows * kScaleTileRows;
+}
+MODMOE_HD constexpr int64_t scale_tile_padded_cols(int64_t cols) {
+  return (cols + kScaleTileCols - 1) / kScaleTileCols * kScaleTileCols;
+}
+// Byte offset of the scale of (row, col) in a matrix of `cols` scale columns (K / 16).
+MODMOE_HD constexpr int64_t scale_tile_offset(int64_t row, int64_t col, int64_t cols) {
+  const int64_t k_tiles = scale_tile_padded_cols(cols) / kScaleTileCols;
+  const int64_t tile = (row / kScaleTileRows) * k_tiles + col / kScaleTileCols;
+  return tile * kScaleTileBytes + (row % 32) * 16 + ((row % kScaleTileRows) / 32) * 4 +
+         col % kScaleTileCols;
+}
+
 }  // namespace modmoe::nvfp4

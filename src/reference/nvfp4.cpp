@@ -32,6 +32,15 @@ uint8_t quantize_block_16(const uint16_t* x, float global, uint8_t* q) {
 
 }  // namespace detail
 
+void tile_block_scales_128x4(const uint8_t* linear, int64_t rows, int64_t cols, int64_t ld,
+                             uint8_t* tiled) {
+  const int64_t bytes = nvfp4::scale_tile_padded_rows(rows) * nvfp4::scale_tile_padded_cols(cols);
+  std::memset(tiled, 0, static_cast<size_t>(bytes));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) tiled[nvfp4::scale_tile_offset(r, c, cols)] = linear[r * ld + c];
+  }
+}
+
 namespace {
 
 // max |x| over n bf16 values, as bf16 bits (NaN, above inf, wins).

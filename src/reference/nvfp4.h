@@ -30,6 +30,12 @@ void prepare_weights_nvfp4(const ExpertWeights& src, ExpertWeights& dst,
 void experts_nvfp4(const ExpertsInputs& in, const ExpertWeights& weights, const ExpertMap& map,
                    const ExpertsOptions& options, const ExpertsOutputs& out);
 
+// The block scales of one matrix, linear (`[rows, cols]` e4m3, row stride `ld` bytes), in the
+// Blackwell 128x4 tiled layout (nvfp4::scale_tile_offset): `tiled` holds
+// scale_tile_padded_rows(rows) * scale_tile_padded_cols(cols) bytes, the padding zero.
+void tile_block_scales_128x4(const uint8_t* linear, int64_t rows, int64_t cols, int64_t ld,
+                             uint8_t* tiled);
+
 namespace detail {
 
 // One block of 16 bf16 values with a known global scale: returns the e4m3 block scale and

@@ -25,6 +25,7 @@
 #include "core/fp8.h"
 #include "core/nvfp4.h"
 #include "modmoe/modmoe.h"
+#include "reference/nvfp4.h"
 
 #ifdef MODMOE_WITH_CUDA
 #include <cuda_fp16.h>
@@ -684,6 +685,58 @@ void expect_prepared_matches(const Nvfp4Weights& src, const Nvfp4Weights& dst,
   EXPECT_TRUE(test::bitwise_equal(dst.g13, src.g13));
   EXPECT_TRUE(test::bitwise_equal(dst.g2, src.g2));
   if (biases) EXPECT_TRUE(test::bitwise_equal(dst.b2, src.b2));
+}
+
+// The Blackwell 128x4 scale layout (nvfp4::scale_tile_offset, reference::tile_block_scales_128x4)
+// against its definition as vLLM writes it for `weight_scale_interleaved`: pad to [R, C]
+// (multiples of 128 and 4, zeros), view as [R / 128, 4, 32, C / 4, 4] and permute to
+// [R / 128, C / 4, 32, 4, 4]. The offsets are a bijection onto the padded bytes; the padding is 0.
+TEST(Nvfp4ScaleLayout, TiledLayoutIsThe128x4Permutation) {
+  std::mt19937 rng(20261127);
+  const int64_t shapes[][2] = {{1, 1}, {128, 4}, {130, 5}, {256, 180}, {300, 7}, {33, 448}};
+  for (const auto& shape : shapes) {
+    const int64_t rows = shape[0], cols = shape[1], ld = cols + 3;
+    SCOPED_TRACE(testing::Message() << "rows " << rows << " cols " << cols);
+    std::vector<uint8_t> linear(static_cast<size_t>(rows * ld));
+    for (auto& b : linear) b = static_cast<uint8_t>(1 + rng() % 0x7e);  // never 0
+    const int64_t pr = nvfp4::scale_tile_padded_rows(rows), pc = nvfp4::scale_tile_padded_cols(cols);
+    EXPECT_EQ(pr % 128, 0);
+    EXPECT_EQ(pc % 4, 0);
+    EXPECT_LT(pr - rows, 128);
+    EXPECT_LT(pc - cols, 4);
+    std::vector<uint8_t> expect(static_cast<size_t>(pr * pc), 0);
+    const int64_t kt_count = pc / 4;
+    for (int64_t mt = 0; mt < pr / 128; ++mt) {
+      for (int64_t kt = 0; kt < kt_count; ++kt) {
+        for (int64_t r0 = 0; r0 < 32; ++r0) {
+          for (int64_t r1 = 0; r1 < 4; ++r1) {
+            for (int64_t c0 = 0; c0 < 4; ++c0) {
+              const int64_t r = mt * 128 + r1 * 32 + r0, c = kt * 4 + c0;
+              const int64_t at = (((mt * kt_count + kt) * 32 + r0) * 4 + r1) * 4 + c0;
+              expect[static_cast<size_t>(at)] = r < rows && c < cols ? linear[r * ld + c] : 0;
+            }
+          }
+        }
+      }
+    }
+    std::vector<uint8_t> tiled(expect.size(), 0xAB);  // poisoned: the padding must be written
+    reference::tile_block_scales_128x4(linear.data(), rows, cols, ld, tiled.data());
+    EXPECT_EQ(tiled, expect);
+    std::vector<int> hits(expect.size(), 0);
+    for (int64_t r = 0; r < pr; ++r) {
+      for (int64_t c = 0; c < pc; ++c) {
+        const int64_t at = nvfp4::scale_tile_offset(r, c, cols);
+        ASSERT_GE(at, 0);
+        ASSERT_LT(at, pr * pc);
+        ++hits[static_cast<size_t>(at)];
+      }
+    }
+    EXPECT_TRUE(std::all_of(hits.begin(), hits.end(), [](int h) { return h == 1; }));
+  }
+  // Spot values of the formula: row 33, column 6 of K / 16 = 8 columns is in tile (0, 1) at
+  // (33 % 32) * 16 + (33 / 32) * 4 + 6 % 4 = 22; row 130 starts the second row band.
+  static_assert(nvfp4::scale_tile_offset(33, 6, 8) == 512 + 22);
+  static_assert(nvfp4::scale_tile_offset(130, 0, 8) == 2 * 512 + 2 * 16);
 }
 
 TEST(Nvfp4Prepare, InterleavedMatchesCanonicalElementByElement) {

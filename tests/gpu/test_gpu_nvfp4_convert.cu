@@ -97,7 +97,37 @@ __global__ void scale_factors_kernel(uint32_t* k_new, uint32_t* k_old, uint32_t*
   mul_old[2 * p + 1] = cuda::gemm::bf16x2_mul(x, __byte_perm(kb, 0, 0x3232));
 }
 
+// nvfp4::scale_tile_offset (the Blackwell 128x4 scale layout) for every (row, col) of a padded
+// [rows, cols] scale matrix, one thread per element.
+__global__ void scale_tile_offset_kernel(int64_t* out, int64_t rows, int64_t cols) {
+  const int64_t pc = nvfp4::scale_tile_padded_cols(cols);
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < nvfp4::scale_tile_padded_rows(rows) * pc) {
+    out[i] = nvfp4::scale_tile_offset(i / pc, i % pc, cols);
+  }
+}
+
 class GpuNvfp4Convert : public test::GpuTest {};
+
+// The device compiles the same layout formula the host tests (Nvfp4ScaleLayout in
+// tests/cpu/test_nvfp4.cpp); an sm_100a build compiles it for the block-scaled kernel's target.
+TEST_F(GpuNvfp4Convert, ScaleTileOffsetEqualsHost) {
+  for (const int64_t cols : {int64_t{5}, int64_t{180}}) {
+    const int64_t rows = 300;
+    const int64_t n = nvfp4::scale_tile_padded_rows(rows) * nvfp4::scale_tile_padded_cols(cols);
+    DeviceTensor out(DType::I64, {n});
+    MODMOE_CUDA_CHECK(cudaMemset(out.data<int64_t>(), 0xff, n * sizeof(int64_t)));  // poison
+    scale_tile_offset_kernel<<<static_cast<unsigned>((n + 255) / 256), 256>>>(
+        out.data<int64_t>(), rows, cols);
+    MODMOE_CUDA_CHECK(cudaGetLastError());
+    const HostTensor h = out.to_host();
+    const int64_t pc = nvfp4::scale_tile_padded_cols(cols);
+    for (int64_t i = 0; i < n; ++i) {
+      ASSERT_EQ(h.data<int64_t>()[i], nvfp4::scale_tile_offset(i / pc, i % pc, cols))
+          << "cols " << cols << ", element " << i;
+    }
+  }
+}
 
 TEST_F(GpuNvfp4Convert, EmulationEqualsCudaOnAllFloats) {
   Mismatches* d = nullptr;
