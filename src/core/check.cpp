@@ -1,8 +1,18 @@
 #include "core/check.h"
 
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 namespace modmoe::check {
+
+std::optional<bool> env_switch(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return std::nullopt;
+  if (std::strcmp(v, "0") == 0) return false;
+  if (std::strcmp(v, "1") == 0) return true;
+  MODMOE_FAIL("environment variable ", name, "='", v, "': expected 0 or 1 (or unset)");
+}
 
 std::string dtypes_string(std::initializer_list<DType> allowed) {
   std::ostringstream os;

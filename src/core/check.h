@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
 
 #include "modmoe/error.h"
@@ -33,5 +34,10 @@ void same_as(const TensorView& dst, const TensorView& src, const char* dst_name,
              const char* src_name, const Device& dev);
 
 std::string dtypes_string(std::initializer_list<DType> allowed);
+
+// The 0/1 environment switch `name` (the MODMOE_* test, benchmark and diagnosis hooks): unset or
+// empty -> nullopt, "0" -> false, "1" -> true; any other value throws, naming the variable, so a
+// mistyped value never silently picks a side. Every switch of the library reads through here.
+std::optional<bool> env_switch(const char* name);
 
 }  // namespace modmoe::check

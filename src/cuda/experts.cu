@@ -28,6 +28,7 @@
 #include <string>
 
 #include "backend.h"
+#include "core/check.h"
 #include "cuda/device/cuda_check.h"
 #include "cuda/device/launch.h"
 #include "cuda/device/sm90_ptx.cuh"
@@ -483,7 +484,8 @@ void set_nvfp4_scales(gemm::GemmArgs& g, const TensorView& block_scale,
   g.b_global_scale = global_scale.ptr<const float>();
 }
 
-// Test and benchmark hooks, read at every call:
+// Test and benchmark hooks, read at every call (the 0|1 switches through check::env_switch:
+// any other value is an error, as is a split count outside 1..64):
 //   MODMOE_GEMM_CONFIG=<name>  use this compiled config (GemmConfig::to_string() without the
 //                              split suffix) for both GEMMs where it can run; "sm80" keeps the
 //                              mma.sync kernels only. NVFP4 problems take the w4a16_* names
@@ -530,20 +532,22 @@ gemm::GemmConfig apply_overrides(const gemm::GemmDesc& d, gemm::GemmConfig c) {
   }
   const char* split = std::getenv("MODMOE_GEMM_SPLIT_K");
   if (split != nullptr && split[0] != '\0') {
+    char* end = nullptr;
+    const long want = std::strtol(split, &end, 10);
+    MODMOE_CHECK(*end == '\0' && want >= 1 && want <= 64, "environment variable ",
+                 "MODMOE_GEMM_SPLIT_K='", split, "': expected a split count from 1 to 64");
     gemm::GemmConfig split2 = c;  // does this tile split at all (sm90, the W4A16 deep tile)?
     split2.split_k = 2;
     split2.tail_m = 0;
     const bool w4a16_deep = c.nvfp4 && gemm::is_compiled(split2);
     if (c.arch == 90 || w4a16_deep) {
       const gemm::SplitKCapacity cap = gemm::split_k_capacity(d);
-      const int want = std::atoi(split);
-      c.split_k = c.block_m == 64 || w4a16_deep ? std::max(1, std::min(want, cap.max_split)) : 1;
+      const int clamped = std::min(static_cast<int>(want), cap.max_split);
+      c.split_k = c.block_m == 64 || w4a16_deep ? std::max(1, clamped) : 1;
     }
   }
   // Tail rows: select_config's rule 3 (kept for a forced config too), or the variable's choice.
-  const char* tail = std::getenv("MODMOE_GEMM_TAIL");
-  const bool tail_set = tail != nullptr && tail[0] != '\0';
-  const bool tail_on = tail_set ? std::strcmp(tail, "1") == 0 : selected_tail;
+  const bool tail_on = check::env_switch("MODMOE_GEMM_TAIL").value_or(selected_tail);
   c.tail_m = c.arch == 90 && c.split_k == 1 && tail_on ? gemm::sm90_tail_rows(c) : 0;
   return c;
 }
@@ -652,12 +656,8 @@ void experts(const ExpertsDesc& desc, const ExpertsInputs& in, const ExpertWeigh
   d2.allow_sm90 = !sm80_only;
   // The wgmma W4A16 tile where select_config picks it, unless MODMOE_W4A16_WGMMA=0 (an A/B
   // and fallback switch; docs/nvfp4.md, "Hopper wgmma kernel").
-  const char* wgmma = std::getenv("MODMOE_W4A16_WGMMA");
-  const bool wgmma_set = wgmma != nullptr && wgmma[0] != '\0';
-  MODMOE_CHECK(!wgmma_set || std::strcmp(wgmma, "0") == 0 || std::strcmp(wgmma, "1") == 0,
-               "MODMOE_W4A16_WGMMA='", wgmma, "': expected 0 (the mma.sync W4A16 tiles only) ",
-               "or 1 (the default: the wgmma W4A16 prefill tile where it applies)");
-  const bool wgmma_on = !wgmma_set || std::strcmp(wgmma, "1") == 0;
+  // 0: the mma.sync W4A16 tiles only; 1 or unset: the wgmma tile where it applies.
+  const bool wgmma_on = check::env_switch("MODMOE_W4A16_WGMMA").value_or(true);
   d1.allow_w4a16_wgmma = wgmma_on;
   d2.allow_w4a16_wgmma = wgmma_on;
   d1.validate();

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <optional>
 #include <fstream>
 #include <sstream>
 
@@ -86,6 +88,26 @@ TEST(Checks, MessagesNameArgumentValueAndExpectation) {
               HasSubstr("argument 'out' is on cuda:0: expected cpu"));
   v.strides[0] = 32;
   EXPECT_THAT(error_of([&] { check::contiguous(v, "hidden"); }), HasSubstr("is not contiguous"));
+}
+
+// Every MODMOE_* 0/1 switch reads through check::env_switch: unset or empty is "not set", 0 and 1
+// are the two sides, and anything else is an error that names the variable and the value.
+TEST(Checks, EnvironmentSwitches) {
+  const char* name = "MODMOE_TEST_ENV_SWITCH";
+  ::unsetenv(name);
+  EXPECT_FALSE(check::env_switch(name).has_value());
+  ::setenv(name, "", 1);
+  EXPECT_FALSE(check::env_switch(name).has_value());
+  ::setenv(name, "0", 1);
+  EXPECT_EQ(check::env_switch(name), std::optional<bool>(false));
+  ::setenv(name, "1", 1);
+  EXPECT_EQ(check::env_switch(name), std::optional<bool>(true));
+  for (const char* bad : {"yes", "2", "01", "1 ", "true"}) {
+    ::setenv(name, bad, 1);
+    EXPECT_THAT(error_of([&] { check::env_switch(name); }),
+                HasSubstr(std::string(name) + "='" + bad + "': expected 0 or 1"));
+  }
+  ::unsetenv(name);
 }
 
 TEST(Presets, RealShapesAndScaledDownVersions) {

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "cuda/comm/nccl_lib.h"
+#include "core/check.h"
 #include "cuda/device/cuda_check.h"
 
 namespace modmoe::comm {
@@ -68,12 +69,10 @@ Backend::Backend(const AllToAllConfig& config, ncclComm* comm) : config_(config)
   MODMOE_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_dev_), error_host_, 0));
   prepare_dispatch_kernel(config.ep_size);
   // NOTE: a switch for measurements and diagnosis (see the dispatch kernel), not an API.
-  if (const char* f = std::getenv("MODMOE_A2A_THREAD_FENCES"); f != nullptr && std::atoi(f) == 1) {
-    thread_fences_ = true;
-  }
+  thread_fences_ = check::env_switch("MODMOE_A2A_THREAD_FENCES").value_or(false);
   // NOTE: the rows a combine reads were written before the flag it waited for, by an earlier
   // kernel, and are read once: the non-coherent path is safe there. A measurement switch.
-  if (const char* f = std::getenv("MODMOE_A2A_COMBINE_NC"); f != nullptr && std::atoi(f) == 1) nc_loads_ = true;
+  nc_loads_ = check::env_switch("MODMOE_A2A_COMBINE_NC").value_or(false);
   MODMOE_CUDA_CHECK(cudaDeviceSynchronize());
   exchange_and_map();
 }

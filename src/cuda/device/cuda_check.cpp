@@ -1,8 +1,8 @@
 #include "cuda/device/cuda_check.h"
 
-#include <cstdlib>
-#include <cstring>
 #include <sstream>
+
+#include "core/check.h"
 
 namespace modmoe::cuda_detail {
 
@@ -15,8 +15,7 @@ void throw_cuda_error(cudaError_t err, const char* call, const char* file, int l
 
 bool sync_after_launch() {
   static const bool enabled = [] {
-    const char* v = std::getenv("MODMOE_SYNC_LAUNCHES");
-    return v != nullptr && std::strcmp(v, "0") != 0 && v[0] != '\0';
+    return check::env_switch("MODMOE_SYNC_LAUNCHES").value_or(false);
   }();
   return enabled;
 }

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <sstream>
 
+#include "core/check.h"
 #include "cuda/device/cuda_check.h"
 #include "cuda/device/launch.h"
 #include "cuda/gemm/sm80_mma_grouped_gemm.cuh"
@@ -483,8 +484,7 @@ GateUpMap GateUpMap::from(const ExpertWeights& w, int64_t intermediate) {
 
 bool use_pdl() {
   static const bool v = [] {
-    const char* e = std::getenv("MODMOE_NO_PDL");
-    return e == nullptr || e[0] == '\0' || std::strcmp(e, "0") == 0;
+    return !check::env_switch("MODMOE_NO_PDL").value_or(false);
   }();
   return v;
 }
@@ -493,8 +493,7 @@ bool use_stage_pdl() {
   // NOTE: opt-in (MODMOE_STAGE_PDL=1): correct on an H100 (the GPU tests), but no gain measured
   // (`--ab MODMOE_STAGE_PDL=1`: every cell within noise, experts_v3_ab.json).
   static const bool v = [] {
-    const char* e = std::getenv("MODMOE_STAGE_PDL");
-    return use_pdl() && e != nullptr && std::strcmp(e, "1") == 0;
+    return use_pdl() && check::env_switch("MODMOE_STAGE_PDL").value_or(false);
   }();
   return v;
 }

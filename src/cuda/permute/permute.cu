@@ -27,6 +27,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "backend.h"
+#include "core/check.h"
 #include "cuda/device/cuda_check.h"
 #include "cuda/device/launch.h"
 #include "cuda/device/sm90_ptx.cuh"
@@ -174,9 +175,8 @@ void launch_pdl(Kernel kernel, unsigned grid, unsigned block, size_t smem, cudaS
 bool use_block_permute(int64_t num_items, int num_local_experts) {
   // Read at every call (a test and benchmark hook): MODMOE_FUSED_PERMUTE=1 takes the one-block
   // kernel wherever it fits, =0 never; unset, up to kBlockPermuteDefaultItems entries.
-  const char* v = std::getenv("MODMOE_FUSED_PERMUTE");
-  if (v != nullptr && v[0] != '\0') {
-    return std::strcmp(v, "1") == 0 && block_permute_fits(num_items, num_local_experts);
+  if (const std::optional<bool> on = check::env_switch("MODMOE_FUSED_PERMUTE")) {
+    return *on && block_permute_fits(num_items, num_local_experts);
   }
   return num_items <= kBlockPermuteDefaultItems && block_permute_fits(num_items, num_local_experts);
 }
