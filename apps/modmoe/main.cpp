@@ -66,6 +66,13 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   const std::vector<std::string> rest(argv + 2, argv + argc);
+  // `modmoe <command> [...] --help`: the usage, which lists every command's options.
+  for (const std::string& a : rest) {
+    if (a == "--help" || a == "-h") {
+      usage();
+      return 0;
+    }
+  }
   try {
     if (cmd == "demo") return modmoe::app::run_demo(rest);
     if (cmd == "info") return modmoe::app::run_info(rest);
