@@ -37,7 +37,9 @@ void tile_block_scales_128x4(const uint8_t* linear, int64_t rows, int64_t cols, 
   const int64_t bytes = nvfp4::scale_tile_padded_rows(rows) * nvfp4::scale_tile_padded_cols(cols);
   std::memset(tiled, 0, static_cast<size_t>(bytes));
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) tiled[nvfp4::scale_tile_offset(r, c, cols)] = linear[r * ld + c];
+    for (int64_t c = 0; c < cols; ++c) {
+      tiled[nvfp4::scale_tile_offset(r, c, cols)] = linear[r * ld + c];
+    }
   }
 }
 

@@ -699,7 +699,8 @@ TEST(Nvfp4ScaleLayout, TiledLayoutIsThe128x4Permutation) {
     SCOPED_TRACE(testing::Message() << "rows " << rows << " cols " << cols);
     std::vector<uint8_t> linear(static_cast<size_t>(rows * ld));
     for (auto& b : linear) b = static_cast<uint8_t>(1 + rng() % 0x7e);  // never 0
-    const int64_t pr = nvfp4::scale_tile_padded_rows(rows), pc = nvfp4::scale_tile_padded_cols(cols);
+    const int64_t pr = nvfp4::scale_tile_padded_rows(rows);
+    const int64_t pc = nvfp4::scale_tile_padded_cols(cols);
     EXPECT_EQ(pr % 128, 0);
     EXPECT_EQ(pc % 4, 0);
     EXPECT_LT(pr - rows, 128);

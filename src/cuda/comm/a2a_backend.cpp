@@ -6,8 +6,8 @@
 #include <cstring>
 #include <sstream>
 
-#include "cuda/comm/nccl_lib.h"
 #include "core/check.h"
+#include "cuda/comm/nccl_lib.h"
 #include "cuda/device/cuda_check.h"
 
 namespace modmoe::comm {
